@@ -1030,6 +1030,8 @@ class Engine:
             self._active.pop(run.run_id, None)
             if recorder is not None:
                 recorder.close()
+            if run.status in _FINISHED:
+                _send_webhooks(run, recorder)
         if store is not None:
             store.prune()
         if raise_on_failure:
@@ -2305,6 +2307,696 @@ class _RunRecorder:
 
 
 # ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+# Bucket bounds in seconds: sub-second tasks and hour-long runs both land in
+# buckets that tell them apart.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+_FINISHED = (RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED)
+
+
+def _parse_iso(text):
+    """An ISO 8601 UTC string as written by _iso, back to a Unix time; None stays None."""
+    if not text:
+        return None
+    import calendar
+    try:
+        whole, _, frac = text.rstrip("Z").partition(".")
+        seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
+        return seconds + (int(frac) / 10 ** len(frac) if frac.isdigit() else 0.0)
+    except ValueError:
+        return None
+
+
+class _Histogram:
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self):
+        self.counts = [0] * len(DURATION_BUCKETS)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for k, bound in enumerate(DURATION_BUCKETS):
+            if value <= bound:
+                self.counts[k] += 1
+                break
+        self.total += value
+        self.count += 1
+
+
+class MetricsView:
+    """An incremental view of a run store for /metrics and /runs.
+
+    Each refresh (at most every ``min_interval`` seconds) stats every run's
+    record and re-reads only those that changed; finished runs are added to
+    the counters once. Counters never go down while the view lives, even
+    when old runs are pruned from the store.
+    """
+
+    def __init__(self, store, min_interval=0.5):
+        import threading
+        self.store = store
+        self.min_interval = min_interval
+        self.lock = threading.Lock()
+        self.refreshed_at = 0.0
+        self.records = {}           # run id -> record without events
+        self.stamps = {}            # run id -> (mtime_ns, size) of its run.json
+        self.counted = set()        # finished runs already in the counters
+        self.webhooks_seen = {}     # run id -> webhook events already counted
+        self.flows = set()
+        self.runs_total = {}        # (flow, status) -> count
+        self.tasks_total = {}       # (flow, task, state) -> count
+        self.retries_total = {}     # (flow, task) -> count
+        self.run_hist = {}          # flow -> _Histogram
+        self.task_hist = {}         # (flow, task) -> _Histogram
+        self.last_run = {}          # (flow, status) -> ended_at
+        self.webhooks_total = {}    # outcome -> count
+
+    def refresh(self, force=False):
+        with self.lock:
+            now = time.monotonic()
+            if not force and now - self.refreshed_at < self.min_interval:
+                return
+            self.refreshed_at = now
+            try:
+                entries = list(os.scandir(self.store.runs_dir))
+            except OSError:
+                entries = []
+            present = set()
+            for entry in entries:
+                run_id = entry.name
+                if not _valid_run_id(run_id):
+                    continue
+                try:
+                    st = os.stat(os.path.join(entry.path, "run.json"))
+                except OSError:
+                    continue
+                present.add(run_id)
+                stamp = (st.st_mtime_ns, st.st_size)
+                record = self.records.get(run_id)
+                if stamp != self.stamps.get(run_id):
+                    full = self.store.get(run_id, events=True)
+                    if full is None:
+                        continue
+                    self.stamps[run_id] = stamp
+                    events = full.pop("events", None) or []
+                    self.records[run_id] = record = full
+                    self._count_webhooks(run_id, events)
+                elif record is not None and record["status"] not in _FINISHED:
+                    settled = dict(record)
+                    settled["tasks"] = {k: dict(v) for k, v in record["tasks"].items()}
+                    _settle_if_dead(settled, entry.path)
+                    self.records[run_id] = record = settled
+                if record is not None:
+                    self.flows.add(record.get("flow"))
+                    if record["status"] in _FINISHED and run_id not in self.counted:
+                        self._count(record)
+                        self.counted.add(run_id)
+            for gone in set(self.records) - present:
+                del self.records[gone]
+                self.stamps.pop(gone, None)
+
+    def _count(self, record):
+        flow, status = record.get("flow"), record["status"]
+        key = (flow, status)
+        self.runs_total[key] = self.runs_total.get(key, 0) + 1
+        ended = _parse_iso(record.get("ended_at"))
+        if ended is not None and ended > self.last_run.get(key, 0.0):
+            self.last_run[key] = ended
+        if record.get("duration_ms") is not None:
+            self.run_hist.setdefault(flow, _Histogram()).observe(record["duration_ms"] / 1000)
+        for name, t in (record.get("tasks") or {}).items():
+            tkey = (flow, name, t.get("state"))
+            self.tasks_total[tkey] = self.tasks_total.get(tkey, 0) + 1
+            if (t.get("attempts") or 0) > 1:
+                rkey = (flow, name)
+                self.retries_total[rkey] = self.retries_total.get(rkey, 0) + t["attempts"] - 1
+            if t.get("duration_ms") is not None and t.get("state") in (TaskState.SUCCEEDED,
+                                                                       TaskState.FAILED):
+                self.task_hist.setdefault((flow, name), _Histogram()).observe(
+                    t["duration_ms"] / 1000)
+
+    def _count_webhooks(self, run_id, events):
+        hooks = [e for e in events if str(e.get("event", "")).startswith("webhook.")]
+        for event in hooks[self.webhooks_seen.get(run_id, 0):]:
+            outcome = event["event"].split(".", 1)[1]
+            self.webhooks_total[outcome] = self.webhooks_total.get(outcome, 0) + 1
+        self.webhooks_seen[run_id] = len(hooks)
+
+    def runs(self, status=None, flow=None, limit=50):
+        """Records without events, newest first."""
+        self.refresh()
+        with self.lock:
+            records = [r for r in self.records.values()
+                       if (status is None or r["status"] == status)
+                       and (flow is None or r.get("flow") == flow)]
+        records.sort(key=lambda r: (r.get("started_at") or "", r["run_id"]), reverse=True)
+        return records[:limit]
+
+    def render(self):
+        """The Prometheus text exposition (format 0.0.4) of the store."""
+        import platform
+        self.refresh()
+        with self.lock:
+            in_progress = {flow: 0 for flow in self.flows}
+            for record in self.records.values():
+                if record["status"] not in _FINISHED:
+                    in_progress[record.get("flow")] = in_progress.get(record.get("flow"), 0) + 1
+            out = []
+            _metric(out, "pyoco_build_info", "gauge", "pyoco version and Python that serve these"
+                    " metrics.", [({"version": __version__,
+                                    "python": platform.python_version()}, 1)])
+            _metric(out, "pyoco_runs_total", "counter", "Finished runs by flow and final status.",
+                    [({"flow": f, "status": s}, n) for (f, s), n in sorted(self.runs_total.items(),
+                                                                           key=_key_text)])
+            _metric(out, "pyoco_runs_in_progress", "gauge", "Runs that are running or cancelling.",
+                    [({"flow": f}, n) for f, n in sorted(in_progress.items(), key=_key_text)])
+            _metric(out, "pyoco_last_run_timestamp_seconds", "gauge",
+                    "When the last run of a flow with this status ended (Unix time).",
+                    [({"flow": f, "status": s}, ts) for (f, s), ts in
+                     sorted(self.last_run.items(), key=_key_text)])
+            _histogram(out, "pyoco_run_duration_seconds", "Run durations by flow.",
+                       [({"flow": f}, h) for f, h in sorted(self.run_hist.items(),
+                                                            key=_key_text)])
+            _histogram(out, "pyoco_task_duration_seconds",
+                       "Durations of tasks that ran (succeeded or failed), by flow and task.",
+                       [({"flow": f, "task": t}, h) for (f, t), h in
+                        sorted(self.task_hist.items(), key=_key_text)])
+            _metric(out, "pyoco_tasks_total", "counter", "Task outcomes by flow, task and state.",
+                    [({"flow": f, "task": t, "state": s}, n) for (f, t, s), n in
+                     sorted(self.tasks_total.items(), key=_key_text)])
+            _metric(out, "pyoco_task_retries_total", "counter",
+                    "Extra attempts made after task failures.",
+                    [({"flow": f, "task": t}, n) for (f, t), n in
+                     sorted(self.retries_total.items(), key=_key_text)])
+            _metric(out, "pyoco_webhook_deliveries_total", "counter",
+                    "Webhook deliveries by outcome (delivered or failed).",
+                    [({"outcome": o}, self.webhooks_total.get(o, 0))
+                     for o in ("delivered", "failed")])
+            _metric(out, "pyoco_store_runs", "gauge", "Runs currently kept in the run store.",
+                    [({}, len(self.records))])
+        return "".join(out)
+
+
+def _key_text(item):
+    return str(item[0])
+
+
+def _label_value(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels, extra=None):
+    pairs = list(labels.items()) + ([extra] if extra else [])
+    if not pairs:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (k, _label_value(v)) for k, v in pairs)
+
+
+def _number(value):
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+def _metric(out, name, kind, help_text, samples):
+    out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, help_text, name, kind))
+    for labels, value in samples:
+        out.append("%s%s %s\n" % (name, _labels(labels), _number(value)))
+
+
+def _histogram(out, name, help_text, samples):
+    out.append("# HELP %s %s\n# TYPE %s histogram\n" % (name, help_text, name))
+    for labels, h in samples:
+        running = 0
+        for bound, n in zip(DURATION_BUCKETS, h.counts):
+            running += n
+            out.append("%s_bucket%s %d\n" % (name, _labels(labels, ("le", repr(bound))), running))
+        out.append("%s_bucket%s %d\n" % (name, _labels(labels, ("le", "+Inf")), h.count))
+        out.append("%s_sum%s %s\n" % (name, _labels(labels), repr(float(h.total))))
+        out.append("%s_count%s %d\n" % (name, _labels(labels), h.count))
+
+
+# ---------------------------------------------------------------------------
+# HTTP server
+# ---------------------------------------------------------------------------
+
+_LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+class HTTPError(PyocoError):
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _is_loopback(host):
+    return host == "localhost" or str(host).startswith(_LOOPBACK)
+
+
+class Server:
+    """``pyoco serve``: the JSON run API and /metrics over a run store.
+
+    ``flows`` (name -> Flow) are the flows ``POST /runs`` may start, in this
+    process. Call ``start()`` for a background thread or ``serve_forever()``.
+    """
+
+    max_body = 1 << 20
+
+    def __init__(self, store, host="127.0.0.1", port=0, flows=None, engine=None,
+                 token=None):
+        from http.server import ThreadingHTTPServer
+        self.store = store if isinstance(store, RunStore) else RunStore(store)
+        self.view = MetricsView(self.store)
+        self.flows = dict(flows or {})
+        self.engine = engine or Engine(store=self.store)
+        self.token = token if token is not None else os.environ.get("PYOCO_API_TOKEN") or None
+        self.host = host
+        self.runs = {}              # run id -> thread, for runs started through the API
+        handler = type("Handler", (_make_handler_class(),), {"app": self})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = None
+
+    @property
+    def url(self):
+        host = self.host if ":" not in self.host else "[%s]" % self.host
+        return "http://%s:%d" % (host, self.port)
+
+    def start(self):
+        import threading
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="pyoco-serve",
+                                       daemon=True)
+        self.thread.start()
+        return self
+
+    def serve_forever(self):
+        self.httpd.serve_forever()
+
+    def close(self, wait=5.0):
+        """Stop serving; cancel runs started through the API and wait a little for them."""
+        self.httpd.shutdown() if self.thread is not None else None
+        self.httpd.server_close()
+        for run_id in list(self.runs):
+            self.engine.cancel(run_id, "the server is shutting down")
+        deadline = time.monotonic() + wait
+        for thread in list(self.runs.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- routes
+
+    def route(self, method, path, query, body, client, headers):
+        parts = [p for p in path.split("/") if p]
+        if parts == ["healthz"]:
+            self.allow(method, "GET")
+            return 200, {"status": "ok", "version": __version__}
+        if parts == ["metrics"]:
+            self.allow(method, "GET")
+            return 200, self.view.render()
+        if parts == ["runs"]:
+            self.allow(method, "GET", "POST")
+            if method == "POST":
+                self.authorize(client, headers)
+                return self.start_run(body)
+            status, flow, limit = _runs_query(query)
+            return 200, self.view.runs(status=status, flow=flow, limit=limit)
+        if len(parts) >= 2 and parts[0] == "runs":
+            run_id = parts[1]
+            if not _valid_run_id(run_id):
+                raise HTTPError(404, "no run %r" % run_id)
+            if len(parts) == 2:
+                self.allow(method, "GET")
+                _query_keys(query, ())
+                return 200, self.record(run_id)
+            if parts[2:] == ["logs"]:
+                self.allow(method, "GET")
+                return 200, self.logs(run_id, query)
+            if parts[2:] == ["cancel"]:
+                self.allow(method, "POST")
+                self.authorize(client, headers)
+                return self.cancel(run_id)
+        raise HTTPError(404, "no such endpoint: %s (see /healthz, /metrics, /runs)" % path)
+
+    @staticmethod
+    def allow(method, *methods):
+        if method not in methods:
+            raise HTTPError(405, "%s is not allowed here; use %s" % (method, " or ".join(methods)),
+                            {"Allow": ", ".join(methods)})
+
+    def authorize(self, client, headers):
+        import hmac
+        if self.token:
+            given = headers.get("Authorization") or ""
+            if not given.startswith("Bearer ") or not hmac.compare_digest(
+                    given[7:].strip().encode(), self.token.encode()):
+                raise HTTPError(401, "this endpoint needs Authorization: Bearer <PYOCO_API_TOKEN>",
+                                {"WWW-Authenticate": "Bearer"})
+            return
+        if not (_is_loopback(self.host) and _is_loopback(client)):
+            raise HTTPError(403, "changes are refused: set PYOCO_API_TOKEN to allow them when"
+                                 " the server listens beyond loopback")
+
+    def record(self, run_id):
+        record = self.store.get(run_id)
+        if record is None:
+            raise HTTPError(404, "no run %r" % run_id)
+        return record
+
+    def logs(self, run_id, query):
+        values = _query_keys(query, ("tail", "task"))
+        tail = _int_param(values, "tail", 100, 1, 10000)
+        task = values.get("task") or None
+        record = self.store.get(run_id, events=False)
+        if record is None:
+            raise HTTPError(404, "no run %r" % run_id)
+        if task is not None and task not in (record.get("tasks") or {}):
+            raise HTTPError(404, "run %s has no task %r" % (run_id, task))
+        return {"run_id": run_id, "status": record["status"],
+                "logs": self.store.logs(run_id, task=task, tail=tail)}
+
+    def cancel(self, run_id):
+        record = self.store.get(run_id, events=False)
+        if record is None:
+            raise HTTPError(404, "no run %r" % run_id)
+        if record["status"] not in (RunState.RUNNING, RunState.CANCELLING, RunState.PENDING):
+            raise HTTPError(409, "run %s already ended %s" % (run_id, record["status"]))
+        if not self.engine.cancel(run_id, "cancel requested through the HTTP API"):
+            self.store.request_cancel(run_id)
+        return 202, {"run_id": run_id, "status": RunState.CANCELLING}
+
+    def start_run(self, body):
+        import json
+        import threading
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError as exc:
+            raise HTTPError(400, "the body must be JSON: %s" % exc)
+        if not isinstance(request, dict) or set(request) - {"flow", "params"}:
+            raise HTTPError(400, 'the body must be {"flow": NAME, "params": {...}}')
+        name, params = request.get("flow"), request.get("params") or {}
+        if not isinstance(params, dict):
+            raise HTTPError(400, "params must be a JSON object")
+        flow = self.flows.get(name)
+        if flow is None:
+            raise HTTPError(404, "no flow %r here; this server runs: %s"
+                            % (name, ", ".join(sorted(self.flows)) or "none (pass FLOW.py"
+                               " files to pyoco serve)"))
+        try:
+            flow.validate(params)
+        except FlowError as exc:
+            raise HTTPError(400, str(exc))
+        run_id = _new_run_id()
+
+        def go():
+            try:
+                self.engine.run(flow, params, run_id=run_id, raise_on_failure=False)
+            except Exception as exc:
+                _warn("run %s of flow %r failed to start: %s" % (run_id, name, _describe(exc)))
+            finally:
+                self.runs.pop(run_id, None)
+        thread = threading.Thread(target=go, name="pyoco-run-" + run_id)
+        self.runs[run_id] = thread
+        thread.start()
+        return 202, {"run_id": run_id, "flow": name, "status": RunState.RUNNING}
+
+
+def _query_keys(query, allowed):
+    from urllib.parse import parse_qsl
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise HTTPError(400, "malformed query string %r" % query)
+    values = {}
+    for key, value in pairs:
+        if key not in allowed:
+            raise HTTPError(400, "unknown query parameter %r; this endpoint takes %s"
+                            % (key, ", ".join(allowed) or "none"))
+        if key in values:
+            raise HTTPError(400, "query parameter %r given twice" % key)
+        values[key] = value
+    return values
+
+
+def _int_param(values, key, default, low, high):
+    text = values.get(key) or ""
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise HTTPError(400, "%s must be a whole number from %d to %d, not %r"
+                        % (key, low, high, text))
+    if not low <= value <= high:
+        raise HTTPError(400, "%s must be from %d to %d, not %d" % (key, low, high, value))
+    return value
+
+
+_RUN_STATES = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETED, RunState.FAILED,
+               RunState.CANCELLING, RunState.CANCELLED)
+
+
+def _runs_query(query):
+    values = _query_keys(query, ("status", "flow", "limit"))
+    status = values.get("status") or None
+    if status is not None and status not in _RUN_STATES:
+        raise HTTPError(400, "unknown status %r; use one of %s" % (status, ", ".join(_RUN_STATES)))
+    return status, values.get("flow") or None, _int_param(values, "limit", 50, 1, 1000)
+
+
+def _make_handler_class():
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        """One request: parse, route through the Server, answer JSON or text."""
+
+        server_version = "pyoco/" + __version__
+        protocol_version = "HTTP/1.1"
+        timeout = 10            # seconds a client may stay idle before it is dropped
+        app = None
+
+        def handle_one(self, method, head=False):
+            from urllib.parse import urlsplit
+            url = urlsplit(self.path)
+            body = b""
+            try:
+                if method == "POST":
+                    body = self.read_body()
+                status, payload = self.app.route(method, url.path, url.query, body,
+                                                 self.client_address[0], self.headers)
+                headers = {}
+            except HTTPError as exc:
+                status, payload, headers = exc.status, {"error": exc.message}, exc.headers
+            except Exception as exc:        # a bug: answer 500, keep serving
+                status, payload, headers = 500, {"error": "internal error: %s"
+                                                 % _describe(exc)}, {}
+            if isinstance(payload, str):
+                data = payload.encode("utf-8")
+                kind = "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                data = (_dumps(payload, indent=None) + "\n").encode("utf-8")
+                kind = "application/json"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+
+        def read_body(self):
+            length = self.headers.get("Content-Length")
+            if length is None:
+                if self.headers.get("Transfer-Encoding"):
+                    self.close_connection = True
+                    raise HTTPError(411, "send the body with a Content-Length")
+                return b""
+            try:
+                length = int(length)
+            except ValueError:
+                self.close_connection = True
+                raise HTTPError(400, "bad Content-Length %r" % length)
+            if length < 0 or length > self.app.max_body:
+                self.close_connection = True
+                raise HTTPError(413, "the body may be at most %d bytes" % self.app.max_body)
+            return self.rfile.read(length)
+
+        def do_GET(self):
+            self.handle_one("GET")
+
+        def do_HEAD(self):
+            self.handle_one("GET", head=True)
+
+        def do_POST(self):
+            self.handle_one("POST")
+
+        def do_PUT(self):
+            self.handle_one("PUT")
+
+        def do_DELETE(self):
+            self.handle_one("DELETE")
+
+        def do_PATCH(self):
+            self.handle_one("PATCH")
+
+        def log_message(self, format, *args):
+            pass            # quiet: errors reach the client as JSON
+
+    return Handler
+
+# ---------------------------------------------------------------------------
+# Webhooks
+# ---------------------------------------------------------------------------
+
+_WEBHOOK_EVENTS = ("run.completed", "run.failed", "run.cancelled")
+_pending_webhooks = []      # (thread, deadline) still delivering; drained at exit
+
+
+def _webhook_settings():
+    """Read PYOCO_WEBHOOK_* once per run; None when no webhook is configured."""
+    urls = [u.strip() for u in os.environ.get("PYOCO_WEBHOOK_URL", "").split(",") if u.strip()]
+    if not urls:
+        return None
+    good = []
+    for url in urls:
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme in ("http", "https") and "://" in url:
+            good.append(url)
+        else:
+            _warn("PYOCO_WEBHOOK_URL: %r is refused; only http:// and https:// URLs are sent to"
+                  % _redact(url))
+
+    def number(key, default, kind):
+        text = os.environ.get(key, "").strip()
+        try:
+            value = kind(text) if text else default
+            if value < 0:
+                raise ValueError
+            return value
+        except ValueError:
+            _warn("%s must be a number >= 0, not %r; using %s" % (key, text, default))
+            return default
+    events = [e.strip() for e in os.environ.get("PYOCO_WEBHOOK_EVENTS", "").split(",")
+              if e.strip()] or list(_WEBHOOK_EVENTS)
+    for event in events:
+        if event not in _WEBHOOK_EVENTS:
+            _warn("PYOCO_WEBHOOK_EVENTS: unknown event %r (known: %s)"
+                  % (event, ", ".join(_WEBHOOK_EVENTS)))
+    return {"urls": good, "events": events,
+            "timeout": number("PYOCO_WEBHOOK_TIMEOUT", 3.0, float) or 3.0,
+            "attempts": max(1, number("PYOCO_WEBHOOK_RETRIES", 3, int)),
+            "secret": os.environ.get("PYOCO_WEBHOOK_SECRET") or None,
+            "format": os.environ.get("PYOCO_WEBHOOK_FORMAT", "json").strip().lower()}
+
+
+def _redact(url):
+    """scheme://host of a URL: webhook paths often carry secrets (Slack's do)."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.split("/", 1)[0].rsplit("@", 1)[-1] if sep else url[:16]
+
+
+def webhook_payload(run):
+    """The JSON body sent when ``run`` ends (SPEC section 7)."""
+    record = run.to_dict(events=False)
+    return {"event": "run." + run.status.lower(), "run_id": run.run_id, "flow": run.flow_name,
+            "status": run.status, "started_at": record["started_at"],
+            "ended_at": record["ended_at"], "duration_ms": record["duration_ms"],
+            "tasks": {name: {"state": t["state"], "duration_ms": t["duration_ms"],
+                             "error": t["error"]} for name, t in record["tasks"].items()}}
+
+
+def _slack_text(run):
+    icon = {"COMPLETED": "🥕", "FAILED": "💥", "CANCELLED": "🛑"}.get(run.status, "🐇")
+    text = "%s pyoco: flow *%s* %s in %s (run %s)" % (
+        icon, run.flow_name, run.status.lower(), _ms(run.duration or 0), run.run_id)
+    if run.status == RunState.FAILED:
+        text += "\n%s" % run.failure()
+    return text
+
+
+def _send_webhooks(run, recorder=None):
+    """Post the run's outcome to every configured URL on a background thread.
+
+    The run never waits on the network; the process waits at exit at most
+    for the retries' budget (attempts x timeout + backoff), see
+    ``drain_webhooks``. Outcomes become events of the run (and are saved).
+    """
+    settings = _webhook_settings()
+    event = "run." + run.status.lower()
+    if settings is None or not settings["urls"] or event not in settings["events"]:
+        return None
+    import threading
+    body = (_dumps({"text": _slack_text(run)}) if settings["format"] == "slack"
+            else _dumps(webhook_payload(run))).encode("utf-8")
+    attempts, timeout = settings["attempts"], settings["timeout"]
+    budget = attempts * timeout + sum(0.5 * 2 ** k for k in range(attempts - 1)) + 1.0
+
+    def deliver(url):
+        outcome = _post(url, body, event, settings, attempts, timeout)
+        run._events.append((time.time(), "webhook." + outcome.pop("outcome"), -1,
+                            run.status, outcome))
+        if outcome.get("error"):
+            _warn("webhook to %s failed after %d attempt%s: %s"
+                  % (outcome["url"], outcome["attempts"],
+                     "" if outcome["attempts"] == 1 else "s", outcome["error"]))
+        if recorder is not None:
+            recorder.save()
+
+    if not _pending_webhooks:
+        import atexit
+        atexit.register(drain_webhooks)
+    threads = []
+    for url in settings["urls"]:        # one thread per URL: a slow one delays no other
+        thread = threading.Thread(target=deliver, args=(url,), name="pyoco-webhook",
+                                  daemon=True)
+        _pending_webhooks.append((thread, time.monotonic() + budget))
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+
+def _post(url, body, event, settings, attempts, timeout):
+    import hashlib
+    import hmac
+    import urllib.error
+    import urllib.request
+    headers = {"Content-Type": "application/json", "User-Agent": "pyoco/" + __version__,
+               "X-Pyoco-Event": event}
+    if settings["secret"]:
+        digest = hmac.new(settings["secret"].encode(), body, hashlib.sha256).hexdigest()
+        headers["X-Pyoco-Signature"] = "sha256=" + digest
+    error, status = None, None
+    for attempt in range(1, attempts + 1):
+        try:
+            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status = response.status
+                response.read(65536)
+            return {"outcome": "delivered", "url": _redact(url), "attempts": attempt,
+                    "status_code": status}
+        except urllib.error.HTTPError as exc:
+            status, error = exc.code, "HTTP %d" % exc.code
+        except Exception as exc:
+            error = _describe(exc)
+        if attempt < attempts:
+            time.sleep(0.5 * 2 ** (attempt - 1))
+    return {"outcome": "failed", "url": _redact(url), "attempts": attempts,
+            "status_code": status, "error": error}
+
+
+def drain_webhooks():
+    """Wait for webhook deliveries still under way, each at most until its budget ends."""
+    while _pending_webhooks:
+        thread, deadline = _pending_webhooks.pop(0)
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
 
@@ -2373,12 +3065,8 @@ def load_flow(target, name=None):
     if ":" in target and not os.path.exists(target):
         target, _, picked = target.rpartition(":")
         name = name or picked
-    module = _load_target(target)
-    found = {}
-    for var, value in vars(module).items():
-        if isinstance(value, Flow) and not var.startswith("_"):
-            found.setdefault(id(value), (var, value))
-    flows = list(found.values())
+    flows = _module_flows(_load_target(target))
+
     if name is not None:
         for var, flow in flows:
             if name in (var, flow.name):
@@ -2394,7 +3082,17 @@ def load_flow(target, name=None):
     return flows[0][1]
 
 
+def _module_flows(module):
+    """The module's Flow objects as (variable, flow), each flow once."""
+    found = {}
+    for var, value in vars(module).items():
+        if isinstance(value, Flow) and not var.startswith("_"):
+            found.setdefault(id(value), (var, value))
+    return list(found.values())
+
+
 def _flow_label(var, flow):
+
     return var if var == flow.name else "%s (variable %s)" % (flow.name, var)
 
 
@@ -2513,6 +3211,17 @@ def _build_parser():
     cancel.add_argument("run_id", metavar="ID")
     for sub in (listing, show, logs, cancel):
         sub.add_argument("--store", metavar="DIR", help=store_help)
+
+    serve = commands.add_parser(
+        "serve", help="serve /metrics and the JSON run API",
+        description="Serve Prometheus /metrics and the JSON run API over the run store."
+                    " FLOW files given here can be started with POST /runs.")
+    serve.add_argument("flows", nargs="*", metavar="FLOW.py", help="flows POST /runs may start")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080,
+                       help="port (default 8080; 0 picks a free one)")
+    serve.add_argument("--store", metavar="DIR", help=store_help)
     return parser
 
 
@@ -2647,6 +3356,40 @@ def _cmd_runs(args):
     return 0
 
 
+def _cmd_serve(args):
+    import signal
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port must be from 0 to 65535, not %d" % args.port)
+    store = _cli_store(args)
+    flows = {}
+    for target in args.flows:
+        for var, flow in _module_flows(_load_target(target)):
+            if flows.setdefault(flow.name, flow) is not flow:
+                raise UsageError("two flows are named %r; give one another name" % flow.name)
+    try:
+        server = Server(store, host=args.host, port=args.port, flows=flows,
+                        engine=Engine(store=store))
+    except OSError as exc:
+        raise UsageError("cannot listen on %s:%d: %s" % (args.host, args.port, exc.strerror
+                                                         or exc)) from None
+    if not _is_loopback(args.host) and not server.token:
+        _warn("listening beyond loopback without PYOCO_API_TOKEN: POST endpoints are refused")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    print("pyoco serve: listening on %s (store %s%s)" % (
+        server.url, store.root, "; flows: " + ", ".join(sorted(flows)) if flows else ""),
+        flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
 def _table(rows):
     widths = [max(len(str(row[c])) for row in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
@@ -2658,9 +3401,11 @@ def main(argv=None):
     parser = _build_parser()
     args = parser.parse_args(argv)
     handler = {"run": _cmd_run, "check": _cmd_check, "graph": _cmd_graph,
-               "runs": _cmd_runs}[args.command]
+               "runs": _cmd_runs, "serve": _cmd_serve}[args.command]
     try:
-        return handler(args)
+        code = handler(args)
+        drain_webhooks()
+        return code
     except (UsageError, StoreError) as exc:
         _write_line(None, "pyoco %s: error: %s\n" % (args.command, exc))
         return 2
