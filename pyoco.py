@@ -34,7 +34,7 @@ __all__ = [
     "task", "Task", "Flow", "Engine", "Run", "TaskRecord", "Context",
     "TaskState", "RunState",
     "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip",
-    "main",
+    "main", "plugin_task", "load_plugins", "RunStore", "Server", "PluginWarning",
 ]
 
 import os
@@ -2997,6 +2997,254 @@ def drain_webhooks():
 
 
 # ---------------------------------------------------------------------------
+# Plugins
+# ---------------------------------------------------------------------------
+#
+# Distributions publish tasks under the entry-point group "pyoco.tasks". An
+# entry point names a Task subclass (preferred), a register(registry) hook
+# that adds several tasks, or a plain function (accepted, with a warning).
+# Nothing is imported until a flow or a command asks for plugins, and a
+# plugin that fails to load is reported, never raised at the caller.
+
+PLUGIN_GROUP = "pyoco.tasks"
+
+
+class PluginWarning(UserWarning):
+    """A plugin works but should change (for example: a plain function)."""
+
+
+class PluginInfo:
+    """One task offered by a plugin distribution."""
+
+    __slots__ = ("name", "distribution", "version", "kind", "summary", "entry_point",
+                 "target", "problems")
+
+    def __init__(self, name, distribution, version, kind, target, entry_point):
+        self.name = name
+        self.distribution = distribution
+        self.version = version
+        self.kind = kind                # "task" (Task subclass) or "function"
+        self.target = target
+        self.entry_point = entry_point
+        self.summary = _summary_of(target)
+        self.problems = []              # (level, message) found by lint
+
+    def to_dict(self):
+        return {"name": self.name, "distribution": self.distribution, "version": self.version,
+                "kind": self.kind, "summary": self.summary, "entry_point": self.entry_point}
+
+    def __repr__(self):
+        return "<plugin %r from %s %s (%s)>" % (self.name, self.distribution, self.version,
+                                                self.kind)
+
+
+def _summary_of(target):
+    text = getattr(target, "summary", None) if isinstance(target, type) else None
+    if not text:
+        doc = getattr(target, "__doc__", None)
+        if isinstance(target, type) and doc == Task.__doc__:
+            doc = None
+        text = (doc or "").strip().split("\n\n")[0].replace("\n", " ").strip()
+    return " ".join(str(text).split()) or None
+
+
+class PluginRegistry:
+    """The tasks that installed plugins offer, by name; ``problems`` lists
+    what could not be loaded (``(distribution, entry point, message)``)."""
+
+    def __init__(self):
+        self.tasks = {}
+        self.problems = []
+        self.duplicates = {}            # name -> every PluginInfo that claims it
+        self._source = None             # (distribution, version, entry point) while loading
+
+    def add(self, task_class_or_function, name=None):
+        """Add one task (for ``register(registry)`` hooks): a Task subclass or a function."""
+        dist, version, ep = self._source or ("<direct>", None, None)
+        target = task_class_or_function
+        if isinstance(target, type) and issubclass(target, Task):
+            kind = "task"
+            name = name or target.name
+        elif isinstance(target, Task):
+            raise TypeError("registry.add takes a Task subclass, not an instance (%r)" % target)
+        elif callable(target):
+            kind = "function"
+            name = name or getattr(target, "__name__", None)
+        else:
+            raise TypeError("registry.add takes a Task subclass or a function, not %r"
+                            % (target,))
+        if not isinstance(name, str) or not name:
+            raise ValueError("registry.add: %r needs a name" % (target,))
+        info = PluginInfo(name, dist, version, kind, target, ep)
+        if kind == "function":
+            info.problems.append(("warning", _FUNCTION_ADVICE % {"name": name}))
+            import warnings
+            warnings.warn("plugin %r from %s is a plain function: " % (name, dist)
+                          + _FUNCTION_ADVICE % {"name": name}, PluginWarning, stacklevel=2)
+        other = self.tasks.get(name)
+        if other is not None:
+            self.duplicates.setdefault(name, [other]).append(info)
+            message = "two plugins offer a task named %r: %s and %s" % (
+                name, ", ".join("%s %s" % (i.distribution, i.version or "")
+                                for i in self.duplicates[name][:-1]).strip(),
+                ("%s %s" % (dist, version or "")).strip())
+            self.problems.append((dist, ep, message))
+            return info
+        self.tasks[name] = info
+        return info
+
+    def names(self):
+        return sorted(self.tasks)
+
+    def get(self, name):
+        """The PluginInfo for ``name``; raises FlowError naming what exists."""
+        if name in self.duplicates:
+            raise FlowError("plugin task %r is ambiguous: offered by %s; uninstall one"
+                            % (name, " and ".join(i.distribution for i in self.duplicates[name])))
+        info = self.tasks.get(name)
+        if info is None:
+            import difflib
+            close = difflib.get_close_matches(name, self.tasks, n=1)
+            raise FlowError("no plugin task %r%s; installed plugin tasks: %s" % (
+                name, " (did you mean %r?)" % close[0] if close else "",
+                ", ".join(self.names()) or "none (see: pyoco plugins list)"))
+        return info
+
+
+_FUNCTION_ADVICE = ("plain functions are accepted but deprecated; make it a Task subclass,"
+                    " e.g. class %(name)s(pyoco.Task): def run(self, ctx, ...): ... and point"
+                    " the entry point at the class")
+
+_registry = None
+
+
+def _entry_points():
+    """(distribution, version, entry point) for group pyoco.tasks, once each.
+
+    Walks distributions rather than calling entry_points(group=...), whose
+    shape differs on 3.9 and which does not name the distribution there.
+    """
+    from importlib import metadata
+    seen = set()
+    for dist in metadata.distributions():
+        try:
+            name = dist.metadata["Name"] or "?"
+            version = dist.version
+            eps = [ep for ep in dist.entry_points if ep.group == PLUGIN_GROUP]
+        except Exception:
+            continue
+        for ep in eps:
+            key = (name.lower(), ep.name)
+            if key not in seen:
+                seen.add(key)
+                yield name, version, ep
+
+
+def load_plugins(refresh=False):
+    """The PluginRegistry of installed plugins (loaded once, then cached)."""
+    global _registry
+    if _registry is not None and not refresh:
+        return _registry
+    registry = PluginRegistry()
+    for dist, version, ep in _entry_points():
+        where = "%s = %s" % (ep.name, ep.value)
+        registry._source = (dist, version, where)
+        try:
+            target = ep.load()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            registry.problems.append((dist, where, "cannot import %s: %s"
+                                      % (ep.value, _describe(exc))))
+            continue
+        try:
+            if isinstance(target, type) and issubclass(target, Task):
+                registry.add(target, name=ep.name)
+            elif callable(target) and _is_hook(target):
+                target(registry)
+            elif callable(target) and not isinstance(target, type):
+                registry.add(target, name=ep.name)
+            else:
+                registry.problems.append((dist, where, "%s is a %s, not a Task subclass, a"
+                                          " register(registry) hook or a function"
+                                          % (ep.value, type(target).__name__)))
+        except Exception as exc:
+            registry.problems.append((dist, where, "loading failed: %s" % _describe(exc)))
+    registry._source = None
+    _registry = registry
+    return registry
+
+
+def _is_hook(fn):
+    try:
+        params, _ = _parameters(fn)
+    except (TypeError, ValueError):
+        return False
+    return getattr(fn, "__name__", "") == "register" or [p[0] for p in params] == ["registry"]
+
+
+def plugin_task(plugin, /, **options):
+    """A task node for the installed plugin task ``plugin``.
+
+    Options are task options (``name``, ``retries``, ``inputs``, ...); the
+    node is named ``plugin`` unless ``name`` says otherwise. Raises
+    FlowError for an unknown or ambiguous name.
+    """
+    info = load_plugins().get(plugin)
+    options.setdefault("name", plugin)
+    if info.kind == "task":
+        return info.target(**options)
+    return FunctionTask(info.target, **options)
+
+
+def lint_plugins(registry=None):
+    """Problems with installed plugins: a list of dicts with level, plugin,
+    distribution and message. Errors: load failures and duplicates;
+    warnings: plain functions, missing summaries, run signatures pyoco
+    cannot wire."""
+    registry = registry or load_plugins()
+    found = []
+    for dist, where, message in registry.problems:
+        found.append({"level": "error", "plugin": where.split(" = ")[0] if where else None,
+                      "distribution": dist, "message": message})
+    for name in registry.names():
+        info = registry.tasks[name]
+        for level, message in info.problems:
+            found.append({"level": level, "plugin": name, "distribution": info.distribution,
+                          "message": message})
+        if not info.summary:
+            found.append({"level": "warning", "plugin": name, "distribution": info.distribution,
+                          "message": "no description: give the class a docstring or a"
+                                     " `summary` attribute"})
+        problem = _wiring_problem(info)
+        if problem:
+            found.append({"level": problem[0], "plugin": name, "distribution": info.distribution,
+                          "message": problem[1]})
+    return found
+
+
+def _wiring_problem(info):
+    """(level, message) when pyoco cannot call the plugin's task well, else None."""
+    target = info.target
+    label = info.name
+    if info.kind == "task":
+        if target.run is Task.run:
+            return "error", "%s does not implement run(self, ctx, **inputs)" % target.__name__
+        target, label = target.run, "%s.run" % target.__name__
+    code = getattr(target, "__code__", None)
+    if code is not None and code.co_flags & 0x04:
+        return "error", "%s takes *args, which pyoco cannot fill by name" % label
+    try:
+        params, _ = _parameters(target)
+    except (TypeError, ValueError) as exc:
+        return "error", "cannot read the signature of %s: %s" % (label, exc)
+    names = [p[0] for p in params][1 if info.kind == "task" else 0:]
+    if not names or names[0] != "ctx":
+        return "warning", "%s does not take ctx first; tasks are run(self, ctx, **inputs)" % label
+    return None
+
+
+# ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
 
@@ -3222,6 +3470,17 @@ def _build_parser():
     serve.add_argument("--port", type=int, default=8080,
                        help="port (default 8080; 0 picks a free one)")
     serve.add_argument("--store", metavar="DIR", help=store_help)
+
+    plugins = commands.add_parser("plugins", help="installed plugin tasks",
+                                  description="Plugin tasks published under the entry-point"
+                                              " group pyoco.tasks.")
+    plugin_commands = plugins.add_subparsers(dest="plugins_command", metavar="COMMAND")
+    plugin_commands.required = True
+    for verb, text in (("list", "one row per plugin task"),
+                       ("lint", "report load errors and tasks that should change;"
+                                " exits 1 when it finds problems")):
+        sub = plugin_commands.add_parser(verb, help=text, description=text)
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -3390,6 +3649,33 @@ def _cmd_serve(args):
     return 0
 
 
+def _cmd_plugins(args):
+    registry = load_plugins()
+    if args.plugins_command == "list":
+        infos = [registry.tasks[n] for n in registry.names()]
+        if args.json:
+            print(_dumps([i.to_dict() for i in infos], indent=2))
+        elif infos:
+            print(_table([("NAME", "DISTRIBUTION", "VERSION", "KIND", "SUMMARY")] + [
+                (i.name, i.distribution, i.version or "", i.kind, i.summary or "")
+                for i in infos]))
+        else:
+            print("no plugin tasks installed (entry-point group %s)" % PLUGIN_GROUP)
+        for dist, where, message in registry.problems:
+            _warn("plugin %s (%s): %s" % (where, dist, message))
+        return 0
+    found = lint_plugins(registry)
+    if args.json:
+        print(_dumps(found, indent=2))
+    elif found:
+        for f in found:
+            print("%s: %s (%s): %s" % (f["level"], f["plugin"], f["distribution"], f["message"]))
+    else:
+        print("ok: %d plugin task%s, no problems" % (len(registry.tasks),
+                                                     "" if len(registry.tasks) == 1 else "s"))
+    return 1 if found else 0
+
+
 def _table(rows):
     widths = [max(len(str(row[c])) for row in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
@@ -3401,7 +3687,8 @@ def main(argv=None):
     parser = _build_parser()
     args = parser.parse_args(argv)
     handler = {"run": _cmd_run, "check": _cmd_check, "graph": _cmd_graph,
-               "runs": _cmd_runs, "serve": _cmd_serve}[args.command]
+               "runs": _cmd_runs, "serve": _cmd_serve, "plugins": _cmd_plugins}[args.command]
+
     try:
         code = handler(args)
         drain_webhooks()
