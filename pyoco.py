@@ -242,6 +242,14 @@ class Task:
     def __repr__(self):
         return "<%s %r>" % (type(self).__name__, self.name)
 
+    def __reduce_ex__(self, protocol):
+        # By class reference plus state, with the defining file as a fallback
+        # for flow files that a new process cannot import by name.
+        cls = type(self)
+        module = sys.modules.get(cls.__module__)
+        return (_rebuild_task, (cls.__module__, cls.__qualname__,
+                                getattr(module, "__file__", None), dict(self.__dict__)))
+
 
 class FunctionTask(Task):
     """The node made by ``@task``: calling it calls the plain function."""
@@ -268,6 +276,19 @@ class FunctionTask(Task):
 
     def __repr__(self):
         return "<task %r>" % (self.name,)
+
+    def __reduce_ex__(self, protocol):
+        # A decorated function is pickled as "the task named X in module Y";
+        # the plain function cannot be, since X now names this object.
+        module = sys.modules.get(self.__module__)
+        try:
+            found = _find_object(self.__module__, self.__qualname__, None)
+        except Exception:
+            found = None
+        if found is self:
+            return (_find_object, (self.__module__, self.__qualname__,
+                                   getattr(module, "__file__", None)))
+        return object.__reduce_ex__(self, protocol)
 
 
 def task(func=None, **options):
@@ -352,7 +373,13 @@ def _step(value, steps, text):
     return value
 
 
+def _is_coroutine_function(fn):
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return bool(code is not None and code.co_flags & 0x80)     # CO_COROUTINE
+
+
 def _parameters(fn):
+
     """Return ([(name, kind, default)], accepts_var_keywords) for a callable.
 
     Reads the code object directly: ``inspect`` costs more to import than
@@ -525,7 +552,7 @@ class _Plan:
 
     __slots__ = ("flow_name", "nodes", "names", "index", "npred", "preds", "free", "joins",
                  "roots", "funcs", "ctx", "binds", "varkw", "flowparams", "retries",
-                 "timeouts", "isolate", "param_refs", "json_names")
+                 "timeouts", "isolate", "param_refs", "json_names", "is_async")
 
     def __init__(self, flow):
         self.flow_name = flow.name
@@ -542,7 +569,7 @@ class _Plan:
         node_index = {node: i for i, node in enumerate(nodes)}
         preds = self.preds = [[node_index[up] for up in flow._upstream[node]] for node in nodes]
 
-        self.funcs, self.ctx, self.binds, self.varkw = [], [], [], []
+        self.funcs, self.ctx, self.binds, self.varkw, self.is_async = [], [], [], [], []
         self.flowparams, self.retries, self.timeouts, self.isolate = [], [], [], []
         for i, node in enumerate(nodes):
             self._compile_node(i, node)
@@ -604,6 +631,7 @@ class _Plan:
             if p not in self.preds[i]:
                 self.preds[i].append(p)
         self.funcs.append(fn)
+        self.is_async.append(_is_coroutine_function(fn))
         self.ctx.append(takes_ctx)
         self.binds.append(tuple(binds))
         self.varkw.append(varkw)
@@ -657,7 +685,21 @@ class _Plan:
         return binds, missing
 
 
+def _check_picklable(plan):
+    """For executor="process": every task must pickle, or the run never starts."""
+    import pickle
+    for node in plan.nodes:
+        try:
+            pickle.dumps(node)
+        except Exception as exc:
+            raise FlowError(
+                "task %r cannot run in a process pool: it cannot be pickled (%s). Define"
+                " tasks at module level (not inside functions or as lambdas), or use"
+                ' executor="thread"' % (node.name, _describe(exc))) from None
+
+
 def _check_acyclic(flow_name, names, preds):
+
     """Raise FlowError naming the cycle, if the graph has one (graphlib finds it)."""
     from graphlib import TopologicalSorter, CycleError
     try:
@@ -740,24 +782,7 @@ class Context:
         (``run.artifacts_dir``) when the run is not recorded.
         """
         run = self._run
-        path = _artifact_path(run, name)
-        if isinstance(data, str):
-            payload = data.encode("utf-8")
-        elif isinstance(data, (bytes, bytearray, memoryview)):
-            payload = bytes(data)
-        elif isinstance(data, os.PathLike):
-            payload = None
-        else:
-            raise TypeError("save_artifact(%r): data must be str, bytes or a path, not %s"
-                            % (name, type(data).__name__))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if payload is None:
-            import shutil
-            tmp = _temp_name(path)
-            shutil.copyfile(os.fspath(data), tmp)
-            os.replace(tmp, path)
-        else:
-            _atomic_write(path, payload)
+        path = _save_artifact_file(_artifact_root(run), name, data)
         run.artifacts[name] = path
         run._task_artifacts.setdefault(self._index, {})[name] = path
         run._touched = True
@@ -768,7 +793,16 @@ class Context:
                                                           self.attempt)
 
 
-def _artifact_path(run, name):
+def _artifact_root(run):
+    """The run's artifact folder: in its store folder, or a temporary one made now."""
+    if run.artifacts_dir is None:
+        import tempfile
+        run.artifacts_dir = tempfile.mkdtemp(prefix="pyoco-%s-" % run.run_id)
+    return run.artifacts_dir
+
+
+def _save_artifact_file(folder, name, data):
+    """Write one artifact under ``folder`` atomically; return its path."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise ValueError("artifact name must be a non-empty string, not %r" % (name,))
     parts = name.replace("\\", "/").split("/")
@@ -776,13 +810,27 @@ def _artifact_path(run, name):
             len(name) > 1 and name[1] == ":"):
         raise ValueError("artifact name %r would leave the run's artifact folder; use a"
                          " relative name such as 'report.csv' or 'plots/a.png'" % name)
-    if run.artifacts_dir is None:
-        import tempfile
-        run.artifacts_dir = tempfile.mkdtemp(prefix="pyoco-%s-" % run.run_id)
-    root = os.path.realpath(run.artifacts_dir)
+    if isinstance(data, str):
+        payload = data.encode("utf-8")
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        payload = bytes(data)
+    elif isinstance(data, os.PathLike):
+        payload = None
+    else:
+        raise TypeError("save_artifact(%r): data must be str, bytes or a path, not %s"
+                        % (name, type(data).__name__))
+    root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, *[p for p in parts if p not in ("", ".")]))
     if not path.startswith(root + os.sep):
         raise ValueError("artifact name %r would leave the run's artifact folder" % name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if payload is None:
+        import shutil
+        tmp = _temp_name(path)
+        shutil.copyfile(os.fspath(data), tmp)
+        os.replace(tmp, path)
+    else:
+        _atomic_write(path, payload)
     return path
 
 
@@ -969,12 +1017,23 @@ class Engine:
     ``observers``: callables ``observer(run, event)`` that see every event
     tuple ``(ts, event, task_number, state, data)``; they must be quick and
     must not raise (an observer that raises is reported once and dropped).
+    ``executor``: ``"thread"`` (default), ``"process"`` (a process per
+    worker; tasks, inputs and outputs must pickle, and a timeout kills the
+    task's process) or any ``concurrent.futures.Executor``, such as a Dask
+    client's ``get_executor()``. Outside threads, ``ctx`` is a copy: see
+    docs/scale-out.md.
     """
 
-    def __init__(self, workers=8, trace=True, cute=None, store=None, observers=()):
+    def __init__(self, workers=8, trace=True, cute=None, store=None, observers=(),
+                 executor="thread"):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError("workers must be a whole number >= 1, not %r" % (workers,))
+        if executor not in ("thread", "process") and not callable(
+                getattr(executor, "submit", None)):
+            raise ValueError('executor must be "thread", "process" or a'
+                             " concurrent.futures.Executor, not %r" % (executor,))
         self.workers = workers
+        self.executor = executor
         self.trace = trace
         self.cute = _cute_default() if cute is None else bool(cute)
         self.store = store
@@ -1005,6 +1064,8 @@ class Engine:
         params = dict(params or {})
         plan = flow._compile()
         binds, _ = plan.bind(params, strict=True)
+        if self.executor == "process":
+            _check_picklable(plan)
         store = self._store()
         reused = store.reusable_outputs(resume, plan) if resume else {}
         run = Run(plan, flow, params, run_id or _new_run_id())
@@ -1091,6 +1152,9 @@ class _Runner:
         self.closed = False         # the run's outcome is settled; late results are ignored
         self.fatal = None           # a BaseException (SystemExit...) to re-raise at the end
         self.pool = None
+        self.slots = None           # our process pool, when executor="process"
+        self.wake = None            # wakes a coordinating caller thread (other executors)
+
 
     # -- events
 
@@ -1115,6 +1179,8 @@ class _Runner:
         roots = self.plan.roots
         if not roots:
             self.finish()
+        elif self.engine.executor != "thread":
+            self.execute_remote()
         else:
             from concurrent.futures import ThreadPoolExecutor
             self.pool = ThreadPoolExecutor(self.engine.workers, thread_name_prefix="pyoco")
@@ -1127,6 +1193,135 @@ class _Runner:
         if self.fatal is not None:
             raise self.fatal
         return run
+
+    def execute_remote(self):
+        """Run on a process pool or any concurrent.futures.Executor.
+
+        The calling thread coordinates: it submits ready tasks, takes
+        completions from a queue fed by future callbacks, starts retries when
+        their delay is over and fails tasks at their deadline.
+        """
+        import heapq
+        from collections import deque
+        from queue import Empty
+        engine, plan, run = self.engine, self.plan, self.run
+        queue = self.ready
+        own = engine.executor == "process"
+        pool = self.slots = _ProcessSlots(engine.workers) if own else engine.executor
+        self.wake = lambda: queue.put(None)
+        ready = deque(plan.roots)
+        running = {}            # task number -> (attempt, future, deadline or None)
+        waiting = []            # heap of (due, seq, task number, next attempt, last error)
+        seq = 0
+
+        def errored(i, attempt, exc, tb=None):
+            nonlocal seq
+            if attempt <= plan.retries[i] and not self.stopping:
+                seq += 1
+                heapq.heappush(waiting, (time.monotonic() + self.retrying(i, attempt, exc), seq,
+                                         i, attempt + 1, exc))
+            else:
+                self.fail(i, exc, tb)
+                ready.extend(self.released(i, False))
+
+        def submit(i, attempt):
+            run._attempts[i] = attempt
+            try:
+                args, kwargs = self.arguments(self.binds[i]) if self.binds[i] else ([], None)
+                state = self.remote_context(i, attempt) if plan.ctx[i] else None
+                future = pool.submit(_remote_task, plan.nodes[i], args, kwargs or {}, state)
+            except Exception as exc:
+                errored(i, attempt, exc)
+                return
+            timeout = plan.timeouts[i]
+            running[i] = (attempt, future, time.monotonic() + timeout if timeout else None)
+            future.add_done_callback(lambda f, i=i: queue.put((i, f)))
+
+        try:
+            while ready or running or waiting:
+                while waiting and (waiting[0][0] <= time.monotonic() or self.stopping):
+                    _, _, i, attempt, exc = heapq.heappop(waiting)
+                    if self.stopping:
+                        self.fail(i, exc)
+                        ready.extend(self.released(i, False))
+                    else:
+                        submit(i, attempt)
+                while ready:
+                    ok = self.settle(ready[0])
+                    if ok is not None:
+                        i = ready.popleft()
+                        ready.extend(self.released(i, ok))
+                    elif len(running) < engine.workers:
+                        i = ready.popleft()
+                        self.begin(i)
+                        submit(i, 1)
+                    else:
+                        break
+                if not running and not waiting:
+                    continue            # whatever is left in ready settles on the next pass
+                dues = [r[2] for r in running.values() if r[2] is not None]
+                if waiting:
+                    dues.append(waiting[0][0])
+                try:
+                    item = queue.get(timeout=max(0.0, min(dues) - time.monotonic())) if dues \
+                        else queue.get()
+                except Empty:
+                    item = None
+                if item is not None:
+                    i, future = item
+                    entry = running.get(i)
+                    if entry is not None and entry[1] is future:
+                        del running[i]
+                        self.absorb(i, entry[0], future, errored, ready)
+                now = time.monotonic()
+                for i, (attempt, future, deadline) in list(running.items()):
+                    if deadline is not None and deadline <= now:
+                        del running[i]
+                        if own:
+                            pool.kill(future)
+                        else:
+                            future.cancel()
+                        errored(i, attempt, TimeoutError("task %r timed out after %gs"
+                                                         % (plan.names[i], plan.timeouts[i])))
+        finally:
+            if own:
+                pool.shutdown(wait=not self.closed)
+        self.finish()
+
+    def remote_context(self, i, attempt):
+        """What a task in another process gets as ctx: plain, picklable data."""
+        run, plan = self.run, self.plan
+        return {"run_id": run.run_id, "params": run.params, "task_name": plan.names[i],
+                "attempt": attempt, "artifacts": dict(run.artifacts),
+                "artifacts_dir": _artifact_root(run),
+                "results": {plan.names[p]: run._outputs[p] for p in plan.preds[i]}}
+
+    def absorb(self, i, attempt, future, errored, ready):
+        """Take a finished future's outcome into the run."""
+        from concurrent.futures.process import BrokenProcessPool
+        try:
+            kind, value, artifacts, lines, tb = future.result()
+        except BrokenProcessPool:
+            errored(i, attempt, RuntimeError("the worker process running task %r died"
+                                             % self.plan.names[i]))
+            return
+        except BaseException as exc:        # the executor itself failed the call
+            errored(i, attempt, exc)
+            return
+        run = self.run
+        for name, path in artifacts.items():
+            run.artifacts[name] = path
+            run._task_artifacts.setdefault(i, {})[name] = path
+        if self.recorder is not None:
+            for ts, stream, text in lines:
+                self.recorder.log_line(i, stream, text, ts)
+        if kind == "ok":
+            ready.extend(self.released(i, self.succeed(i, value)))
+        elif kind == "skip":
+            self.mark(i, TaskState.SKIPPED, value)
+            ready.extend(self.released(i, False))
+        else:
+            errored(i, attempt, value, tb)
 
     def start_workers(self, wanted):
         with self.lock:
@@ -1145,47 +1340,61 @@ class _Runner:
                 return
             self.work(i)
 
+    def settle(self, i):
+        """End task i without running it, if it must not run; None if it should run."""
+        if self.stopping:
+            self.mark(i, self.stop_state, self.stop_reason)
+            return False
+        if i in self.doomed:
+            self.mark(i, TaskState.SKIPPED, self.doomed[i])
+            return False
+        if i in self.reused:
+            return self.reuse(i)
+        return None
+
+    def released(self, i, ok):
+        """The successors of finished task i that are ready now.
+
+        A task that did not succeed dooms its successors: they will be
+        skipped once all their upstream tasks are done. Nothing is released
+        once the run is stopping.
+        """
+        if self.stopping:
+            return ()
+        plan = self.plan
+        if not ok:
+            doomed = self.doomed
+            why = doomed.get(i) or "upstream %r %s" % (
+                plan.names[i], "failed" if self.run._state[i] == TaskState.FAILED else "skipped")
+            for s in plan.free[i]:
+                doomed[s] = why
+            for s in plan.joins[i]:
+                doomed.setdefault(s, why)
+        ready = plan.free[i]
+        joins = plan.joins[i]
+        if joins:
+            ready = list(ready)
+            pending = self.pending
+            with self.lock:
+                for s in joins:
+                    left = pending[s] - 1
+                    pending[s] = left
+                    if not left:
+                        ready.append(s)
+        return ready
+
     def work(self, i):
         """Run task i, then as many of its successors as can run inline."""
-        plan = self.plan
-        free, joins = plan.free, plan.joins
-        doomed = self.doomed
         while True:
-            if self.stopping:
-                self.mark(i, self.stop_state, self.stop_reason)
-                ok = False
-            elif i in doomed:
-                self.mark(i, TaskState.SKIPPED, doomed[i])
-                ok = False
-            elif i in self.reused:
-                ok = self.reuse(i)
-            else:
+            ok = self.settle(i)
+            if ok is None:
                 ok = self.execute_task(i)
-            nxt = None
-            more = None
-            if not self.stopping:
-                if not ok:
-                    why = doomed.get(i) or "upstream %r %s" % (
-                        plan.names[i],
-                        "failed" if self.run._state[i] == TaskState.FAILED else "skipped")
-                    for s in free[i]:
-                        doomed[s] = why
-                    for s in joins[i]:
-                        doomed.setdefault(s, why)
-                ready = free[i]
-                if joins[i]:
-                    ready = list(ready)
-                    pending = self.pending
-                    with self.lock:
-                        for s in joins[i]:
-                            left = pending[s] - 1
-                            pending[s] = left
-                            if not left:
-                                ready.append(s)
-                if ready:
-                    nxt = ready[0]
-                    if len(ready) > 1:
-                        more = ready[1:]
+            ready = self.released(i, ok)
+            nxt = more = None
+            if ready:
+                nxt = ready[0]
+                if len(ready) > 1:
+                    more = ready[1:]
             if more:
                 with self.lock:
                     self.inflight += len(more)
@@ -1209,10 +1418,7 @@ class _Runner:
         timeout = plan.timeouts[i]
         binds = self.binds[i]
         recorder = self.recorder
-        t0 = time.time()
-        run._started[i] = t0
-        run._state[i] = TaskState.RUNNING
-        self.emit(t0, "task.started", i, TaskState.RUNNING)
+        self.begin(i)
         attempt = 0
         while True:
             attempt += 1
@@ -1224,8 +1430,9 @@ class _Runner:
                     args, kwargs = [], None
                 if plan.ctx[i]:
                     args.insert(0, Context(run, i, attempt))
-                if timeout is not None or recorder is not None:
-                    out = _call(fn, args, kwargs, timeout, plan.names[i], recorder, i)
+                if timeout is not None or recorder is not None or plan.is_async[i]:
+                    out = _call(fn, args, kwargs, timeout, plan.names[i], recorder, i,
+                                plan.is_async[i])
                 elif kwargs:
                     out = fn(*args, **kwargs)
                 else:
@@ -1235,11 +1442,7 @@ class _Runner:
                 return False
             except Exception as exc:
                 if attempt <= retries and not self.stopping:
-                    delay = min(plan.nodes[i].retry_delay * 2 ** (attempt - 1),
-                                plan.nodes[i].max_retry_delay)
-                    self.emit(time.time(), "task.retrying", i, TaskState.RUNNING,
-                              {"attempt": attempt + 1, "of": retries + 1,
-                               "delay_s": delay, "error": _describe(exc)})
+                    delay = self.retrying(i, attempt, exc)
                     if delay and run.cancel_event.wait(delay):
                         self.fail(i, exc)
                         return False
@@ -1251,15 +1454,35 @@ class _Runner:
                 self.fail(i, exc)
                 self.stop(TaskState.SKIPPED, "run aborted by %s" % type(exc).__name__)
                 return False
-            if self.closed:
-                return False
-            t1 = time.time()
-            run._ended[i] = t1
-            run._state[i] = TaskState.SUCCEEDED
-            run.results[plan.names[i]] = out
-            run._outputs[i] = out
-            self.emit(t1, "task.succeeded", i, TaskState.SUCCEEDED)
-            return True
+            return self.succeed(i, out)
+
+    def begin(self, i):
+        t0 = time.time()
+        self.run._started[i] = t0
+        self.run._state[i] = TaskState.RUNNING
+        self.emit(t0, "task.started", i, TaskState.RUNNING)
+
+    def retrying(self, i, attempt, exc):
+        """Announce another attempt after ``exc``; returns the delay before it."""
+        node = self.plan.nodes[i]
+        delay = min(node.retry_delay * 2 ** (attempt - 1), node.max_retry_delay)
+        self.emit(time.time(), "task.retrying", i, TaskState.RUNNING,
+                  {"attempt": attempt + 1, "of": self.plan.retries[i] + 1,
+                   "delay_s": delay, "error": _describe(exc)})
+        return delay
+
+    def succeed(self, i, out):
+        if self.closed:
+            return False
+        run = self.run
+        t1 = time.time()
+        run._ended[i] = t1
+        run._state[i] = TaskState.SUCCEEDED
+        run.results[self.plan.names[i]] = out
+        run._outputs[i] = out
+        self.emit(t1, "task.succeeded", i, TaskState.SUCCEEDED)
+        return True
+
 
     def reuse(self, i):
         """Take task i's output over from the run being resumed instead of running it."""
@@ -1308,7 +1531,7 @@ class _Runner:
 
     # -- outcomes
 
-    def fail(self, i, exc):
+    def fail(self, i, exc, tb=None):
         import traceback
         run = self.run
         if self.closed:
@@ -1316,8 +1539,8 @@ class _Runner:
         run._ended[i] = time.time()
         run._state[i] = TaskState.FAILED
         run._errors[i] = exc
-        run._tracebacks[i] = "".join(traceback.format_exception(type(exc), exc,
-                                                                exc.__traceback__))
+        run._tracebacks[i] = tb or "".join(traceback.format_exception(type(exc), exc,
+                                                                      exc.__traceback__))
         if run.error is None:
             run.error = exc
         self.emit(run._ended[i], "task.failed", i, TaskState.FAILED, {"error": _describe(exc)})
@@ -1351,6 +1574,8 @@ class _Runner:
         if self.stop_state == TaskState.CANCELLED:
             run.status = RunState.CANCELLING
             self.emit(time.time(), "run.cancelling", -1, RunState.CANCELLING, {"reason": reason})
+        if self.wake is not None:
+            self.wake()
 
     def abandon(self, reason):
         """The hard stop: settle the run as CANCELLED now, without waiting for tasks."""
@@ -1364,6 +1589,8 @@ class _Runner:
             self.run.status = RunState.CANCELLING
             self.emit(time.time(), "run.cancelling", -1, RunState.CANCELLING, {"reason": reason})
         self.finish(interrupted=True)
+        if self.slots is not None:
+            self.slots.kill_all()
 
     def finish(self, interrupted=False):
         """Settle the run's outcome (once) and wake the caller."""
@@ -1397,21 +1624,24 @@ class _Runner:
         self.done.set()
 
 
-def _call(fn, args, kwargs, timeout, name, recorder, i):
+def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
     """Call a task's function with its printed output routed to its log and,
     with a timeout, on a daemon thread that is given up at the deadline.
 
     An abandoned thread runs on (Python cannot kill a thread) but nothing
-    waits for it, and as a daemon it does not keep the process alive.
+    waits for it, and as a daemon it does not keep the process alive. A
+    coroutine function runs on an event loop in this thread instead, where
+    the timeout really cancels it.
     """
     import threading
     kwargs = kwargs or {}
-    if timeout is None:
-        owner = _get_ident()
-
-        _print_owners[owner] = (recorder, i)
+    if timeout is None or is_async:
+        owner = threading.get_ident()
+        if recorder is not None:
+            _print_owners[owner] = (recorder, i)
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            return _run_coroutine(out, timeout, name) if is_async else out
         finally:
             _print_owners.pop(owner, None)
     box = []
@@ -1436,6 +1666,237 @@ def _call(fn, args, kwargs, timeout, name, recorder, i):
     if ok:
         return value
     raise value
+
+
+class _ProcessSlots:
+    """Up to ``size`` single-process pools, for executor="process".
+
+    One process per pool means a task that must be stopped at its deadline,
+    or that crashes its process, takes only its own process down: the other
+    tasks keep running and the slot is replaced.
+    """
+
+    def __init__(self, size):
+        import threading
+        self.size = size
+        self.lock = threading.Lock()
+        self.idle = []                  # [pool, pid]
+        self.busy = {}                  # future -> [pool, pid]
+        self.slots = []
+
+    def submit(self, fn, *args):
+        with self.lock:
+            slot = self.idle.pop() if self.idle else None
+        if slot is None:
+            from concurrent.futures import ProcessPoolExecutor
+            pool = ProcessPoolExecutor(1, initializer=_process_worker_init)
+            slot = [pool, pool.submit(os.getpid).result()]
+            self.slots.append(slot)
+        future = slot[0].submit(fn, *args)
+        with self.lock:
+            self.busy[future] = slot
+        future.add_done_callback(self.release)
+        return future
+
+    def release(self, future):
+        with self.lock:
+            slot = self.busy.pop(future, None)
+            if slot is None:
+                return
+            if future.cancelled() or future.exception() is None or not _is_broken(future):
+                self.idle.append(slot)
+            else:
+                slot[0].shutdown(wait=False)
+
+    def kill(self, future):
+        """Stop the process running ``future`` (a task past its deadline)."""
+        with self.lock:
+            slot = self.busy.pop(future, None)
+        if slot is not None:
+            _kill_process(slot[1])
+            slot[0].shutdown(wait=False)
+
+    def kill_all(self):
+        with self.lock:
+            slots, self.busy, self.idle = list(self.busy.values()), {}, []
+        for slot in slots:
+            _kill_process(slot[1])
+
+    def shutdown(self, wait=True):
+        for pool, _ in self.slots:
+            pool.shutdown(wait=wait)
+
+
+def _is_broken(future):
+    from concurrent.futures.process import BrokenProcessPool
+    return isinstance(future.exception(), BrokenProcessPool)
+
+
+def _kill_process(pid):
+    import signal
+    try:
+        os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    except OSError:
+        pass
+
+
+def _process_worker_init():
+    # Ctrl+C goes to the whole process group: the parent decides what stops.
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _RemoteContext:
+    """``ctx`` for a task running in another process: plain data, no shared state.
+
+    ``scratch`` is a fresh dict, ``results`` holds the direct upstream
+    outputs, ``cancelled`` is never set; artifacts are written directly to
+    the run's folder and reported back.
+    """
+
+    def __init__(self, state):
+        import threading
+        self.run_id = state["run_id"]
+        self.params = state["params"]
+        self.task_name = state["task_name"]
+        self.attempt = state["attempt"]
+        self.results = state["results"]
+        self.artifacts = state["artifacts"]
+        self.scratch = {}
+        self.cancelled = threading.Event()
+        self.saved = {}
+        self._dir = state["artifacts_dir"]
+
+    @property
+    def log(self):
+        return _task_logger(self.task_name)
+
+    def skip(self, reason="skipped"):
+        raise Skip(reason)
+
+    def save_artifact(self, name, data):
+        path = _save_artifact_file(self._dir, name, data)
+        self.artifacts[name] = self.saved[name] = path
+        return path
+
+
+def _remote_task(node, args, kwargs, state):
+    """Runs one attempt of a task in a worker (process pool or any executor).
+
+    Returns (kind, value, saved artifacts, printed lines, traceback text)
+    with kind "ok", "skip" or "error"; errors come back as values so that an
+    exception that cannot be pickled still arrives as a readable error.
+    """
+    import threading
+    lines = []
+    ctx = _RemoteContext(state) if state is not None else None
+    if ctx is not None:
+        args = [ctx] + list(args)
+    me = threading.get_ident()
+    saved_streams = sys.stdout, sys.stderr
+    sys.stdout = _LineCatcher(sys.stdout, "stdout", lines, me)
+    sys.stderr = _LineCatcher(sys.stderr, "stderr", lines, me)
+    tb = None
+    try:
+        result = ("ok", _invoke(node._callable(), args, kwargs, None, node.name))
+    except Skip as skip:
+        result = ("skip", skip.reason)
+    except BaseException as exc:
+        import pickle
+        import traceback
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:
+            exc = RuntimeError(_describe(exc))
+        result = ("error", exc)
+    finally:
+        for catcher in (sys.stdout, sys.stderr):
+            if isinstance(catcher, _LineCatcher):
+                catcher.close()
+        sys.stdout, sys.stderr = saved_streams
+    return result + ({} if ctx is None else ctx.saved, lines, tb)
+
+
+class _LineCatcher:
+    """Passes writes through and keeps whole lines written by one thread."""
+
+    def __init__(self, stream, name, lines, thread):
+        self.stream, self.name, self.lines, self.thread = stream, name, lines, thread
+        self.partial = ""
+
+    def write(self, text):
+        import threading
+        if threading.get_ident() == self.thread:
+            *whole, self.partial = (self.partial + text).split("\n")
+            now = time.time()
+            self.lines.extend((now, self.name, line) for line in whole)
+        return self.stream.write(text) if self.stream is not None else len(text)
+
+    def close(self):
+        if self.partial:
+            self.lines.append((time.time(), self.name, self.partial))
+            self.partial = ""
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _invoke(fn, args, kwargs, timeout, name):
+    """Call a task function; a coroutine it returns runs on an event loop of its own."""
+    out = fn(*args, **kwargs)
+    if type(out).__name__ == "coroutine" and hasattr(out, "send"):
+        return _run_coroutine(out, timeout, name)
+    return out
+
+
+def _run_coroutine(coro, timeout, name):
+    """Run an async task's coroutine to completion in this thread.
+
+    With a timeout the coroutine is cancelled at the deadline (its
+    ``finally`` blocks run), and the task fails with TimeoutError.
+    """
+    import asyncio
+
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    try:
+        return asyncio.run(bounded() if timeout is not None else coro)
+    except asyncio.TimeoutError:
+        raise TimeoutError("task %r timed out after %gs" % (name, timeout)) from None
+
+
+def _load_module(module_name, filename):
+    """The module a pickled task came from, loaded from its file if need be
+    (a flow file run by the CLI is not importable by name in a new process)."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        import importlib
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            if not filename:
+                raise
+            import importlib.util
+            spec = importlib.util.spec_from_file_location(module_name, filename)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+    return module
+
+
+def _find_object(module_name, qualname, filename):
+    obj = _load_module(module_name, filename)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rebuild_task(module_name, qualname, filename, state):
+    cls = _find_object(module_name, qualname, filename)
+    node = cls.__new__(cls)
+    node.__dict__.update(state)
+    return node
 
 
 class _SignalGuard:
@@ -2199,10 +2660,11 @@ class _RunRecorder:
         for line in lines:
             self.log_line(i, stream, line)
 
-    def log_line(self, i, stream, text):
+    def log_line(self, i, stream, text, ts=None):
         if self.broken:
             return
-        entry = (_dumps({"ts": _iso(time.time()), "task": self.run._plan.names[i],
+        entry = (_dumps({"ts": _iso(ts or time.time()), "task": self.run._plan.names[i],
+
                          "stream": stream, "text": text}) + "\n").encode("utf-8")
         with self.lock:
             slot = self.log_files.get(i)
