@@ -239,6 +239,10 @@ class Task:
     def _callable(self):
         return self.run
 
+    def map(self, over, name=None):
+        """A node that runs this task once per item of ``over`` (see MapTask)."""
+        return MapTask(self, over, name)
+
     def __repr__(self):
         return "<%s %r>" % (type(self).__name__, self.name)
 
@@ -291,7 +295,31 @@ class FunctionTask(Task):
         return object.__reduce_ex__(self, protocol)
 
 
+class MapTask(Task):
+    """The node made by ``some_task.map(over)``: one instance of the task per item.
+
+    ``over`` is a ``$`` expression (``"$node.list_files.output"``) or a list.
+    When the node's turn comes, each item becomes a task of its own, named
+    ``name[0]``, ``name[1]``, ..., with the item as the first parameter after
+    ``ctx``; all run in parallel with the base task's options. The node's
+    output is the list of their outputs, in item order.
+    """
+
+    def __init__(self, base, over, name=None):
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "over", over)
+        super().__init__(name=name or base.name)
+
+    def _callable(self):
+        return self.base._callable()
+
+    def __repr__(self):
+        return "<map of %r over %r>" % (self.base.name, self.over)
+
+
+
 def task(func=None, **options):
+
     """Make a function a task: ``@task`` or ``@task(name=..., retries=...)``.
 
     The result is still callable as the plain function (handy in unit tests)
@@ -552,7 +580,8 @@ class _Plan:
 
     __slots__ = ("flow_name", "nodes", "names", "index", "npred", "preds", "free", "joins",
                  "roots", "funcs", "ctx", "binds", "varkw", "flowparams", "retries",
-                 "timeouts", "isolate", "param_refs", "json_names", "is_async")
+                 "timeouts", "isolate", "param_refs", "json_names", "is_async", "maps")
+
 
     def __init__(self, flow):
         self.flow_name = flow.name
@@ -570,6 +599,8 @@ class _Plan:
         preds = self.preds = [[node_index[up] for up in flow._upstream[node]] for node in nodes]
 
         self.funcs, self.ctx, self.binds, self.varkw, self.is_async = [], [], [], [], []
+        self.maps = {}              # map node -> (its "over" binding, item parameter, kw-only?)
+        self.param_refs = []
         self.flowparams, self.retries, self.timeouts, self.isolate = [], [], [], []
         for i, node in enumerate(nodes):
             self._compile_node(i, node)
@@ -584,23 +615,56 @@ class _Plan:
             for up in ups:
                 targets[up].append(i)
         self.roots = [i for i in range(n) if not preds[i]]
-        self.param_refs = [(i, b) for i, bs in enumerate(self.binds) for b in bs
-                           if b[0] == _B_PARAM]
+        self.param_refs += [(i, b) for i, bs in enumerate(self.binds) for b in bs
+                            if b[0] == _B_PARAM]
         self.json_names = None      # the names as JSON strings, made by the run store
+
+    def copy(self):
+        """A copy whose lists a run may extend (map nodes add their instances)."""
+        other = _Plan.__new__(_Plan)
+        for slot in _Plan.__slots__:
+            value = getattr(self, slot)
+            setattr(other, slot, list(value) if isinstance(value, list) else
+                    dict(value) if isinstance(value, dict) else value)
+        other.free = [list(x) for x in self.free]
+        other.joins = [list(x) for x in self.joins]
+        other.json_names = None
+        return other
 
 
     def _compile_node(self, i, node):
         where = "task %r" % node.name
-        fn = node._callable()
+        mapped = isinstance(node, MapTask)
+        source = node.base if mapped else node
+        fn = source._callable()
         if not callable(fn):
             raise FlowError("%s: %r is not callable" % (where, fn))
         params, varkw = _parameters(fn)
         takes_ctx = bool(params) and params[0][0] == "ctx"
         if takes_ctx:
             params = params[1:]
-        inputs = dict(node.inputs or {})
-        upstream_names = {self.names[p]: p for p in self.preds[i]}
+        inputs = dict(source.inputs or {})
         extra_preds = []
+        if mapped:
+            if not params:
+                raise FlowError("%s: .map() needs a function that takes the item as its first"
+                                " parameter after ctx" % where)
+            (item, kind, _), params = params[0], params[1:]
+            over = node.over
+            if isinstance(over, str) and over.startswith("$"):
+                over = self._input_binding(over, "%s .map() over" % where)
+            elif isinstance(over, (list, tuple)):
+                over = (_B_CONST, list(over), (), None)
+            else:
+                raise FlowError("%s: .map() takes a $ expression or a list, not %r"
+                                % (where, node.over))
+            if over[0] == _B_NODE and over[1] not in self.preds[i]:
+                extra_preds.append(over[1])
+            self.maps[i] = (over + ("over", False), item, kind == "kwonly")
+            if over[0] == _B_PARAM:
+                self.param_refs.append((i, over + ("over", False)))
+            inputs.pop(item, None)
+        upstream_names = {self.names[p]: p for p in self.preds[i]}
         binds = []
         needs_flowparams = False
         for pname, kind, default in params:
@@ -637,9 +701,9 @@ class _Plan:
         self.varkw.append(varkw)
         if needs_flowparams:
             self.flowparams.append(i)
-        self.retries.append(node.retries)
-        self.timeouts.append(node.timeout)
-        self.isolate.append(node.fail_policy == "isolate")
+        self.retries.append(source.retries)
+        self.timeouts.append(source.timeout)
+        self.isolate.append(source.fail_policy == "isolate")
 
     def _input_binding(self, value, where):
         if isinstance(value, str) and value.startswith("$"):
@@ -1154,6 +1218,10 @@ class _Runner:
         self.pool = None
         self.slots = None           # our process pool, when executor="process"
         self.wake = None            # wakes a coordinating caller thread (other executors)
+        self.expanded = {}          # map node -> its instances, until they are collected
+        if self.plan.maps:          # map nodes add tasks while the run goes: extend copies
+            self.plan = run._plan = self.plan.copy()
+            self.binds = list(binds)
 
 
     # -- events
@@ -1250,7 +1318,7 @@ class _Runner:
                     ok = self.settle(ready[0])
                     if ok is not None:
                         i = ready.popleft()
-                        ready.extend(self.released(i, ok))
+                        ready.extend(ok if isinstance(ok, list) else self.released(i, ok))
                     elif len(running) < engine.workers:
                         i = ready.popleft()
                         self.begin(i)
@@ -1350,7 +1418,53 @@ class _Runner:
             return False
         if i in self.reused:
             return self.reuse(i)
+        if i in self.plan.maps:
+            return self.map_step(i)
         return None
+
+    def map_step(self, m):
+        """A map node's two turns: first expand into instances (returned, to
+        run), then, once they are all done, collect their outputs."""
+        run, plan = self.run, self.plan
+        if m in self.expanded:
+            return self.succeed(m, [run._outputs[k] for k in self.expanded.pop(m)])
+        self.begin(m)
+        over, item_name, kwonly = plan.maps[m]
+        try:
+            items = self.arguments([over])[0][0]
+            if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+                raise TypeError("%s gave a %s; .map() needs a list of items"
+                                % (over[3] or "the map's input", type(items).__name__))
+            items = list(items)
+        except Exception as exc:
+            self.fail(m, exc)
+            return False
+        run._attempts[m] = 1
+        if not items:
+            return self.succeed(m, [])
+        template = self.binds[m]
+        with self.lock:
+            instances = list(range(len(plan.names), len(plan.names) + len(items)))
+            for j, item in enumerate(items):
+                name = "%s[%d]" % (plan.names[m], j)
+                plan.index[name] = len(plan.names)
+                plan.names.append(name)
+                for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
+                               plan.retries, plan.timeouts, plan.isolate):
+                    column.append(column[m])
+                plan.npred.append(1)
+                plan.preds.append([m])
+                plan.free.append([])
+                plan.joins.append([m])
+                self.binds.append(((_B_CONST, item, (), None, item_name, kwonly),) + template)
+                self.pending.append(0)
+                for column, empty in ((run._state, TaskState.PENDING), (run._attempts, 0),
+                                      (run._started, None), (run._ended, None),
+                                      (run._outputs, None)):
+                    column.append(empty)
+            self.pending[m] = len(items)
+            self.expanded[m] = instances
+        return instances
 
     def released(self, i, ok):
         """The successors of finished task i that are ready now.
@@ -1389,7 +1503,7 @@ class _Runner:
             ok = self.settle(i)
             if ok is None:
                 ok = self.execute_task(i)
-            ready = self.released(i, ok)
+            ready = ok if isinstance(ok, list) else self.released(i, ok)
             nxt = more = None
             if ready:
                 nxt = ready[0]
@@ -1603,7 +1717,7 @@ class _Runner:
             unsettled = (TaskState.PENDING, TaskState.RUNNING) if interrupted else (
                 TaskState.PENDING,)
             for i, state in enumerate(run._state):
-                if state in unsettled:
+                if state in unsettled or (i in self.expanded and state == TaskState.RUNNING):
                     self.mark(i, self.stop_state, "interrupted: " + self.stop_reason
                               if state == TaskState.RUNNING else self.stop_reason)
         states = run._state
@@ -2509,8 +2623,9 @@ def _record_json(run):
     import json
     plan = run._plan
     qnames = plan.json_names
-    if qnames is None:
+    if qnames is None or len(qnames) < len(plan.names):     # map instances add names
         qnames = plan.json_names = [json.dumps(name, ensure_ascii=False) for name in plan.names]
+
     iso = _iso
     prefixes = {}           # whole second -> '"2026-11-29T05:10:11'
     done = {}               # time -> its quoted text: events reuse the tasks' times
