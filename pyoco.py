@@ -1653,8 +1653,12 @@ class _Runner:
         run._ended[i] = time.time()
         run._state[i] = TaskState.FAILED
         run._errors[i] = exc
-        run._tracebacks[i] = tb or "".join(traceback.format_exception(type(exc), exc,
-                                                                      exc.__traceback__))
+        frames = exc.__traceback__
+        while frames is not None and frames.tb_next is not None and \
+                frames.tb_frame.f_code.co_filename == __file__:
+            frames = frames.tb_next         # start the traceback at the task's own code
+        run._tracebacks[i] = tb or "".join(traceback.format_exception(type(exc), exc, frames))
+
         if run.error is None:
             run.error = exc
         self.emit(run._ended[i], "task.failed", i, TaskState.FAILED, {"error": _describe(exc)})
@@ -2732,6 +2736,7 @@ class _RunRecorder:
         self.guarded(_atomic_write, os.path.join(self.folder, "process.json"),
                      _dumps({"pid": os.getpid(), "host": _hostname(),
                              "started_at": _iso(time.time())}).encode())
+        self.save_graph()
         _tee_install()
 
         self.keeper = threading.Thread(target=self.keep, name="pyoco-store", daemon=True)
@@ -2833,6 +2838,14 @@ class _RunRecorder:
         with self.lock:
             self.guarded(_atomic_write, os.path.join(self.folder, "run.json"), data)
 
+    def save_graph(self):
+        """graph.json: the DAG as `pyoco graph` sees it, for the browser page."""
+        plan = self.run._plan
+        edges = [[plan.names[p], name] for name, preds in zip(plan.names, plan.preds)
+                 for p in preds]
+        self.guarded(_atomic_write, os.path.join(self.folder, "graph.json"),
+                     _dumps({"nodes": plan.names, "edges": edges}).encode("utf-8"))
+
     def save_outputs(self):
         new = self.succeeded[self.saved_outputs:]
         if not new or self.broken:
@@ -2880,7 +2893,10 @@ class _RunRecorder:
             self.end_log(i)
         if self.run.status != RunState.COMPLETED:
             self.save_outputs()
+        if self.run._plan.maps:
+            self.save_graph()           # with the map instances the run added
         self.save()
+
 
 
 # ---------------------------------------------------------------------------
@@ -3123,6 +3139,292 @@ def _histogram(out, name, help_text, samples):
 _LOOPBACK = ("127.", "::1", "::ffff:127.")
 
 
+# The page at / and /runs/{id}/view: one self-contained document that only reads
+# the JSON API below (no CDN, no build step).
+_PAGE = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pyoco runs</title>
+<style>
+:root { --bg:#fbf9ff; --fg:#2b2540; --muted:#6f6887; --card:#ffffff; --line:#e4def3;
+  --accent:#8a6fd1; --carrot:#f07c24; --ok:#3f9b5f; --fail:#d64545; --skip:#9a94ad;
+  --cancel:#c7883a; --run:#3b82c4; --pend:#cfc8e3; }
+[data-theme="dark"] { --bg:#17141f; --fg:#ece8f7; --muted:#a69fbf; --card:#221d2e; --line:#3a3350;
+  --accent:#b39ddb; --carrot:#ff9830; --ok:#62c483; --fail:#ff6b6b; --skip:#8d86a3;
+  --cancel:#e0a458; --run:#6cb2f0; --pend:#4a4260; }
+@media (prefers-color-scheme: dark) { :root:not([data-theme="light"]) { --bg:#17141f; --fg:#ece8f7;
+  --muted:#a69fbf; --card:#221d2e; --line:#3a3350; --accent:#b39ddb; --carrot:#ff9830; --ok:#62c483;
+  --fail:#ff6b6b; --skip:#8d86a3; --cancel:#e0a458; --run:#6cb2f0; --pend:#4a4260; } }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background:var(--bg); color:var(--fg); }
+header { display:flex; align-items:center; gap:1rem; padding:.8rem 1.2rem; border-bottom:1px solid var(--line); background:var(--card); }
+header h1 { font-size:1.2rem; margin:0; }
+header h1 a { color:inherit; text-decoration:none; }
+header .grow { flex:1; }
+main { padding:1rem 1.2rem; max-width:1200px; margin:0 auto; }
+a { color:var(--accent); }
+button, select { font:inherit; color:var(--fg); background:var(--card); border:1px solid var(--line); border-radius:6px; padding:.3rem .6rem; }
+button:hover, select:hover { border-color:var(--accent); }
+:focus-visible { outline:3px solid var(--carrot); outline-offset:2px; }
+.filters { display:flex; gap:.8rem; flex-wrap:wrap; align-items:center; margin-bottom:.8rem; }
+table { width:100%; border-collapse:collapse; background:var(--card); border:1px solid var(--line); border-radius:8px; overflow:hidden; }
+th, td { text-align:left; padding:.45rem .6rem; border-bottom:1px solid var(--line); vertical-align:top; }
+th { color:var(--muted); font-weight:600; font-size:.85rem; }
+tr:last-child td { border-bottom:none; }
+code, pre, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:.85rem; }
+.badge { display:inline-block; padding:.05rem .5rem; border-radius:999px; font-size:.8rem; font-weight:600; color:#fff; }
+.s-COMPLETED, .s-SUCCEEDED { background:var(--ok); } .s-FAILED { background:var(--fail); }
+.s-SKIPPED { background:var(--skip); } .s-CANCELLED, .s-CANCELLING { background:var(--cancel); }
+.s-RUNNING { background:var(--run); } .s-PENDING { background:var(--pend); color:var(--fg); }
+.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:.8rem 1rem; margin-bottom:1rem; }
+.card h2 { font-size:1rem; margin:0 0 .6rem; }
+.muted { color:var(--muted); }
+.timeline { position:relative; }
+.tl-row { display:flex; align-items:center; height:22px; }
+.tl-name { width:190px; flex:none; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; padding-right:.5rem; font-size:.85rem; }
+.tl-track { position:relative; flex:1; height:14px; background:linear-gradient(var(--line),var(--line)) center/100% 1px no-repeat; }
+.tl-bar { position:absolute; top:0; height:14px; border-radius:4px; min-width:3px; }
+.tl-bar.s-SKIPPED, .tl-bar.s-CANCELLED { background:repeating-linear-gradient(45deg,var(--skip),var(--skip) 3px,transparent 3px,transparent 6px); border:1px solid var(--skip); }
+.tl-tick { position:absolute; top:-3px; width:2px; height:20px; background:var(--carrot); }
+.tl-axis { display:flex; justify-content:space-between; margin-left:190px; font-size:.75rem; color:var(--muted); }
+pre.tb { background:var(--bg); border:1px solid var(--line); border-radius:6px; padding:.6rem; overflow:auto; max-height:320px; }
+svg text { fill:var(--fg); font-size:11px; }
+svg .edge { stroke:var(--muted); fill:none; }
+.legend span { margin-right:.8rem; }
+#status { font-size:.8rem; }
+.error { color:var(--fail); }
+details summary { cursor:pointer; }
+</style>
+</head>
+<body>
+<header>
+  <h1><a href="/">🐇 pyoco</a></h1>
+  <span class="muted mono" id="version"></span>
+  <span class="grow"></span>
+  <span id="status" class="muted" aria-live="polite"></span>
+  <label><input type="checkbox" id="auto" checked> auto-refresh</label>
+  <button type="button" id="theme" title="switch between light and dark">🌓 theme</button>
+</header>
+<main id="main" tabindex="-1"><p class="muted">loading…</p></main>
+<script>
+"use strict";
+const STATES = ["RUNNING", "CANCELLING", "COMPLETED", "FAILED", "CANCELLED", "PENDING"];
+const filters = {flow: "", status: ""};
+let knownFlows = new Set();
+
+function h(tag, attrs, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k === "style") el.setAttribute("style", v);
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const kid of kids.flat()) {
+    if (kid === null || kid === undefined || kid === false) continue;
+    el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  }
+  return el;
+}
+function svg(tag, attrs) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  return el;
+}
+async function api(path) {
+  const r = await fetch(path, {headers: {"Accept": "application/json"}, cache: "no-store"});
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
+  return body;
+}
+const badge = (s) => h("span", {class: "badge s-" + s}, s);
+const ms = (v) => v === null || v === undefined ? "–" : v < 1000 ? v.toFixed(1) + " ms" : (v / 1000).toFixed(2) + " s";
+const when = (iso) => iso ? iso.replace("T", " ").replace("Z", "") : "–";
+const t = (iso) => iso ? Date.parse(iso) : null;
+const runPath = (id) => "/runs/" + encodeURIComponent(id);
+
+function currentRun() {
+  const m = location.pathname.match(/^\/runs\/([^/]+)\/view$/);
+  return m ? decodeURIComponent(m[1]) : null;
+}
+
+async function renderList() {
+  const q = new URLSearchParams({limit: "100"});
+  if (filters.flow) q.set("flow", filters.flow);
+  if (filters.status) q.set("status", filters.status);
+  const runs = await api("/runs?" + q);
+  runs.forEach((r) => knownFlows.add(r.flow));
+  const flowSel = h("select", {id: "flow-filter", "aria-label": "flow",
+      onchange: (e) => { filters.flow = e.target.value; refresh(); }},
+    h("option", {value: ""}, "all flows"),
+    [...knownFlows].sort().map((f) => h("option", {value: f, selected: f === filters.flow}, f)));
+  const statusSel = h("select", {id: "status-filter", "aria-label": "status",
+      onchange: (e) => { filters.status = e.target.value; refresh(); }},
+    h("option", {value: ""}, "any status"),
+    STATES.map((s) => h("option", {value: s, selected: s === filters.status}, s)));
+  const rows = runs.map((r) => {
+    const failed = Object.entries(r.tasks || {}).filter(([, v]) => v.state === "FAILED").map(([k]) => k);
+    return h("tr", {"data-run": r.run_id},
+      h("td", {}, h("a", {href: runPath(r.run_id) + "/view", class: "mono"}, r.run_id)),
+      h("td", {}, r.flow), h("td", {}, badge(r.status)), h("td", {class: "mono"}, when(r.started_at)),
+      h("td", {}, ms(r.duration_ms)), h("td", {class: failed.length ? "error" : "muted"}, failed.join(", ") || r.reason || ""));
+  });
+  const main = document.getElementById("main");
+  main.replaceChildren(
+    h("div", {class: "filters"}, h("label", {}, "Flow ", flowSel), h("label", {}, "Status ", statusSel),
+      h("span", {class: "muted"}, runs.length + " run" + (runs.length === 1 ? "" : "s"))),
+    runs.length ? h("table", {id: "runs"},
+      h("thead", {}, h("tr", {}, ["Run", "Flow", "Status", "Started (UTC)", "Duration", "Failed task"].map((c) => h("th", {scope: "col"}, c)))),
+      h("tbody", {}, rows))
+      : h("p", {class: "muted"}, "No runs yet. Run a flow with `pyoco run flow.py` and it appears here. 🥕"));
+}
+
+function timeline(record) {
+  const tasks = Object.entries(record.tasks || {});
+  const starts = tasks.map(([, v]) => t(v.started_at)).filter((x) => x !== null);
+  const t0 = Math.min(t(record.started_at) || Infinity, ...starts);
+  const ends = tasks.map(([, v]) => t(v.ended_at)).filter((x) => x !== null);
+  const t1 = Math.max(t(record.ended_at) || 0, ...ends, t0 + 1, record.ended_at ? 0 : Date.now());
+  const span = t1 - t0 || 1;
+  const pos = (x) => Math.max(0, Math.min(100, (x - t0) / span * 100));
+  const retries = {};
+  for (const e of record.events || []) if (e.event === "task.retrying") (retries[e.task] = retries[e.task] || []).push(t(e.ts));
+  tasks.sort((a, b) => (t(a[1].started_at) ?? Infinity) - (t(b[1].started_at) ?? Infinity));
+  const rows = tasks.map(([name, v]) => {
+    const s = t(v.started_at), e = t(v.ended_at) ?? (s !== null ? t1 : null);
+    const title = `${name}: ${v.state}, ${ms(v.duration_ms)}, ${v.attempts} attempt${v.attempts === 1 ? "" : "s"}` + (v.reason ? ` (${v.reason})` : "") + (v.error ? ` — ${v.error}` : "");
+    let bar;
+    if (s !== null) bar = h("div", {class: "tl-bar s-" + v.state, style: `left:${pos(s)}%;width:${Math.max(0.4, pos(e) - pos(s))}%`, title});
+    else bar = h("div", {class: "tl-bar s-" + v.state, style: `left:${Math.min(99, pos(t(v.ended_at) ?? t1))}%;width:1%`, title});
+    const ticks = (retries[name] || []).map((x) => h("div", {class: "tl-tick", style: `left:${pos(x)}%`, title: "retry"}));
+    return h("div", {class: "tl-row", "data-task": name, "data-state": v.state},
+      h("div", {class: "tl-name", title: name}, name, v.attempts > 1 ? h("span", {class: "muted"}, " ×" + v.attempts) : ""),
+      h("div", {class: "tl-track"}, bar, ticks));
+  });
+  return h("div", {class: "card"}, h("h2", {}, "Timeline"),
+    h("div", {class: "timeline", id: "timeline", role: "img", "aria-label": "one bar per task from its start to its end"}, rows),
+    h("div", {class: "tl-axis"}, h("span", {}, "0"), h("span", {}, ms(span))),
+    h("p", {class: "legend muted"}, ["SUCCEEDED", "FAILED", "RUNNING", "SKIPPED", "CANCELLED"].map((s) => h("span", {}, badge(s))),
+      h("span", {}, h("span", {class: "tl-tick", style: "position:static;display:inline-block;height:10px"}), " retry")));
+}
+
+function dag(graph, record) {
+  const card = h("div", {class: "card"}, h("h2", {}, "Graph"));
+  const nodes = graph.nodes || [];
+  if (nodes.length > 400) { card.append(h("p", {class: "muted"}, `${nodes.length} tasks: too many to draw here; try pyoco graph.`)); return card; }
+  const preds = Object.fromEntries(nodes.map((n) => [n, []]));
+  for (const [a, b] of graph.edges || []) if (preds[b]) preds[b].push(a);
+  const level = {};
+  const depth = (n, seen = new Set()) => {
+    if (level[n] !== undefined) return level[n];
+    if (seen.has(n)) return 0;
+    seen.add(n);
+    return (level[n] = preds[n].length ? 1 + Math.max(...preds[n].map((p) => depth(p, seen))) : 0);
+  };
+  nodes.forEach((n) => depth(n));
+  const columns = [];
+  nodes.forEach((n) => (columns[level[n]] = columns[level[n]] || []).push(n));
+  const W = 150, H = 34, GX = 40, GY = 10, at = {};
+  columns.forEach((col, x) => col.forEach((n, y) => (at[n] = {x: x * (W + GX) + 4, y: y * (H + GY) + 4})));
+  const width = columns.length * (W + GX), height = Math.max(...columns.map((c) => c.length)) * (H + GY) + 8;
+  const box = svg("svg", {width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "task graph", id: "dag"});
+  for (const [a, b] of graph.edges || []) {
+    if (!at[a] || !at[b]) continue;
+    const x1 = at[a].x + W, y1 = at[a].y + H / 2, x2 = at[b].x, y2 = at[b].y + H / 2;
+    box.append(svg("path", {class: "edge", d: `M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}`}));
+  }
+  const color = {SUCCEEDED: "--ok", FAILED: "--fail", SKIPPED: "--skip", CANCELLED: "--cancel", RUNNING: "--run", PENDING: "--pend"};
+  for (const n of nodes) {
+    const st = (record.tasks[n] || {}).state || "PENDING";
+    const g = svg("g", {"data-task": n});
+    const title = svg("title", {}); title.textContent = `${n}: ${st}`; g.append(title);
+    g.append(svg("rect", {x: at[n].x, y: at[n].y, width: W, height: H, rx: 7, fill: `var(${color[st] || "--pend"})`, "fill-opacity": "0.25", stroke: `var(${color[st] || "--pend"})`}));
+    const label = svg("text", {x: at[n].x + 8, y: at[n].y + H / 2 + 4}); label.textContent = n.length > 21 ? n.slice(0, 20) + "…" : n;
+    g.append(label); box.append(g);
+  }
+  card.append(h("div", {style: "overflow:auto"}, box));
+  return card;
+}
+
+async function renderRun(id) {
+  const [record, graph] = await Promise.all([api(runPath(id)), api(runPath(id) + "/graph").catch(() => ({nodes: [], edges: []}))]);
+  const tasks = Object.entries(record.tasks || {});
+  const failures = tasks.filter(([, v]) => v.state === "FAILED");
+  const summary = h("div", {class: "card", id: "summary"},
+    h("h2", {}, "Run ", h("span", {class: "mono"}, record.run_id), " ", badge(record.status)),
+    h("p", {}, "Flow ", h("strong", {}, record.flow), " · started ", h("span", {class: "mono"}, when(record.started_at)),
+      " · ", ms(record.duration_ms), record.resumed_from ? [" · resumed from ", h("a", {href: runPath(record.resumed_from) + "/view", class: "mono"}, record.resumed_from)] : "",
+      record.reason ? h("span", {class: "muted"}, " · " + record.reason) : ""),
+    Object.keys(record.params || {}).length ? h("p", {class: "mono muted"}, "params " + JSON.stringify(record.params)) : "");
+  const errors = failures.length ? h("div", {class: "card", id: "failures"}, h("h2", {}, "Failures"),
+    failures.map(([name, v]) => h("div", {}, h("p", {}, h("strong", {}, name), " ", h("span", {class: "error"}, v.error || "")),
+      v.traceback ? h("pre", {class: "tb"}, v.traceback) : ""))) : "";
+  const rows = tasks.map(([name, v]) => {
+    const logs = h("pre", {class: "tb", hidden: true});
+    const more = h("details", {ontoggle: async (e) => {
+      if (!e.target.open || logs.dataset.loaded) return;
+      logs.hidden = false; logs.textContent = "loading…";
+      try {
+        const data = await api(runPath(id) + "/logs?tail=50&task=" + encodeURIComponent(name));
+        logs.textContent = data.logs.map((l) => `${when(l.ts)} ${l.stream.padEnd(6)} ${l.text}`).join("\n") || "(no output)";
+        logs.dataset.loaded = "1";
+      } catch (err) { logs.textContent = String(err.message); }
+    }}, h("summary", {}, "log"), logs);
+    const arts = Object.keys(v.artifacts || {}).map((a) => h("a", {href: runPath(id) + "/artifacts/" + a.split("/").map(encodeURIComponent).join("/"), class: "mono"}, a));
+    return h("tr", {"data-task": name}, h("td", {class: "mono"}, name), h("td", {}, badge(v.state)), h("td", {}, String(v.attempts)),
+      h("td", {}, ms(v.duration_ms)), h("td", {class: v.error ? "error" : "muted"}, v.error || v.reason || ""),
+      h("td", {}, arts.length ? arts.flatMap((a, i) => i ? [", ", a] : [a]) : ""), h("td", {}, more));
+  });
+  const table = h("div", {class: "card"}, h("h2", {}, "Tasks"), h("table", {id: "tasks"},
+    h("thead", {}, h("tr", {}, ["Task", "State", "Attempts", "Duration", "Note", "Artifacts", "Log"].map((c) => h("th", {scope: "col"}, c)))),
+    h("tbody", {}, rows)));
+  document.getElementById("main").replaceChildren(h("p", {}, h("a", {href: "/"}, "← all runs")), summary, errors, timeline(record), dag(graph, record), table);
+  return record;
+}
+
+let busy = false;
+async function refresh() {
+  if (busy) return;
+  busy = true;
+  const status = document.getElementById("status");
+  try {
+    const id = currentRun();
+    if (id) {
+      const record = await renderRun(id);
+      document.title = `pyoco · ${record.flow} · ${record.status}`;
+    } else {
+      await renderList();
+      document.title = "pyoco runs";
+    }
+    status.textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (err) {
+    status.textContent = "";
+    document.getElementById("main").replaceChildren(h("p", {class: "error"}, "Could not load: " + err.message));
+  } finally { busy = false; }
+}
+
+const stored = localStorage.getItem("pyoco-theme");
+if (stored) document.documentElement.dataset.theme = stored;
+document.getElementById("theme").addEventListener("click", () => {
+  const dark = document.documentElement.dataset.theme ? document.documentElement.dataset.theme === "dark"
+    : matchMedia("(prefers-color-scheme: dark)").matches;
+  document.documentElement.dataset.theme = dark ? "light" : "dark";
+  localStorage.setItem("pyoco-theme", document.documentElement.dataset.theme);
+});
+api("/healthz").then((d) => (document.getElementById("version").textContent = "v" + d.version)).catch(() => {});
+setInterval(() => {
+  if (document.getElementById("auto").checked && !document.querySelector("details[open]")) refresh();
+}, 3000);
+refresh();
+</script>
+</body>
+</html>
+'''
+
+
 class HTTPError(PyocoError):
     def __init__(self, status, message, headers=None):
         super().__init__(message)
@@ -3187,6 +3489,9 @@ class Server:
 
     def route(self, method, path, query, body, client, headers):
         parts = [p for p in path.split("/") if p]
+        if not parts:
+            self.allow(method, "GET")
+            return 200, _Raw(_PAGE.encode("utf-8"), "text/html; charset=utf-8")
         if parts == ["healthz"]:
             self.allow(method, "GET")
             return 200, {"status": "ok", "version": __version__}
@@ -3211,6 +3516,16 @@ class Server:
             if parts[2:] == ["logs"]:
                 self.allow(method, "GET")
                 return 200, self.logs(run_id, query)
+            if parts[2:] == ["view"]:
+                self.allow(method, "GET")
+                return 200, _Raw(_PAGE.encode("utf-8"), "text/html; charset=utf-8")
+            if parts[2:] == ["graph"]:
+                self.allow(method, "GET")
+                return 200, self.graph(run_id)
+            if parts[2:3] == ["artifacts"] and len(parts) > 3:
+                self.allow(method, "GET")
+                from urllib.parse import unquote
+                return 200, self.artifact(run_id, "/".join(unquote(p) for p in parts[3:]))
             if parts[2:] == ["cancel"]:
                 self.allow(method, "POST")
                 self.authorize(client, headers)
@@ -3225,6 +3540,10 @@ class Server:
 
     def authorize(self, client, headers):
         import hmac
+        from urllib.parse import urlsplit
+        origin = headers.get("Origin")
+        if origin and urlsplit(origin).netloc != headers.get("Host"):
+            raise HTTPError(403, "cross-site request refused (Origin %s)" % origin)
         if self.token:
             given = headers.get("Authorization") or ""
             if not given.startswith("Bearer ") or not hmac.compare_digest(
@@ -3235,6 +3554,37 @@ class Server:
         if not (_is_loopback(self.host) and _is_loopback(client)):
             raise HTTPError(403, "changes are refused: set PYOCO_API_TOKEN to allow them when"
                                  " the server listens beyond loopback")
+
+    def graph(self, run_id):
+        """The run's DAG: task names and [upstream, downstream] edges."""
+        import json
+        try:
+            with open(os.path.join(self.store.folder(run_id), "graph.json"), "rb") as f:
+                graph = json.loads(f.read())
+        except (OSError, ValueError):
+            if self.store.get(run_id, events=False) is None:
+                raise HTTPError(404, "no run %r" % run_id)
+            raise HTTPError(404, "run %s has no saved graph" % run_id)
+        graph["run_id"] = run_id
+        return graph
+
+    def artifact(self, run_id, name):
+        """An artifact's bytes. Served so that a browser shows but never runs it."""
+        import mimetypes
+        record = self.store.get(run_id, events=False)
+        if record is None:
+            raise HTTPError(404, "no run %r" % run_id)
+        root = os.path.realpath(os.path.join(self.store.folder(run_id), "artifacts"))
+        path = os.path.realpath(os.path.join(root, name))
+        if not path.startswith(root + os.sep) or not os.path.isfile(path):
+            raise HTTPError(404, "run %s has no artifact %r" % (run_id, name))
+        kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if not kind.startswith(("text/", "image/")) or kind in ("text/html", "image/svg+xml"):
+            kind = "application/octet-stream" if not kind.startswith("text/") else "text/plain"
+        with open(path, "rb") as f:
+            data = f.read()
+        return _Raw(data, kind + ("; charset=utf-8" if kind.startswith("text/") else ""),
+                    {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"})
 
     def record(self, run_id):
         record = self.store.get(run_id)
@@ -3298,6 +3648,15 @@ class Server:
         self.runs[run_id] = thread
         thread.start()
         return 202, {"run_id": run_id, "flow": name, "status": RunState.RUNNING}
+
+
+class _Raw:
+    """A response body that is not JSON: bytes, their content type, extra headers."""
+
+    __slots__ = ("data", "content_type", "headers")
+
+    def __init__(self, data, content_type, headers=None):
+        self.data, self.content_type, self.headers = data, content_type, headers or {}
 
 
 def _query_keys(query, allowed):
@@ -3369,7 +3728,10 @@ def _make_handler_class():
             except Exception as exc:        # a bug: answer 500, keep serving
                 status, payload, headers = 500, {"error": "internal error: %s"
                                                  % _describe(exc)}, {}
-            if isinstance(payload, str):
+            if isinstance(payload, _Raw):
+                data, kind = payload.data, payload.content_type
+                headers = dict(payload.headers, **headers)
+            elif isinstance(payload, str):
                 data = payload.encode("utf-8")
                 kind = "text/plain; version=0.0.4; charset=utf-8"
             else:
