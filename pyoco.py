@@ -214,14 +214,17 @@ class Task:
         elif key == "fail_policy" and value not in _FAIL_POLICIES:
             raise ValueError("task %r: fail_policy must be 'stop' or 'isolate', not %r"
                              % (getattr(self, "name", None), value))
-        elif key in ("retries",) and (not isinstance(value, int) or value < 0):
+        elif key == "retries" and (not isinstance(value, int) or isinstance(value, bool)
+                                   or value < 0):
             raise ValueError("task %r: retries must be a whole number >= 0, not %r"
                              % (getattr(self, "name", None), value))
-        elif key in ("retry_delay",) and (not isinstance(value, (int, float)) or value < 0):
+        elif key == "retry_delay" and (not isinstance(value, (int, float))
+                                       or isinstance(value, bool) or not value >= 0):
             raise ValueError("task %r: retry_delay must be seconds >= 0, not %r"
                              % (getattr(self, "name", None), value))
         elif key == "timeout" and value is not None and (
-                not isinstance(value, (int, float)) or value <= 0):
+                not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not value > 0):
             raise ValueError("task %r: timeout must be seconds > 0 or None, not %r"
                              % (getattr(self, "name", None), value))
         _touch()
@@ -266,7 +269,8 @@ class FunctionTask(Task):
             except AttributeError:
                 pass
         object.__setattr__(self, "__wrapped__", func)
-        options.setdefault("name", getattr(func, "__name__", None) or repr(func))
+        if options.get("name") is None:
+            options["name"] = getattr(func, "__name__", None) or repr(func)
         super().__init__(**options)
 
     def __call__(self, *args, **kwargs):
@@ -736,6 +740,9 @@ class _Plan:
             binds[i] = tuple(resolved)
         for i, b in self.param_refs:
             if b[1] not in params:
+                if not strict:
+                    missing.append((self.names[i], b[1]))
+                    continue
                 raise FlowError("task %r input %r reads %r, but the run has no parameter %r"
                                 " (pass it: -p %s=... or params={%r: ...})"
                                 % (self.names[i], b[4], b[3], b[1], b[1], b[1]))
@@ -799,7 +806,10 @@ def _new_run_id():
 
 
 def _describe(exc):
-    text = str(exc)
+    try:
+        text = str(exc)
+    except Exception:           # an exception whose __str__ fails still gets reported
+        text = "<str() of %s failed>" % type(exc).__name__
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
 
 
@@ -1205,6 +1215,7 @@ class _Runner:
         self.recorder = recorder    # where printed lines go (the run store), or None
         self.lock = threading.Lock()
         self.done = threading.Event()
+        self.halt = threading.Event()   # set when the run starts stopping: ends retry waits
         self.ready = queue.SimpleQueue()
         self.pending = list(self.plan.npred)
         self.doomed = {}            # task number -> why it must be skipped (upstream failed)
@@ -1557,8 +1568,12 @@ class _Runner:
             except Exception as exc:
                 if attempt <= retries and not self.stopping:
                     delay = self.retrying(i, attempt, exc)
-                    if delay and run.cancel_event.wait(delay):
-                        self.fail(i, exc)
+                    if delay and self.halt.wait(delay) or self.stopping:
+                        if self.stop_state == TaskState.CANCELLED:
+                            self.mark(i, TaskState.CANCELLED, "%s while waiting to retry"
+                                      % self.stop_reason)
+                        else:
+                            self.fail(i, exc)
                         return False
                     continue
                 self.fail(i, exc)
@@ -1681,6 +1696,7 @@ class _Runner:
                 return
             self.stop_state, self.stop_reason = state, reason
             self.stopping = True
+        self.halt.set()
 
     def cancel(self, reason="cancelled"):
         """The graceful stop: nothing new starts, running tasks may finish."""
@@ -1702,6 +1718,7 @@ class _Runner:
                 return
             self.stopping = True
             self.stop_state, self.stop_reason = TaskState.CANCELLED, reason
+        self.halt.set()
         self.run.cancel_event.set()
         if self.run.status == RunState.RUNNING:
             self.run.status = RunState.CANCELLING
@@ -1906,14 +1923,13 @@ def _remote_task(node, args, kwargs, state):
     exception that cannot be pickled still arrives as a readable error.
     """
     import threading
-    lines = []
+    lines = _LineCollector()
     ctx = _RemoteContext(state) if state is not None else None
     if ctx is not None:
         args = [ctx] + list(args)
     me = threading.get_ident()
-    saved_streams = sys.stdout, sys.stderr
-    sys.stdout = _LineCatcher(sys.stdout, "stdout", lines, me)
-    sys.stderr = _LineCatcher(sys.stderr, "stderr", lines, me)
+    _tee_install()
+    _print_owners[me] = (lines, 0)
     tb = None
     try:
         result = ("ok", _invoke(node._callable(), args, kwargs, None, node.name))
@@ -1929,35 +1945,29 @@ def _remote_task(node, args, kwargs, state):
             exc = RuntimeError(_describe(exc))
         result = ("error", exc)
     finally:
-        for catcher in (sys.stdout, sys.stderr):
-            if isinstance(catcher, _LineCatcher):
-                catcher.close()
-        sys.stdout, sys.stderr = saved_streams
-    return result + ({} if ctx is None else ctx.saved, lines, tb)
+        _print_owners.pop(me, None)
+        _tee_remove()
+    return result + ({} if ctx is None else ctx.saved, lines.close(), tb)
 
 
-class _LineCatcher:
-    """Passes writes through and keeps whole lines written by one thread."""
+class _LineCollector:
+    """Collects the lines one remote task call prints: (time, stream, text)."""
 
-    def __init__(self, stream, name, lines, thread):
-        self.stream, self.name, self.lines, self.thread = stream, name, lines, thread
-        self.partial = ""
+    def __init__(self):
+        self.lines, self.partial = [], {}
 
-    def write(self, text):
-        import threading
-        if threading.get_ident() == self.thread:
-            *whole, self.partial = (self.partial + text).split("\n")
-            now = time.time()
-            self.lines.extend((now, self.name, line) for line in whole)
-        return self.stream.write(text) if self.stream is not None else len(text)
+    def feed(self, _, stream, text):
+        *whole, self.partial[stream] = (self.partial.get(stream, "") + text).split("\n")
+        now = time.time()
+        self.lines.extend((now, stream, line) for line in whole)
 
     def close(self):
-        if self.partial:
-            self.lines.append((time.time(), self.name, self.partial))
-            self.partial = ""
+        for stream, rest in self.partial.items():
+            if rest:
+                self.lines.append((time.time(), stream, rest))
+        self.partial = {}
+        return self.lines
 
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
 
 
 def _invoke(fn, args, kwargs, timeout, name):
@@ -2211,7 +2221,7 @@ def _logging_observer():
     if logging is None:
         return None         # nobody imported logging, so nobody listens
     logger = logging.getLogger("pyoco")
-    if not logger.hasHandlers() or not logger.isEnabledFor(logging.INFO):
+    if not logger.hasHandlers() or not logger.isEnabledFor(logging.ERROR):
         return None
     levels = {"INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
 
@@ -4042,7 +4052,12 @@ class PluginRegistry:
                             % (name, " and ".join(i.distribution for i in self.duplicates[name])))
         info = self.tasks.get(name)
         if info is None:
+            for dist, where, message in self.problems:
+                if where and where.split(" = ")[0] == name:
+                    raise FlowError("plugin task %r (from %s) could not be loaded: %s"
+                                    % (name, dist, message))
             import difflib
+
             close = difflib.get_close_matches(name, self.tasks, n=1)
             raise FlowError("no plugin task %r%s; installed plugin tasks: %s" % (
                 name, " (did you mean %r?)" % close[0] if close else "",
@@ -4080,10 +4095,21 @@ def _entry_points():
 
 
 def load_plugins(refresh=False):
-    """The PluginRegistry of installed plugins (loaded once, then cached)."""
+    """The PluginRegistry of installed plugins (loaded once, then cached).
+
+    What plugin modules print while they load goes to stderr, so that
+    machine-readable output on stdout stays clean.
+    """
     global _registry
     if _registry is not None and not refresh:
         return _registry
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):
+        _registry = _load_registry()
+    return _registry
+
+
+def _load_registry():
     registry = PluginRegistry()
     for dist, version, ep in _entry_points():
         where = "%s = %s" % (ep.name, ep.value)
@@ -4097,20 +4123,21 @@ def load_plugins(refresh=False):
                                       % (ep.value, _describe(exc))))
             continue
         try:
-            if isinstance(target, type) and issubclass(target, Task):
+            if isinstance(target, FunctionTask):        # an @task function
+                registry.add(target.func, name=ep.name)
+            elif isinstance(target, type) and issubclass(target, Task):
                 registry.add(target, name=ep.name)
             elif callable(target) and _is_hook(target):
                 target(registry)
             elif callable(target) and not isinstance(target, type):
                 registry.add(target, name=ep.name)
             else:
-                registry.problems.append((dist, where, "%s is a %s, not a Task subclass, a"
-                                          " register(registry) hook or a function"
-                                          % (ep.value, type(target).__name__)))
+                registry.problems.append((dist, where, "%s is %r (of type %s), not a Task"
+                                          " subclass, a register(registry) hook or a function"
+                                          % (ep.value, target, type(target).__name__)))
         except Exception as exc:
             registry.problems.append((dist, where, "loading failed: %s" % _describe(exc)))
     registry._source = None
-    _registry = registry
     return registry
 
 
@@ -4223,8 +4250,11 @@ def _load_target(target):
                              % (target, _failing_line(exc, path), _describe(exc))) from None
         return module
     import importlib
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())     # as python -m does: `pyoco run pkg.mod:flow` finds pkg here
     try:
         return importlib.import_module(target)
+
     except ImportError as exc:
         raise UsageError("cannot import %r: %s (a flow is FILE.py or package.module:NAME)"
                          % (target, exc)) from None
@@ -4457,7 +4487,7 @@ def _cmd_check(args):
         report = {"ok": not problems, "flow": flow.name, "problems": problems,
                   "tasks": [n.name for n in flow.tasks] if not problems else [],
                   "needs_params": sorted({p for _, p in needs})}
-        print(json.dumps(report, indent=2))
+        _print_json(report)
     elif problems:
         for problem in problems:
             print("problem: %s" % problem)
@@ -4496,7 +4526,7 @@ def _cmd_runs(args):
             raise UsageError("--limit must be at least 1, not %d" % args.limit)
         records = store.list(status=args.status, flow=args.flow, limit=args.limit)
         if args.json:
-            print(_dumps(records, indent=2))
+            _print_json(records)
             return 0
         rows = [("RUN ID", "FLOW", "STATUS", "STARTED (UTC)", "DURATION", "NOTE")]
         for r in records:
@@ -4515,7 +4545,7 @@ def _cmd_runs(args):
     record = _known_record(store, args.run_id)
     if args.runs_command == "show":
         if args.json:
-            print(_dumps(record, indent=2))
+            _print_json(record)
             return 0
         print("run %s  flow %s  %s" % (record["run_id"], record["flow"], record["status"]))
         print("started %s  ended %s  duration %s" % (
@@ -4593,7 +4623,7 @@ def _cmd_plugins(args):
     if args.plugins_command == "list":
         infos = [registry.tasks[n] for n in registry.names()]
         if args.json:
-            print(_dumps([i.to_dict() for i in infos], indent=2))
+            _print_json([i.to_dict() for i in infos])
         elif infos:
             print(_table([("NAME", "DISTRIBUTION", "VERSION", "KIND", "SUMMARY")] + [
                 (i.name, i.distribution, i.version or "", i.kind, i.summary or "")
@@ -4605,7 +4635,7 @@ def _cmd_plugins(args):
         return 0
     found = lint_plugins(registry)
     if args.json:
-        print(_dumps(found, indent=2))
+        _print_json(found)
     elif found:
         for f in found:
             print("%s: %s (%s): %s" % (f["level"], f["plugin"], f["distribution"], f["message"]))
@@ -4613,6 +4643,12 @@ def _cmd_plugins(args):
         print("ok: %d plugin task%s, no problems" % (len(registry.tasks),
                                                      "" if len(registry.tasks) == 1 else "s"))
     return 1 if found else 0
+
+
+def _print_json(value):
+    """JSON on stdout for --json: ASCII escapes keep it valid on any console encoding."""
+    import json
+    print(json.dumps(value, default=_json_default, ensure_ascii=True, indent=2))
 
 
 def _table(rows):
@@ -4623,6 +4659,11 @@ def _table(rows):
 
 def main(argv=None):
     """The command line: ``pyoco``, ``python -m pyoco`` and ``python pyoco.py``."""
+    for stream in (sys.stdout, sys.stderr):     # a console that cannot show a character
+        try:                                    # gets an escape, not a traceback
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     parser = _build_parser()
     args = parser.parse_args(argv)
     handler = {"run": _cmd_run, "check": _cmd_check, "graph": _cmd_graph,

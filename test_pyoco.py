@@ -47,6 +47,28 @@ def run_quiet(flow, params=None, **options):
     return quiet().run(flow, params, **options)
 
 
+@pytest.fixture(params=["thread", "pool"])
+def make_engine(request):
+    """Makes quiet engines on the default thread runner, or (``pool``) on a
+    ``concurrent.futures`` executor instance, which pyoco drives differently."""
+    pools = []
+
+    def make(**options):
+        options.setdefault("trace", False)
+        if request.param == "pool":
+            from concurrent.futures import ThreadPoolExecutor
+            # more threads than workers: the engine, not the pool, must bound them
+            pool = ThreadPoolExecutor(max(16, options.get("workers", 8)),
+                                      thread_name_prefix="test-pool")
+            pools.append(pool)
+            options["executor"] = pool
+        return Engine(**options)
+
+    yield make
+    for pool in pools:
+        pool.shutdown(wait=True)
+
+
 def child_env(**extra):
     """The environment for a subprocess: pyoco importable, UTF-8 pipes, no pyoco settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")}
@@ -98,6 +120,13 @@ def test_decorator_with_options_sets_them_on_the_node():
     assert (node.name, node.retries, node.retry_delay, node.timeout, node.fail_policy) == (
         "shout", 2, 0.5, 30, "isolate")
     assert node.inputs == {"data": "$node.fetch.output"}
+
+
+def test_task_name_none_means_the_function_name():
+    def fetch(ctx):
+        return 1
+
+    assert task(name=None)(fetch).task.name == "fetch"
 
 
 def test_decorated_function_is_still_callable_as_the_plain_function():
@@ -181,11 +210,13 @@ BAD_OPTIONS = [
     ({"fail_policy": "explode"}, ValueError, ["fail_policy", "'explode'"]),
     ({"inputs": ["x"]}, TypeError, ["inputs"]),
     ({"retires": 3}, TypeError, ["'retires'"]),
+    pytest.param({"retries": True}, ValueError, ["retries"], id="{'retries': True}"),
+    pytest.param({"timeout": float("nan")}, ValueError, ["timeout"], id="{'timeout': nan}"),
 ]
 
 
 @pytest.mark.parametrize("options, error, words", BAD_OPTIONS,
-                         ids=[repr(o) for o, _, _ in BAD_OPTIONS])
+                         ids=[getattr(c, "id", None) or repr(c[0]) for c in BAD_OPTIONS])
 def test_bad_option_values_raise_clear_errors(options, error, words):
     def f(ctx):
         return None
@@ -561,6 +592,20 @@ def test_parameter_is_wired_from_a_direct_upstream_task_of_that_name_first():
     assert run_quiet(flow, {"data": "from params"}).results["use"] == "from upstream"
 
 
+def test_wiring_by_name_uses_the_node_name_not_the_function_name():
+    @task(name="data")
+    def produce(ctx):
+        return 42
+
+    @task
+    def use(ctx, data, produce="not wired"):
+        return (data, produce)
+
+    flow = Flow("node-name")
+    flow >> produce >> use
+    assert run_quiet(flow).results["use"] == (42, "not wired")
+
+
 def test_parameter_falls_back_to_flow_param_then_default():
     @task
     def first(ctx):
@@ -667,11 +712,11 @@ def _validation_flow(kind, ran):
     def node(name, **options):
         return task(name=name, **options)(body)
 
-    def needs(name, *params, **options):
-        namespace = {"ran": ran}
-        exec("def %s(ctx, %s):\n    ran.append(ctx.task_name)\n" % (name, ", ".join(params)),
-             namespace)
-        return task(**options)(namespace[name])
+    def needs_day(ctx, day):
+        ran.append(ctx.task_name)
+
+    def takes_x(ctx, x):
+        ran.append(ctx.task_name)
 
     flow = Flow("broken")
     flow >> node("canary")              # a root that would run first if anything ran
@@ -689,13 +734,15 @@ def _validation_flow(kind, ran):
     elif kind.startswith("expr:"):
         flow >> node("a") >> node("b", inputs={"x": kind[5:]})
     elif kind == "missing-parameter":
-        flow >> node("a") >> needs("needy", "day")
+        flow >> node("a") >> task(name="needy")(needs_day)
     elif kind == "missing-run-param":
-        flow >> needs("reader", "day", inputs={"day": "$ctx.params.day"})
+        flow >> task(name="reader", inputs={"day": "$ctx.params.day"})(needs_day)
     elif kind == "duplicate-name":
         flow >> node("same") >> Doubler(name="same", inputs={"value": 1})
+    elif kind == "duplicate-class-instances":
+        flow >> Doubler(inputs={"value": 1}) >> Doubler(inputs={"value": 2})
     elif kind == "unaccepted-input":
-        flow >> needs("picky", "x", inputs={"x": 1, "y": 2})
+        flow >> task(name="picky", inputs={"x": 1, "y": 2})(takes_x)
     else:
         raise AssertionError(kind)
     return flow
@@ -720,6 +767,7 @@ VALIDATION_ERRORS = [
     ("missing-parameter", ["'needy'", "'day'"]),
     ("missing-run-param", ["'reader'", "'day'"]),
     ("duplicate-name", ["'same'"]),
+    ("duplicate-class-instances", ["'Doubler'"]),
     ("unaccepted-input", ["'picky'", "'y'"]),
 ]
 
@@ -790,10 +838,6 @@ def test_validate_without_params_lists_missing_run_parameters():
     assert ("needy", "day") in [tuple(item) for item in needs]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Flow.validate() (no params) raises FlowError for a $ctx.params.KEY input, though its"
-    " docstring says it returns the run parameters the flow needs; `pyoco check` therefore"
-    " reports a valid flow as broken"))
 def test_validate_without_params_accepts_a_ctx_params_reference():
     flow = _validation_flow("missing-run-param", [])
     flow.validate()
@@ -804,6 +848,13 @@ def test_validate_without_params_accepts_a_ctx_params_reference():
 # ---------------------------------------------------------------------------
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def assert_recent_utc(stamp):
+    """``stamp`` (2026-11-29T05:10:11.123Z) is UTC and within a minute of now."""
+    import calendar
+    seconds = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    assert abs(seconds - time.time()) < 60, stamp
 
 
 def _hello_flow(name="hello"):
@@ -821,8 +872,8 @@ def _hello_flow(name="hello"):
     return flow
 
 
-def test_run_returns_results_id_status_and_task_records():
-    run = quiet(workers=8).run(_hello_flow(), params={"day": "2026-11-29"})
+def test_run_returns_results_id_status_and_task_records(make_engine):
+    run = make_engine(workers=8).run(_hello_flow(), params={"day": "2026-11-29"})
     assert run.status == "COMPLETED" == pyoco.RunState.COMPLETED
     assert run.results == {"fetch": {"id": 1, "value": "carrot"}, "shout": "CARROT"}
     assert isinstance(run.run_id, str) and run.run_id
@@ -838,25 +889,25 @@ def test_run_returns_results_id_status_and_task_records():
         run.tasks["nope"]
 
 
-def test_each_run_gets_a_new_run_id_unless_given():
+def test_each_run_gets_a_new_run_id_unless_given(make_engine):
     flow = _hello_flow()
-    ids = {run_quiet(flow).run_id for _ in range(5)}
+    ids = {make_engine().run(flow).run_id for _ in range(5)}
     assert len(ids) == 5
-    assert run_quiet(flow, run_id="my-id").run_id == "my-id"
+    assert make_engine().run(flow, run_id="my-id").run_id == "my-id"
 
 
-def test_task_duration_measures_the_task():
+def test_task_duration_measures_the_task(make_engine):
     @task
     def work(ctx):
         time.sleep(0.1)
 
     flow = Flow("duration")
     flow >> work
-    duration = run_quiet(flow).tasks["work"].duration
+    duration = make_engine().run(flow).tasks["work"].duration
     assert 0.09 <= duration < 1.0
 
 
-def test_events_record_every_transition_with_timestamps():
+def test_events_record_every_transition_with_timestamps(make_engine):
     @task
     def ok(ctx):
         return 1
@@ -878,9 +929,10 @@ def test_events_record_every_transition_with_timestamps():
     flow = Flow("events")
     flow >> ok >> flaky
     flow >> boom >> after_boom
-    run = quiet(workers=1).run(flow, raise_on_failure=False)   # one thread: ordered stamps
+    run = make_engine(workers=1).run(flow, raise_on_failure=False)   # one at a time: ordered stamps
     events = run.events
     assert all(ISO.match(e["ts"]) for e in events)
+    assert_recent_utc(events[0]["ts"])
     assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
     assert events[0]["event"] == "run.started" and events[0]["task"] is None
     assert events[0]["state"] == "RUNNING"
@@ -902,8 +954,8 @@ def test_events_record_every_transition_with_timestamps():
     assert failed[0]["task"] == "boom" and "KeyError" in failed[0]["error"]
 
 
-def test_empty_flow_completes():
-    run = run_quiet(Flow("empty"))
+def test_empty_flow_completes(make_engine):
+    run = make_engine().run(Flow("empty"))
     assert run.status == "COMPLETED" and run.results == {}
 
 
@@ -911,7 +963,7 @@ def test_empty_flow_completes():
 # Engine: parallelism
 # ---------------------------------------------------------------------------
 
-def test_independent_tasks_run_concurrently():
+def test_independent_tasks_run_concurrently(make_engine):
     barrier = threading.Barrier(8, timeout=WAIT)
 
     def meet(ctx):
@@ -921,11 +973,11 @@ def test_independent_tasks_run_concurrently():
     flow = Flow("barrier")
     for i in range(8):
         flow >> task(name="t%d" % i)(meet)
-    run = quiet(workers=8).run(flow)
+    run = make_engine(workers=8).run(flow)
     assert run.status == "COMPLETED" and len(run.results) == 8
 
 
-def test_eight_sleeping_tasks_on_eight_workers_take_about_one_sleep():
+def test_eight_sleeping_tasks_on_eight_workers_take_about_one_sleep(make_engine):
     def nap(ctx):
         time.sleep(0.3)
 
@@ -933,7 +985,7 @@ def test_eight_sleeping_tasks_on_eight_workers_take_about_one_sleep():
     for i in range(8):
         flow >> task(name="nap%d" % i)(nap)
     t0 = time.monotonic()
-    quiet(workers=8).run(flow)
+    make_engine(workers=8).run(flow)
     assert time.monotonic() - t0 < 1.2
 
 
@@ -960,22 +1012,22 @@ def _concurrency_probe(n, barrier=None):
     return flow, state
 
 
-def test_one_worker_runs_one_task_at_a_time():
+def test_one_worker_runs_one_task_at_a_time(make_engine):
     flow, state = _concurrency_probe(6)
-    run = quiet(workers=1).run(flow)
+    run = make_engine(workers=1).run(flow)
     assert run.status == "COMPLETED"
     assert state["max"] == 1
 
 
-def test_workers_bound_the_number_of_running_tasks():
+def test_workers_bound_the_number_of_running_tasks(make_engine):
     barrier = threading.Barrier(3, timeout=WAIT)
     flow, state = _concurrency_probe(9, barrier)
-    run = quiet(workers=3).run(flow)
+    run = make_engine(workers=3).run(flow)
     assert run.status == "COMPLETED"
     assert state["max"] == 3
 
 
-def test_large_random_dag_runs_each_task_once_after_all_its_parents():
+def test_large_random_dag_runs_each_task_once_after_all_its_parents(make_engine):
     rng = random.Random(20261129)
     log = []
 
@@ -997,7 +1049,7 @@ def test_large_random_dag_runs_each_task_once_after_all_its_parents():
                 flow.add(node, after=ups)
                 parents[node.task.name] = [u.task.name for u in ups]
             nodes.append(node)
-    run = quiet(workers=8).run(flow)
+    run = make_engine(workers=8).run(flow)
     assert run.status == "COMPLETED"
     starts = [name for kind, name in log if kind == "start"]
     assert len(starts) == layers * width
@@ -1006,7 +1058,7 @@ def test_large_random_dag_runs_each_task_once_after_all_its_parents():
     assert all(r.state == "SUCCEEDED" for r in run.tasks.values())
 
 
-def test_diamond_join_receives_both_branch_outputs():
+def test_diamond_join_receives_both_branch_outputs(make_engine):
     @task
     def source(ctx):
         return 10
@@ -1025,14 +1077,123 @@ def test_diamond_join_receives_both_branch_outputs():
 
     flow = Flow("diamond")
     flow >> source >> [left, right] >> join
-    assert run_quiet(flow).results["join"] == 31
+    assert make_engine().run(flow).results["join"] == 31
+
+
+# -- executors: "thread" (the default), "process", or any concurrent.futures.Executor
+
+# Module level, so that a process pool can unpickle them.
+@task
+def _square_where(n=3):
+    return (os.getpid(), n * n)
+
+
+@task
+def _process_fails():
+    raise ValueError("bad value in a process")
+
+
+@task
+def _process_skips(ctx):
+    ctx.skip("nothing in a process")
+
+
+@task(timeout=0.5)
+def _process_stuck():
+    time.sleep(30)
+
+
+def test_thread_executor_by_name_is_the_default():
+    flow = Flow("thread-executor")
+    flow >> _square_where
+    run = Engine(executor="thread", trace=False).run(flow, {"n": 4})
+    assert run.results["_square_where"] == (os.getpid(), 16)
+    assert Engine().executor == "thread"
+
+
+def test_executor_instance_runs_the_tasks():
+    from concurrent.futures import ThreadPoolExecutor
+
+    @task
+    def where(ctx):
+        return threading.current_thread().name
+
+    flow = Flow("executor-instance")
+    flow >> where
+    with ThreadPoolExecutor(2, thread_name_prefix="custom-pool") as pool:
+        run = Engine(executor=pool, trace=False).run(flow)
+    assert run.results["where"].startswith("custom-pool")
+
+
+def test_bad_executor_is_rejected():
+    with pytest.raises(ValueError, match="executor"):
+        Engine(executor="gpu")
+
+
+def test_process_executor_runs_tasks_in_other_processes():
+    flow = Flow("process-executor")
+    flow >> _square_where
+    flow >> _process_fails
+    flow >> _process_skips
+    run = Engine(executor="process", workers=2, trace=False).run(flow, {"n": 5},
+                                                                   raise_on_failure=False)
+    pid, square = run.results["_square_where"]
+    assert square == 25 and pid != os.getpid()
+    assert run.tasks["_process_fails"].state == "FAILED"
+    assert run.tasks["_process_fails"].error == "ValueError: bad value in a process"
+    assert run.tasks["_process_skips"].state == "SKIPPED"
+    assert run.tasks["_process_skips"].reason == "nothing in a process"
+    assert run.status == "FAILED"
+
+
+def test_process_executor_stops_a_task_at_its_deadline():
+    flow = Flow("process-timeout")
+    flow >> _process_stuck
+    t0 = time.monotonic()
+    run = Engine(executor="process", workers=1, trace=False).run(flow, raise_on_failure=False)
+    assert time.monotonic() - t0 < 3.0
+    assert run.tasks["_process_stuck"].error.startswith("TimeoutError")
+
+
+def test_process_executor_rejects_unpicklable_tasks_before_running():
+    ran = []
+
+    @task
+    def local(ctx):                     # defined in a function: cannot be pickled
+        ran.append("local")
+
+    flow = Flow("unpicklable")
+    flow >> local
+    with pytest.raises(FlowError, match="'local'"):
+        Engine(executor="process", trace=False).run(flow)
+    assert ran == []
+
+
+def test_executor_instance_leaves_sys_stdout_alone():
+    from concurrent.futures import ThreadPoolExecutor
+    barrier = threading.Barrier(4, timeout=WAIT)
+
+    def body(ctx):
+        barrier.wait()
+        time.sleep(0.01 * int(ctx.task_name[1:]))       # finish in start order
+        return None
+
+    flow = Flow("stdout")
+    for k in range(4):
+        flow >> task(name="t%d" % k)(body)
+    before = sys.stdout, sys.stderr
+    with ThreadPoolExecutor(4) as pool:
+        Engine(executor=pool, trace=False).run(flow)
+    after = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = before
+    assert after[0] is before[0] and after[1] is before[1], after
 
 
 # ---------------------------------------------------------------------------
 # Engine: retries and timeouts
 # ---------------------------------------------------------------------------
 
-def test_flaky_task_is_retried_with_doubling_delay():
+def test_flaky_task_is_retried_with_doubling_delay(make_engine):
     calls = []
 
     @task(retries=3, retry_delay=0.05)
@@ -1044,7 +1205,7 @@ def test_flaky_task_is_retried_with_doubling_delay():
 
     flow = Flow("retry")
     flow >> flaky
-    run = run_quiet(flow)
+    run = make_engine().run(flow)
     assert run.results["flaky"] == "finally"
     assert [attempt for _, attempt in calls] == [1, 2, 3, 4]
     gaps = [b - a for (a, _), (b, _) in zip(calls, calls[1:])]
@@ -1056,7 +1217,7 @@ def test_flaky_task_is_retried_with_doubling_delay():
     assert run.tasks["flaky"].attempts == 4
 
 
-def test_task_failing_every_attempt_is_called_retries_plus_one_times():
+def test_task_failing_every_attempt_is_called_retries_plus_one_times(make_engine):
     calls = []
 
     @task(retries=2)
@@ -1066,14 +1227,14 @@ def test_task_failing_every_attempt_is_called_retries_plus_one_times():
 
     flow = Flow("hopeless")
     flow >> hopeless
-    run = run_quiet(flow, raise_on_failure=False)
+    run = make_engine().run(flow, raise_on_failure=False)
     assert calls == [1, 2, 3]
     assert run.tasks["hopeless"].state == "FAILED"
     assert run.tasks["hopeless"].attempts == 3
     assert run.tasks["hopeless"].error == "RuntimeError: never"
 
 
-def test_retry_delay_is_capped_by_max_retry_delay():
+def test_retry_delay_is_capped_by_max_retry_delay(make_engine):
     @task(retries=3, retry_delay=0.04)
     def flaky(ctx):
         raise ValueError("x")
@@ -1081,12 +1242,12 @@ def test_retry_delay_is_capped_by_max_retry_delay():
     flaky.task.max_retry_delay = 0.06
     flow = Flow("cap")
     flow >> flaky
-    run = run_quiet(flow, raise_on_failure=False)
+    run = make_engine().run(flow, raise_on_failure=False)
     assert [e["delay_s"] for e in run.events if e["event"] == "task.retrying"] == [
         0.04, 0.06, 0.06]
 
 
-def test_timeout_fails_the_task_at_the_deadline():
+def test_timeout_fails_the_task_at_the_deadline(make_engine):
     release = threading.Event()
 
     @task(timeout=0.3)
@@ -1099,7 +1260,7 @@ def test_timeout_fails_the_task_at_the_deadline():
     t0 = time.monotonic()
     try:
         with pytest.raises(RunFailed) as info:
-            run_quiet(flow)
+            make_engine().run(flow)
         elapsed = time.monotonic() - t0
     finally:
         release.set()
@@ -1111,7 +1272,7 @@ def test_timeout_fails_the_task_at_the_deadline():
     assert "sleepy" not in run.results
 
 
-def test_timeout_applies_to_each_attempt():
+def test_timeout_applies_to_each_attempt(make_engine):
     release = threading.Event()
     calls = []
 
@@ -1125,18 +1286,58 @@ def test_timeout_applies_to_each_attempt():
     flow = Flow("timeout-retry")
     flow >> slow_then_fast
     try:
-        run = run_quiet(flow)
+        run = make_engine().run(flow)
     finally:
         release.set()
     assert run.results["slow_then_fast"] == 2
     assert calls == [1, 2]
 
 
+def test_skip_inside_a_task_with_a_timeout_is_a_skip(make_engine):
+    @task(timeout=2)
+    def gate(ctx):
+        ctx.skip("nothing to do")
+
+    flow = Flow("timeout-skip")
+    flow >> gate
+    run = make_engine().run(flow)
+    assert run.status == "COMPLETED"
+    assert (run.tasks["gate"].state, run.tasks["gate"].reason) == ("SKIPPED", "nothing to do")
+
+
+BROKEN_STR_PROBE = """
+from pyoco import task, Flow, Engine
+
+class Odd(Exception):
+    def __str__(self):
+        raise RuntimeError("no text for this error")
+
+@task
+def odd(ctx):
+    raise Odd()
+
+flow = Flow("odd")
+flow >> odd
+run = Engine(trace=False).run(flow, raise_on_failure=False)
+print(run.status, run.tasks["odd"].state)
+"""
+
+
+def test_exception_with_broken_str_fails_the_task_instead_of_hanging(tmp_path):
+    try:
+        proc = subprocess.run([sys.executable, "-c", BROKEN_STR_PROBE], cwd=str(tmp_path),
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              encoding="utf-8", timeout=4)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hung")
+    assert proc.stdout.split() == ["FAILED", "FAILED"], proc.stderr
+
+
 # ---------------------------------------------------------------------------
 # Engine: failure policies
 # ---------------------------------------------------------------------------
 
-def test_stop_policy_starts_nothing_new_and_skips_what_never_started():
+def test_stop_policy_starts_nothing_new_and_skips_what_never_started(make_engine):
     ran, raised = [], []
     third_skipped = threading.Event()
 
@@ -1167,7 +1368,7 @@ def test_stop_policy_starts_nothing_new_and_skips_what_never_started():
     flow >> boom >> after_boom
     flow >> third
     with pytest.raises(RunFailed) as info:
-        Engine(workers=2, trace=False, observers=[watch]).run(flow)
+        make_engine(workers=2, observers=[watch]).run(flow)
     run = info.value.run
     assert info.value.__cause__ is raised[0]
     assert run.status == "FAILED"
@@ -1180,7 +1381,7 @@ def test_stop_policy_starts_nothing_new_and_skips_what_never_started():
         assert run.tasks[name].reason
 
 
-def test_stop_policy_with_one_worker_never_starts_a_queued_root():
+def test_stop_policy_with_one_worker_never_starts_a_queued_root(make_engine):
     ran = []
 
     @task
@@ -1195,12 +1396,42 @@ def test_stop_policy_with_one_worker_never_starts_a_queued_root():
     flow = Flow("stop-one")
     flow >> boom
     flow >> other
-    run = quiet(workers=1).run(flow, raise_on_failure=False)
+    run = make_engine(workers=1).run(flow, raise_on_failure=False)
     assert ran == ["boom"]
     assert run.tasks["other"].state == "SKIPPED"
 
 
-def test_run_failed_message_names_the_task_and_first_error():
+def test_stop_policy_drops_a_retry_that_is_waiting_for_its_delay(make_engine):
+    calls = []
+    retrying = threading.Event()
+
+    def watch(run, event):
+        if event[1] == "task.retrying":
+            retrying.set()
+
+    @task(retries=1, retry_delay=1.0)
+    def patient(ctx):
+        calls.append(ctx.attempt)
+        raise ValueError("try again later")
+
+    @task
+    def boom(ctx):
+        assert retrying.wait(WAIT)          # fail while `patient` waits for its retry
+        raise ValueError("stop everything")
+
+    flow = Flow("stop-retry")
+    flow >> patient
+    flow >> boom
+    t0 = time.monotonic()
+    run = make_engine(workers=2, observers=[watch]).run(flow, raise_on_failure=False)
+    elapsed = time.monotonic() - t0
+    assert run.status == "FAILED"
+    assert calls == [1]
+    assert run.tasks["patient"].state == "FAILED"
+    assert elapsed < 0.9
+
+
+def test_run_failed_message_names_the_task_and_first_error(make_engine):
     @task
     def broken(ctx):
         raise ValueError("bad value")
@@ -1208,13 +1439,13 @@ def test_run_failed_message_names_the_task_and_first_error():
     flow = Flow("msg")
     flow >> broken
     with pytest.raises(RunFailed) as info:
-        run_quiet(flow)
+        make_engine().run(flow)
     assert "broken" in str(info.value) and "bad value" in str(info.value)
     assert isinstance(info.value.__cause__, ValueError)
     assert isinstance(info.value, pyoco.PyocoError)
 
 
-def test_isolate_skips_only_downstream_of_failure():
+def test_isolate_skips_only_downstream_of_failure(make_engine):
     ran = []
 
     def body(ctx):
@@ -1231,7 +1462,7 @@ def test_isolate_skips_only_downstream_of_failure():
     flow >> boom >> d1 >> d2
     flow >> a >> b >> c
     flow.add(join, after=[c, d1])
-    run = quiet(workers=1).run(flow, raise_on_failure=False)   # a's branch starts after boom
+    run = make_engine(workers=1).run(flow, raise_on_failure=False)   # a's branch starts after boom
     assert run.status == "FAILED"
     states = {name: r.state for name, r in run.tasks.items()}
     assert states == {"boom": "FAILED", "d1": "SKIPPED", "d2": "SKIPPED", "a": "SUCCEEDED",
@@ -1239,24 +1470,24 @@ def test_isolate_skips_only_downstream_of_failure():
     assert sorted(ran) == ["a", "b", "boom", "c"]
     assert "boom" in run.tasks["d1"].reason
     with pytest.raises(RunFailed) as info:
-        quiet(workers=1).run(flow)
+        make_engine(workers=1).run(flow)
     assert isinstance(info.value.__cause__, ValueError)
 
 
-def test_raise_on_failure_false_returns_the_failed_run():
+def test_raise_on_failure_false_returns_the_failed_run(make_engine):
     @task
     def broken(ctx):
         raise ValueError("nope")
 
     flow = Flow("no-raise")
     flow >> broken
-    run = run_quiet(flow, raise_on_failure=False)
+    run = make_engine().run(flow, raise_on_failure=False)
     assert run.status == "FAILED"
     assert run.tasks["broken"].error == "ValueError: nope"
     assert isinstance(run.tasks["broken"].exception, ValueError)
 
 
-def test_first_failure_is_the_cause_when_several_tasks_fail():
+def test_first_failure_is_the_cause_when_several_tasks_fail(make_engine):
     errors = []
 
     @task(fail_policy="isolate")
@@ -1273,7 +1504,7 @@ def test_first_failure_is_the_cause_when_several_tasks_fail():
     flow >> first
     flow >> second
     with pytest.raises(RunFailed) as info:
-        quiet(workers=1).run(flow)
+        make_engine(workers=1).run(flow)
     assert info.value.__cause__ is errors[0]
 
 
@@ -1289,6 +1520,7 @@ def test_ctx_exposes_run_id_params_results_scratch_task_name_attempt_and_cancell
         ctx.scratch["shared"] = handle
         seen["first"] = (ctx.run_id, dict(ctx.params), dict(ctx.results), ctx.task_name,
                          ctx.attempt, ctx.cancelled)
+        seen["log"] = ctx.log
         return "one"
 
     @task(retries=1)
@@ -1301,7 +1533,7 @@ def test_ctx_exposes_run_id_params_results_scratch_task_name_attempt_and_cancell
     handle = object()
     flow = Flow("ctx")
     flow >> first >> second
-    run = run_quiet(flow, {"day": "mon"})
+    run = quiet().run(flow, {"day": "mon"})
     run_id, params, results, name, attempt, cancelled = seen["first"]
     assert run_id == run.run_id
     assert params == {"day": "mon"}
@@ -1309,10 +1541,34 @@ def test_ctx_exposes_run_id_params_results_scratch_task_name_attempt_and_cancell
     assert name == "first" and attempt == 1
     assert isinstance(cancelled, threading.Event) and not cancelled.is_set()
     assert seen["second"] == ({"first": "one"}, handle, "second", 2)
+    assert isinstance(seen["log"], logging.Logger)
+
+
+def test_ctx_on_an_executor_instance_has_the_run_data():
+    from concurrent.futures import ThreadPoolExecutor
+    seen = {}
+
+    @task
+    def first(ctx):
+        return "one"
+
+    @task(retries=1)
+    def second(ctx):
+        if ctx.attempt == 1:
+            raise ValueError("again")
+        seen["second"] = (ctx.run_id, dict(ctx.params), dict(ctx.results), ctx.task_name,
+                          ctx.attempt, isinstance(ctx.cancelled, threading.Event))
+        return "two"
+
+    flow = Flow("ctx-remote")
+    flow >> first >> second
+    with ThreadPoolExecutor(2) as pool:
+        run = Engine(executor=pool, trace=False).run(flow, {"day": "mon"})
+    assert seen["second"] == (run.run_id, {"day": "mon"}, {"first": "one"}, "second", 2, True)
 
 
 @pytest.mark.parametrize("how", ["ctx.skip", "raise Skip"])
-def test_skip_ends_task_skipped_with_reason_and_skips_downstream(how):
+def test_skip_ends_task_skipped_with_reason_and_skips_downstream(make_engine, how):
     ran = []
 
     @task
@@ -1332,7 +1588,7 @@ def test_skip_ends_task_skipped_with_reason_and_skips_downstream(how):
     flow = Flow("skip")
     flow >> gate >> downstream
     flow >> unrelated
-    run = run_quiet(flow)
+    run = make_engine().run(flow)
     assert run.status == "COMPLETED"
     assert run.tasks["gate"].state == "SKIPPED"
     assert run.tasks["gate"].reason == "no data today"
@@ -1343,14 +1599,14 @@ def test_skip_ends_task_skipped_with_reason_and_skips_downstream(how):
 
 
 def _cancel_setup():
-    started = threading.Event()
+    started, proceed = threading.Event(), threading.Event()
     ran = []
 
     @task
     def long(ctx):
         ran.append("long")
         started.set()
-        assert ctx.cancelled.wait(WAIT)
+        assert proceed.wait(WAIT)
         return "kept"
 
     @task
@@ -1364,20 +1620,27 @@ def _cancel_setup():
     flow = Flow("cancel")
     flow >> long >> after
     flow >> queued                      # waits behind `long` on the single worker
-    return flow, started, ran
+    return flow, started, proceed, ran
 
 
-def test_cancel_from_another_thread_cancels_pending_and_keeps_running_result():
-    flow, started, ran = _cancel_setup()
-    engine = quiet(workers=1)
-    answers = []
-
-    def canceller():
+def _cancel_when_started(engine, run_id, started, proceed, answers=None):
+    """A thread that cancels the run once its task is running, then lets the task go on."""
+    def cancel():
         if started.wait(WAIT):
-            answers.append(engine.cancel("run-to-cancel"))
-
-    thread = threading.Thread(target=canceller)
+            answer = engine.cancel(run_id)
+            if answers is not None:
+                answers.append(answer)
+        proceed.set()
+    thread = threading.Thread(target=cancel)
     thread.start()
+    return thread
+
+
+def test_cancel_from_another_thread_cancels_pending_and_keeps_running_result(make_engine):
+    flow, started, proceed, ran = _cancel_setup()
+    engine = make_engine(workers=1)
+    answers = []
+    thread = _cancel_when_started(engine, "run-to-cancel", started, proceed, answers)
     try:
         with pytest.raises(RunCancelled) as info:
             engine.run(flow, run_id="run-to-cancel")
@@ -1391,17 +1654,38 @@ def test_cancel_from_another_thread_cancels_pending_and_keeps_running_result():
     assert run.results["long"] == "kept"
     assert run.tasks["after"].state == "CANCELLED"
     assert run.tasks["queued"].state == "CANCELLED"
+    assert run.tasks["after"].reason
     run_events = [(e["event"], e["state"]) for e in run.events if e["task"] is None]
     assert run_events == [("run.started", "RUNNING"), ("run.cancelling", "CANCELLING"),
                           ("run.cancelled", "CANCELLED")]
     assert isinstance(info.value, pyoco.PyocoError)
 
 
-def test_cancelled_run_is_returned_when_raise_on_failure_is_false():
-    flow, started, ran = _cancel_setup()
-    engine = quiet(workers=1)
-    thread = threading.Thread(target=lambda: started.wait(WAIT) and engine.cancel("r2"))
+def test_cancel_sets_ctx_cancelled_for_running_tasks():
+    started = threading.Event()
+
+    @task
+    def polite(ctx):
+        started.set()
+        return ctx.cancelled.wait(WAIT)     # True only if the cancel reached the task
+
+    flow = Flow("polite")
+    flow >> polite
+    engine = quiet()
+    thread = threading.Thread(target=lambda: started.wait(WAIT) and engine.cancel("p1"))
     thread.start()
+    try:
+        run = engine.run(flow, run_id="p1", raise_on_failure=False)
+    finally:
+        thread.join(WAIT)
+    assert run.status == "CANCELLED"
+    assert run.results["polite"] is True
+
+
+def test_cancelled_run_is_returned_when_raise_on_failure_is_false(make_engine):
+    flow, started, proceed, ran = _cancel_setup()
+    engine = make_engine(workers=1)
+    thread = _cancel_when_started(engine, "r2", started, proceed)
     try:
         run = engine.run(flow, run_id="r2", raise_on_failure=False)
     finally:
@@ -1476,11 +1760,10 @@ def test_cute_trace_lines_for_retry_error_and_skip():
 
 
 def test_cute_cancel_line():
-    flow, started, _ = _cancel_setup()
+    flow, started, proceed, _ = _cancel_setup()
     stream = io.StringIO()
     engine = Engine(trace=stream, cute=True, workers=1)
-    thread = threading.Thread(target=lambda: started.wait(WAIT) and engine.cancel("c1"))
-    thread.start()
+    thread = _cancel_when_started(engine, "c1", started, proceed)
     try:
         engine.run(flow, run_id="c1", raise_on_failure=False)
     finally:
@@ -1540,6 +1823,7 @@ def test_plain_trace_with_pyoco_cute_0_is_ascii_lines_with_run_id(monkeypatch):
     monkeypatch.setenv("PYOCO_CUTE", "0")
     run, lines = _trace_of(_mixed_flow())
     _assert_plain(lines, run)
+    assert_recent_utc(lines[0])
     levels = [PLAIN.match(line).group(1) for line in lines]
     assert {"INFO", "WARNING", "ERROR"} <= set(levels)
     assert " INFO start node=" in lines[1]
@@ -1612,10 +1896,6 @@ def test_pyoco_logger_receives_events_when_a_handler_is_attached():
     assert all(("run_id=" + run.run_id) in m for _, m in messages)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with a handler on the 'pyoco' logger but no explicit level (effective WARNING),"
-    " _logging_observer() returns None because INFO is not enabled, so WARNING/ERROR events"
-    " (task failures, skips) never reach the logger"))
 def test_pyoco_logger_at_default_level_still_receives_errors():
     records = []
     handler = logging.Handler()
@@ -1870,6 +2150,8 @@ def test_cli_params_are_json_when_they_parse_else_strings(tmp_path):
     assert "hello n=3 int s='abc' str" in proc.stdout
     proc = cli(tmp_path, "run", "ok.py", "--param", "n=[1, 2]", "-p", 's="7"')
     assert "hello n=[1, 2] list s='7' str" in proc.stdout
+    proc = cli(tmp_path, "run", "ok.py", "-p", "s=a=b", "-p", "n=true")
+    assert "hello n=True bool s='a=b' str" in proc.stdout
 
 
 def test_cli_run_of_a_failing_flow_exits_1_naming_the_task(tmp_path):
@@ -1895,6 +2177,23 @@ def test_cli_flow_file_that_raises_while_loading_exits_2_with_file_and_line(tmp_
     proc = cli(tmp_path, "run", "raises.py")
     assert proc.returncode == 2
     assert "raises.py:3" in proc.stderr and "cannot load" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_flow_error_while_building_exits_2_with_file_and_line(tmp_path):
+    write(tmp_path / "loop.py", """\
+        from pyoco import task, Flow
+
+        @task
+        def a(ctx):
+            return 1
+
+        flow = Flow(name="loop")
+        flow.add(a, after=[a])
+        """)
+    proc = cli(tmp_path, "run", "loop.py")
+    assert proc.returncode == 2
+    assert "loop.py:8" in proc.stderr and "'a'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -1930,11 +2229,12 @@ def test_cli_unknown_flow_name_exits_2_listing_choices(tmp_path):
     assert "noon" in proc.stderr and "morning-report" in proc.stderr
 
 
-def test_cli_bad_param_without_equals_exits_2(tmp_path):
+@pytest.mark.parametrize("pair", ["n3", "=3"])
+def test_cli_bad_param_exits_2_naming_it(tmp_path, pair):
     write(tmp_path / "ok.py", OK_FLOW)
-    proc = cli(tmp_path, "run", "ok.py", "-p", "n3")
+    proc = cli(tmp_path, "run", "ok.py", "-p", pair)
     assert proc.returncode == 2
-    assert "n3" in proc.stderr
+    assert pair in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "hello" not in proc.stdout
 
@@ -1987,9 +2287,6 @@ def test_cli_check_lists_needed_run_parameters(tmp_path):
     assert json.loads(proc.stdout)["needs_params"] == ["day"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `pyoco check` exits 1 ('the run has no parameter') for a valid flow whose input"
-    " reads $ctx.params.KEY, while a plain parameter supplied by -p is reported as needed"))
 def test_cli_check_accepts_a_flow_reading_ctx_params(tmp_path):
     write(tmp_path / "reads.py", NEEDS_PARAM_FLOW.replace(
         "flow >> first >> report", "flow >> first >> report\n"
@@ -2018,6 +2315,14 @@ def test_cli_graph_formats(tmp_path):
         assert edge in dot.stdout
     bad = cli(tmp_path, "graph", "etl.py", "--format", "png")
     assert bad.returncode == 2
+
+
+def test_cli_workers_option(tmp_path):
+    write(tmp_path / "ok.py", OK_FLOW)
+    assert cli(tmp_path, "run", "ok.py", "--workers", "1").returncode == 0
+    bad = cli(tmp_path, "run", "ok.py", "--workers", "0")
+    assert bad.returncode == 2
+    assert "--workers" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_version(tmp_path):
@@ -2067,9 +2372,6 @@ def test_cli_package_module_target(tmp_path, target, ran):
     assert proc.stdout.strip() == ran
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: `python pyoco.py run package.module:NAME` (and the `pyoco` console script) cannot"
-    " import a package in the current folder: only `python -m` puts the cwd on sys.path"))
 def test_cli_package_module_target_via_pyoco_py(tmp_path):
     _package(tmp_path)
     proc = cli(tmp_path, "run", "mypkg.flows:evening", main_py=True)
