@@ -2427,8 +2427,6 @@ def test_cli_timeout_does_not_hold_the_process(tmp_path):
 # ===========================================================================
 
 PLUG_HERE = Path(__file__).resolve().parent
-if str(PLUG_HERE) not in sys.path:          # --import-mode=importlib does not add it
-    sys.path.insert(0, str(PLUG_HERE))
 
 
 PLUG_DEMO_DIR = PLUG_HERE / "examples" / "pyoco-plugin-demo"
