@@ -4475,7 +4475,6 @@ def _cmd_run(args):
 
 
 def _cmd_check(args):
-    import json
     params = _parse_params(args.param)
     flow = load_flow(args.target, args.flow)
     problems, needs = [], []
