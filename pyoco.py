@@ -1162,9 +1162,9 @@ class Engine:
             runner.execute()
         finally:
             guard.restore()
-            self._active.pop(run.run_id, None)
             if recorder is not None:
                 recorder.close()
+            self._active.pop(run.run_id, None)      # after the record is final
             if run.status in _FINISHED:
                 _send_webhooks(run, recorder)
         if store is not None:
@@ -2614,6 +2614,13 @@ def _settle_if_dead(record, folder):
         return
     record["status"] = RunState.FAILED
     record["reason"] = reason
+    if record.get("ended_at") is None and age is not None:
+        last_sign = time.time() - age           # the last heartbeat: as near an end as we know
+        record["ended_at"] = _iso(last_sign)
+        started = _parse_iso(record.get("started_at"))
+        if started is not None:
+            record["duration_ms"] = round(max(0.0, last_sign - started) * 1000, 3)
+
     for task in (record.get("tasks") or {}).values():
         if task.get("state") == TaskState.RUNNING:
             task["state"] = TaskState.FAILED
@@ -3464,6 +3471,8 @@ class Server:
         self.token = token if token is not None else os.environ.get("PYOCO_API_TOKEN") or None
         self.host = host
         self.runs = {}              # run id -> thread, for runs started through the API
+        self._begun = {}            # run id -> Event set once that run has begun
+        self.engine.observers.append(self._observe)
         handler = type("Handler", (_make_handler_class(),), {"app": self})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -3477,13 +3486,14 @@ class Server:
 
     def start(self):
         import threading
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="pyoco-serve",
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,),
+                                       name="pyoco-serve",
                                        daemon=True)
         self.thread.start()
         return self
 
     def serve_forever(self):
-        self.httpd.serve_forever()
+        self.httpd.serve_forever(0.1)
 
     def close(self, wait=5.0):
         """Stop serving; cancel runs started through the API and wait a little for them."""
@@ -3597,7 +3607,8 @@ class Server:
                     {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"})
 
     def record(self, run_id):
-        record = self.store.get(run_id)
+        run = self.live(run_id)
+        record = run.to_dict() if run is not None else self.store.get(run_id)
         if record is None:
             raise HTTPError(404, "no run %r" % run_id)
         return record
@@ -3606,7 +3617,9 @@ class Server:
         values = _query_keys(query, ("tail", "task"))
         tail = _int_param(values, "tail", 100, 1, 10000)
         task = values.get("task") or None
-        record = self.store.get(run_id, events=False)
+        run = self.live(run_id)
+        record = run.to_dict(events=False) if run is not None else self.store.get(
+            run_id, events=False)
         if record is None:
             raise HTTPError(404, "no run %r" % run_id)
         if task is not None and task not in (record.get("tasks") or {}):
@@ -3615,13 +3628,14 @@ class Server:
                 "logs": self.store.logs(run_id, task=task, tail=tail)}
 
     def cancel(self, run_id):
+        if self.engine.cancel(run_id, "cancel requested through the HTTP API"):
+            return 202, {"run_id": run_id, "status": RunState.CANCELLING}
         record = self.store.get(run_id, events=False)
         if record is None:
             raise HTTPError(404, "no run %r" % run_id)
         if record["status"] not in (RunState.RUNNING, RunState.CANCELLING, RunState.PENDING):
             raise HTTPError(409, "run %s already ended %s" % (run_id, record["status"]))
-        if not self.engine.cancel(run_id, "cancel requested through the HTTP API"):
-            self.store.request_cancel(run_id)
+        self.store.request_cancel(run_id)
         return 202, {"run_id": run_id, "status": RunState.CANCELLING}
 
     def start_run(self, body):
@@ -3634,6 +3648,9 @@ class Server:
         if not isinstance(request, dict) or set(request) - {"flow", "params"}:
             raise HTTPError(400, 'the body must be {"flow": NAME, "params": {...}}')
         name, params = request.get("flow"), request.get("params") or {}
+        if not isinstance(name, str) or not name:
+            raise HTTPError(400, 'the body needs "flow": the name of a flow this server runs'
+                                 " (%s)" % (", ".join(sorted(self.flows)) or "none loaded"))
         if not isinstance(params, dict):
             raise HTTPError(400, "params must be a JSON object")
         flow = self.flows.get(name)
@@ -3646,6 +3663,7 @@ class Server:
         except FlowError as exc:
             raise HTTPError(400, str(exc))
         run_id = _new_run_id()
+        started = self._begun[run_id] = threading.Event()
 
         def go():
             try:
@@ -3654,10 +3672,22 @@ class Server:
                 _warn("run %s of flow %r failed to start: %s" % (run_id, name, _describe(exc)))
             finally:
                 self.runs.pop(run_id, None)
+                self._begun.pop(run_id, None)
+                started.set()
         thread = threading.Thread(target=go, name="pyoco-run-" + run_id)
         self.runs[run_id] = thread
         thread.start()
+        started.wait(10)            # answer once the run exists, so its id can be read at once
         return 202, {"run_id": run_id, "flow": name, "status": RunState.RUNNING}
+
+    def _observe(self, run, ev):
+        if ev[1] == "run.started" and run.run_id in self._begun:
+            self._begun[run.run_id].set()
+
+    def live(self, run_id):
+        """The Run object of a run this server's engine is running, else None."""
+        runner = self.engine._active.get(run_id)
+        return runner.run if runner is not None else None
 
 
 class _Raw:
@@ -3691,6 +3721,8 @@ def _int_param(values, key, default, low, high):
     if not text:
         return default
     try:
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError(text)
         value = int(text)
     except ValueError:
         raise HTTPError(400, "%s must be a whole number from %d to %d, not %r"
@@ -3792,6 +3824,31 @@ def _make_handler_class():
         def do_PATCH(self):
             self.handle_one("PATCH")
 
+        def do_OPTIONS(self):
+            self.handle_one("OPTIONS")
+
+        def send_error(self, code, message=None, explain=None):
+            """Errors http.server finds itself (a bad request line, an unknown
+            method) answer like ours: a status line and a JSON body."""
+            if code == 501:         # a method nobody handles: the method is wrong here
+                code, message = 405, "method %r is not allowed" % (self.command,)
+            if self.request_version == "HTTP/0.9":
+                self.request_version = "HTTP/1.0"   # always send a status line
+            self.close_connection = True
+            data = (_dumps({"error": message or "bad request"}) + "\n").encode("utf-8")
+            try:
+                self.send_response(code, None)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                if code == 405:
+                    self.send_header("Allow", "GET, POST")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            except OSError:
+                pass
+
         def log_message(self, format, *args):
             pass            # quiet: errors reach the client as JSON
 
@@ -3886,6 +3943,8 @@ def _send_webhooks(run, recorder=None):
 
     def deliver(url):
         outcome = _post(url, body, event, settings, attempts, timeout)
+        if outcome.get("error"):
+            outcome["error"] = _scrub(outcome["error"], url)
         run._events.append((time.time(), "webhook." + outcome.pop("outcome"), -1,
                             run.status, outcome))
         if outcome.get("error"):
@@ -3938,7 +3997,18 @@ def _post(url, body, event, settings, attempts, timeout):
             "status_code": status, "error": error}
 
 
+def _scrub(text, url):
+    """An error message with the URL's path and query (often secret) cut out."""
+    rest = url.partition("://")[2]
+    path = rest[len(rest.split("/", 1)[0]):]
+    for secret in sorted({url, path, path.split("?", 1)[0], path.lstrip("/")} - {"", "/"},
+                         key=len, reverse=True):
+        text = text.replace(secret, "/…")
+    return text
+
+
 def drain_webhooks():
+
     """Wait for webhook deliveries still under way, each at most until its budget ends."""
     while _pending_webhooks:
         thread, deadline = _pending_webhooks.pop(0)

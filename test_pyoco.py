@@ -28,6 +28,15 @@ from pyoco import Engine, Flow, FlowError, RunCancelled, RunFailed, Skip, Task, 
 import tempfile
 import urllib.error
 import urllib.request
+import contextlib
+import hashlib
+import hmac
+import http.client
+import select
+import signal
+import socket
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, urlsplit
 
 HERE = Path(__file__).resolve().parent
 WAIT = 5.0      # the longest any test waits on an Event or Barrier before giving up
@@ -3538,3 +3547,1615 @@ def test_browser_renders_run_list_and_timeline(page_site, tmp_path):
     target = os.environ.get("PYOCO_UPDATE_SCREENSHOT")
     if target:                      # how docs/serve-page.png is made
         shutil.copyfile(shot, target)
+
+# ===========================================================================
+# pyoco serve: /metrics, the JSON run API and webhooks (real server, promtool, Prometheus, receivers)
+# ===========================================================================
+
+SRV_HERE = Path(__file__).resolve().parent
+
+
+SRV_WAIT = 5.0          # the longest a test waits on an Event or a poll before giving up
+SRV_ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
+SRV_RECORD_KEYS = {"run_id", "flow", "status", "params", "started_at", "ended_at",
+                   "duration_ms", "reason", "resumed_from", "tasks", "events"}
+SRV_WEBHOOK_KEYS = {"event", "run_id", "flow", "status", "started_at", "ended_at",
+                    "duration_ms", "tasks"}
+SRV_WEIRD = 'we"ird\\\nname'       # a quote, a backslash and a newline
+
+
+# ---------------------------------------------------------------------------
+# Helpers and fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def srv_no_pyoco_settings(monkeypatch):
+    """Every test starts with no PYOCO_* settings and leaves no webhook behind."""
+    for key in list(os.environ):
+        if key.startswith("PYOCO_"):
+            monkeypatch.delenv(key)
+    yield
+    pyoco.drain_webhooks()
+
+
+@contextlib.contextmanager
+def srv_clean_environment():
+    """No PYOCO_* settings, for module-scoped fixtures (monkeypatch is per test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith("PYOCO_"):
+                mp.delenv(key)
+        yield
+
+
+_SRV_CLOSING = []       # threads closing servers
+
+
+def srv_close_later(server):
+    """Close a Server on a thread: close() waits up to 0.5 s for serve_forever's
+    poll, which would cost every test half a second. Joined at the module's end."""
+    closing = threading.Thread(target=server.close, daemon=True)
+    closing.start()
+    _SRV_CLOSING.append(closing)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def srv_servers_closed_at_the_end():
+    yield
+    while _SRV_CLOSING:
+        _SRV_CLOSING.pop().join(10)
+
+
+def srv_engine(store):
+    return Engine(store=str(store), trace=False)
+
+
+def srv_child_env(**extra):
+    """A subprocess environment: pyoco importable from this file's folder, no PYOCO_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYOCO_")}
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(SRV_HERE) + (os.pathsep + old if old else "")
+    env["PYTHONIOENCODING"] = "utf-8"
+    env.update(extra)
+    return env
+
+
+def srv_request(base, method, path, body=None, headers=None, timeout=SRV_WAIT):
+    """One HTTP request; returns (status, headers with lower-case keys, body bytes)."""
+    url = urlsplit(base)
+    headers = dict(headers or {})
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode("utf-8")
+        headers.setdefault("Content-Type", "application/json")
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read())
+    finally:
+        conn.close()
+
+
+def srv_json(base, method, path, body=None, headers=None):
+    """(status, decoded JSON) of a request whose answer must be JSON."""
+    status, head, data = srv_request(base, method, path, body, headers)
+    assert head["content-type"].startswith("application/json"), (status, head, data)
+    return status, json.loads(data)
+
+
+def srv_poll(probe, timeout=SRV_WAIT, what="condition"):
+    """Call ``probe`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s (last: %r)"
+                                 % (timeout, what, last))
+        time.sleep(0.05)
+
+
+_SRV_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_SRV_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def srv_unescape(value):
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "\\": "\\", '"': '"'}[m.group(1)], value)
+
+
+def srv_parse_metrics(text):
+    """Samples of a Prometheus text exposition as (name, labels dict, float)."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SRV_SAMPLE.match(line)
+        assert m, "not a sample line: %r" % line
+        labels = {k: srv_unescape(v) for k, v in _SRV_LABEL.findall(m.group(2) or "")}
+        samples.append((m.group(1), labels, float(m.group(3))))
+    return samples
+
+
+def srv_value(samples, name, **labels):
+    """The value of the one sample with exactly these labels, or None."""
+    found = [v for n, l, v in samples if n == name and l == labels]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else None
+
+
+def srv_metrics(base):
+    status, head, data = srv_request(base, "GET", "/metrics")
+    assert status == 200, (status, data)
+    text = data.decode("utf-8")
+    return head, text, srv_parse_metrics(text)
+
+
+def srv_check_histogram(samples, name):
+    """Each series: buckets cumulative, ascending, ending at +Inf == _count; a _sum."""
+    series = {}
+    for n, labels, value in samples:
+        if n == name + "_bucket":
+            key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+            series.setdefault(key, []).append((labels["le"], value))
+    assert series, "no %s series" % name
+    for key, buckets in series.items():
+        bounds = [float(le) for le, _ in buckets]
+        counts = [v for _, v in buckets]
+        assert buckets[-1][0] == "+Inf", (key, buckets[-1])
+        assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds), (key, bounds)
+        assert counts == sorted(counts), "buckets of %s %s are not cumulative" % (name, key)
+        count = srv_value(samples, name + "_count", **dict(key))
+        assert count == counts[-1], (key, count, counts[-1])
+        assert srv_value(samples, name + "_sum", **dict(key)) is not None, key
+    return series
+
+
+def srv_run_cancelled(engine, flow_name="cancels"):
+    """A run that is CANCELLED through engine.cancel while its task is running."""
+    started = threading.Event()
+    seen = {}
+
+    @task
+    def waiter(ctx):
+        seen["run_id"] = ctx.run_id
+        started.set()
+        ctx.cancelled.wait(30)
+
+    flow = Flow(flow_name)
+    flow >> waiter
+
+    def cancel():
+        if started.wait(SRV_WAIT):
+            engine.cancel(seen["run_id"])
+    canceller = threading.Thread(target=cancel)
+    canceller.start()
+    run = engine.run(flow, raise_on_failure=False)
+    canceller.join(SRV_WAIT)
+    assert run.status == "CANCELLED"
+    return run
+
+
+def srv_make_outcomes(store):
+    """A store with runs of every final status; returns {label: Run}.
+
+    The completed flow has the awkward name SRV_WEIRD and a task that needs
+    one retry; the completed flow ``twice`` runs two times.
+    """
+    engine = srv_engine(store)
+
+    @task
+    def ok(ctx):
+        time.sleep(0.002)           # work
+        return 1
+
+    @task(retries=1, retry_delay=0.01)
+    def flaky(ctx):
+        if ctx.attempt == 1:
+            raise ValueError("first try fails")
+        return 2
+
+    @task
+    def bad(ctx):
+        time.sleep(0.002)           # work
+        raise ValueError("boom")
+
+    @task
+    def step(ctx):
+        time.sleep(0.002)           # work
+        return 3
+
+    weird = Flow(SRV_WEIRD)
+    weird >> ok >> flaky
+    fails = Flow("fails")
+    fails >> bad
+    twice = Flow("twice")
+    twice >> step
+    runs = {"weird": engine.run(weird),
+            "failed": engine.run(fails, raise_on_failure=False),
+            "twice-1": engine.run(twice),
+            "twice-2": engine.run(twice),
+            "cancelled": srv_run_cancelled(engine)}
+    assert runs["failed"].status == "FAILED"
+    return runs
+
+
+@pytest.fixture
+def srv_serve():
+    """Start in-process Servers (port 0); they are closed at the end of the test."""
+    servers = []
+
+    def start(store, **options):
+        server = pyoco.Server(str(store), port=0, **options).start()
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        srv_close_later(server)
+
+
+@pytest.fixture(scope="module")
+def srv_outcomes(tmp_path_factory):
+    """(server, runs) over a store with COMPLETED, FAILED and CANCELLED runs.
+
+    Shared by the tests of this module, which only read it.
+    """
+    store = tmp_path_factory.mktemp("outcomes") / "store"
+    with srv_clean_environment():
+        runs = srv_make_outcomes(store)
+        server = pyoco.Server(str(store), port=0).start()
+    yield server, runs
+    srv_close_later(server)
+
+
+class SrvCliServer:
+    """A ``python -m pyoco serve`` subprocess; ``url`` comes from its first line."""
+
+    def __init__(self, args, env, log_path):
+        self.log_path = log_path
+        self.log = open(str(log_path), "wb")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, env=env,
+                                     cwd=str(log_path.parent))
+
+    def wait_ready(self):
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        assert ready, "pyoco serve printed nothing in 10 s; stderr: %s" % self.stderr()
+        self.first_line = self.proc.stdout.readline().decode("utf-8")
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", self.first_line)
+        assert m, "no URL in %r; stderr: %s" % (self.first_line, self.stderr())
+        self.url = m.group(0)
+        self.port = int(m.group(1))
+
+    def stderr(self):
+        self.log.flush()
+        return Path(self.log_path).read_text("utf-8", "replace")
+
+    def stop(self):
+        """SIGTERM; returns the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        finally:
+            self.close()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.log.close()
+
+
+@pytest.fixture
+def srv_cli_serve(tmp_path):
+    """Start ``pyoco serve --port 0 --store DIR FLOW.py ...`` subprocesses."""
+    started = []
+
+    def start(store, *flow_files, **env):
+        args = [sys.executable, "-m", "pyoco", "serve", "--port", "0", "--store", str(store)]
+        args += [str(f) for f in flow_files]
+        server = SrvCliServer(args, srv_child_env(**env),
+                              tmp_path / ("serve-%d.log" % len(started)))
+        started.append(server)
+        server.wait_ready()
+        return server
+    yield start
+    for server in started:
+        server.close()
+
+
+def srv_flow_file(folder, name="greet", body=None):
+    """Write a flow file for subprocesses; by default one task that prints a line."""
+    path = Path(folder) / ("%s.py" % name)
+    path.write_text(textwrap.dedent(body or """\
+        from pyoco import task, Flow
+
+        @task
+        def hello(ctx, who="world"):
+            print("hello", who)
+            return who
+
+        flow = Flow("greet")
+        flow >> hello
+        """), encoding="utf-8")
+    return path
+
+
+def srv_pyoco_run(flow_file, store, timeout=30, **env):
+    """``python -m pyoco run FLOW.py --store DIR`` to the end."""
+    return subprocess.run([sys.executable, "-m", "pyoco", "run", str(flow_file), "--store",
+                           str(store), "--non-cute"], env=srv_child_env(**env),
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=str(Path(flow_file).parent))
+
+
+def srv_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SrvReceiver:
+    """A webhook receiver on a local http.server thread, answering ``status``."""
+
+    def __init__(self, status=200):
+        self.requests = []          # (path, headers with lower-case keys, raw body)
+        self.times = []             # time.monotonic() of each request
+        self.changed = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver.changed:
+                    receiver.times.append(time.monotonic())
+                    receiver.requests.append(
+                        (self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    receiver.changed.notify_all()
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.host = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.url = self.host + "/hooks/s3cret-path"     # paths often carry secrets
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def wait_for(self, n, timeout=SRV_WAIT):
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.requests) >= n, timeout)
+            return list(self.requests)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class SrvHangingReceiver:
+    """Accepts connections and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.url = "http://127.0.0.1:%d/hook" % self.sock.getsockname()[1]
+        self.conns = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+        self.thread.start()
+
+    def accept(self):
+        while not self.stopping.is_set():
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join(SRV_WAIT)
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def srv_receiver():
+    """Factory of webhook receivers; all are closed at the end of the test."""
+    made = []
+
+    def make(status=200):
+        receiver = SrvReceiver(status)
+        made.append(receiver)
+        return receiver
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+def srv_webhook_events(store, run_id):
+    record = pyoco.RunStore(str(store)).get(run_id)
+    return [e for e in record["events"] if e["event"].startswith("webhook.")]
+
+
+# ---------------------------------------------------------------------------
+# Starting the server: in-process and as the CLI
+# ---------------------------------------------------------------------------
+
+def test_in_process_server_listens_on_loopback_free_port_and_answers_healthz(
+        tmp_path, srv_serve):
+    server = srv_serve(tmp_path / "store")
+    assert server.port != 0
+    assert server.url == "http://127.0.0.1:%d" % server.port
+    status, body = srv_json(server.url, "GET", "/healthz")
+    assert status == 200
+    assert body == {"status": "ok", "version": pyoco.__version__}
+
+
+def test_cli_serve_prints_its_url_runs_posted_flows_and_exits_0_on_sigterm(
+        tmp_path, srv_cli_serve):
+    store = tmp_path / "store"
+    server = srv_cli_serve(store, srv_flow_file(tmp_path))
+    assert server.first_line.startswith("pyoco serve: listening on http://127.0.0.1:")
+    assert server.port != 0
+    assert srv_json(server.url, "GET", "/healthz")[0] == 200
+
+    status, body = srv_json(server.url, "POST", "/runs",
+                            {"flow": "greet", "params": {"who": "bob"}})
+    assert status == 202, body
+    assert body["flow"] == "greet" and body["status"] == "RUNNING"
+    run_id = body["run_id"]
+
+    def completed():
+        status, record = srv_json(server.url, "GET", "/runs/" + run_id)
+        return status == 200 and record["status"] == "COMPLETED" and record
+    record = srv_poll(completed, what="the posted run to complete")
+    assert record["params"] == {"who": "bob"}
+    status, logs = srv_json(server.url, "GET", "/runs/%s/logs" % run_id)
+    assert [line["text"] for line in logs["logs"]] == ["hello bob"]
+    assert server.stop() == 0
+
+
+def test_cli_serve_on_sigterm_cancels_runs_it_started_and_exits_0(tmp_path, srv_cli_serve):
+    store = tmp_path / "store"
+    flow_file = srv_flow_file(tmp_path, "lingers", """\
+        from pyoco import task, Flow
+
+        @task
+        def linger(ctx):
+            ctx.cancelled.wait(30)
+
+        flow = Flow("lingers")
+        flow >> linger
+        """)
+    server = srv_cli_serve(store, flow_file)
+    status, body = srv_json(server.url, "POST", "/runs", {"flow": "lingers"})
+    assert status == 202
+    run_id = body["run_id"]
+
+    def running():
+        record = pyoco.RunStore(str(store)).get(run_id)
+        return record is not None and record["status"] == "RUNNING"
+    srv_poll(running, what="the posted run to be RUNNING")
+    began = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - began < SRV_WAIT
+    record = pyoco.RunStore(str(store)).get(run_id)
+    assert record["status"] == "CANCELLED"
+    assert record["reason"]
+
+
+def test_cli_serve_takes_pyoco_api_token_from_its_environment(tmp_path, srv_cli_serve):
+    server = srv_cli_serve(tmp_path / "store", srv_flow_file(tmp_path),
+                           PYOCO_API_TOKEN="cli-token")
+    request = {"flow": "greet"}
+    assert srv_json(server.url, "POST", "/runs", request)[0] == 401
+    assert srv_json(server.url, "POST", "/runs", request,
+                    {"Authorization": "Bearer wrong"})[0] == 401
+    status, body = srv_json(server.url, "POST", "/runs", request,
+                            {"Authorization": "Bearer cli-token"})
+    assert status == 202, body
+    srv_poll(lambda: srv_json(server.url, "GET", "/runs/" + body["run_id"])[1].get("status")
+             == "COMPLETED", what="the run to complete")
+    assert server.stop() == 0
+    assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------
+# /metrics: format, counters, gauges, histograms
+# ---------------------------------------------------------------------------
+
+def test_metrics_content_type_is_prometheus_text_0_0_4(srv_outcomes):
+    server, _ = srv_outcomes
+    head, text, _ = srv_metrics(server.url)
+    assert head["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert text.endswith("\n")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_metrics_pass_promtool_check_metrics_with_awkward_label_values(srv_outcomes):
+    server, _ = srv_outcomes
+    _, text, _ = srv_metrics(server.url)
+    assert "we\\\"ird\\\\\\nname" in text     # escaped as \" \\ \n
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode("utf-8"),
+                           capture_output=True, timeout=30)
+    assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
+
+
+def test_metrics_label_escaping_round_trips_quote_backslash_newline(srv_outcomes):
+    server, runs = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    assert srv_value(samples, "pyoco_runs_total", flow=SRV_WEIRD, status="COMPLETED") == 1
+    assert srv_value(samples, "pyoco_task_retries_total", flow=SRV_WEIRD, task="flaky") == 1
+
+
+def test_metrics_declare_every_documented_family_with_its_type(srv_outcomes):
+    server, _ = srv_outcomes
+    _, text, _ = srv_metrics(server.url)
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    helps = set(re.findall(r"^# HELP (\S+) ", text, re.M))
+    assert types == {
+        "pyoco_runs_total": "counter", "pyoco_runs_in_progress": "gauge",
+        "pyoco_run_duration_seconds": "histogram", "pyoco_task_duration_seconds": "histogram",
+        "pyoco_tasks_total": "counter", "pyoco_task_retries_total": "counter",
+        "pyoco_last_run_timestamp_seconds": "gauge", "pyoco_webhook_deliveries_total": "counter",
+        "pyoco_store_runs": "gauge", "pyoco_build_info": "gauge"}
+    assert helps == set(types)
+
+
+def test_metrics_count_runs_by_flow_and_final_status(srv_outcomes):
+    server, _ = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    totals = {(l["flow"], l["status"]): v for n, l, v in samples if n == "pyoco_runs_total"}
+    assert totals == {(SRV_WEIRD, "COMPLETED"): 1, ("fails", "FAILED"): 1,
+                      ("twice", "COMPLETED"): 2, ("cancels", "CANCELLED"): 1}
+    assert srv_value(samples, "pyoco_store_runs") == 5
+    assert srv_value(samples, "pyoco_build_info", version=pyoco.__version__,
+                     python="%d.%d.%d" % sys.version_info[:3]) == 1
+
+
+def test_metrics_count_task_outcomes_and_retries(srv_outcomes):
+    server, _ = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    assert srv_value(samples, "pyoco_tasks_total", flow="fails", task="bad",
+                     state="FAILED") == 1
+    assert srv_value(samples, "pyoco_tasks_total", flow="twice", task="step",
+                     state="SUCCEEDED") == 2
+    assert srv_value(samples, "pyoco_tasks_total", flow=SRV_WEIRD, task="flaky",
+                     state="SUCCEEDED") == 1
+    assert srv_value(samples, "pyoco_task_retries_total", flow="twice", task="step") is None
+
+
+def test_runs_in_progress_is_zero_not_absent_for_flows_with_nothing_running(srv_outcomes):
+    server, _ = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    gauges = {l["flow"]: v for n, l, v in samples if n == "pyoco_runs_in_progress"}
+    assert gauges == {SRV_WEIRD: 0, "fails": 0, "twice": 0, "cancels": 0}
+
+
+def test_runs_in_progress_is_one_while_a_run_is_running_then_counted_when_done(
+        tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server = srv_serve(store)
+    started, release = threading.Event(), threading.Event()
+
+    @task
+    def hold(ctx):
+        started.set()
+        release.wait(SRV_WAIT)
+
+    flow = Flow("slowpoke")
+    flow >> hold
+    runner = threading.Thread(target=srv_engine(store).run, args=(flow,))
+    runner.start()
+    try:
+        assert started.wait(SRV_WAIT)
+        srv_poll(lambda: srv_value(srv_metrics(server.url)[2], "pyoco_runs_in_progress",
+                                   flow="slowpoke") == 1, what="runs_in_progress == 1")
+        samples = srv_metrics(server.url)[2]
+        assert srv_value(samples, "pyoco_runs_total", flow="slowpoke",
+                         status="COMPLETED") is None
+    finally:
+        release.set()
+        runner.join(SRV_WAIT)
+
+    def settled():
+        samples = srv_metrics(server.url)[2]
+        return (srv_value(samples, "pyoco_runs_in_progress", flow="slowpoke") == 0
+                and srv_value(samples, "pyoco_runs_total", flow="slowpoke",
+                              status="COMPLETED") == 1)
+    srv_poll(settled, what="the finished run to be counted")
+
+
+def test_histograms_have_cumulative_buckets_ending_at_inf_equal_to_count(srv_outcomes):
+    server, _ = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    runs = srv_check_histogram(samples, "pyoco_run_duration_seconds")
+    tasks = srv_check_histogram(samples, "pyoco_task_duration_seconds")
+    assert set(runs) == {(("flow", f),) for f in (SRV_WEIRD, "fails", "twice", "cancels")}
+    assert (("flow", "fails"), ("task", "bad")) in tasks
+    assert srv_value(samples, "pyoco_run_duration_seconds_count", flow="twice") == 2
+    assert srv_value(samples, "pyoco_task_duration_seconds_count", flow="twice",
+                     task="step") == 2
+
+
+def test_run_duration_lands_in_the_buckets_at_or_above_it(srv_outcomes):
+    server, runs = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    seconds = runs["failed"].to_dict()["duration_ms"] / 1000
+    for n, labels, value in samples:
+        if n == "pyoco_run_duration_seconds_bucket" and labels["flow"] == "fails":
+            assert value == (1 if seconds <= float(labels["le"]) else 0), (labels, seconds)
+    total = srv_value(samples, "pyoco_run_duration_seconds_sum", flow="fails")
+    assert total == pytest.approx(seconds, abs=1e-6)
+
+
+def test_last_run_timestamp_is_when_the_latest_run_with_that_status_ended(srv_outcomes):
+    server, runs = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    for label, flow, status in (("weird", SRV_WEIRD, "COMPLETED"), ("failed", "fails", "FAILED"),
+                                ("cancelled", "cancels", "CANCELLED"),
+                                ("twice-2", "twice", "COMPLETED")):
+        value = srv_value(samples, "pyoco_last_run_timestamp_seconds", flow=flow, status=status)
+        assert value == pytest.approx(runs[label].ended_at, abs=0.002), (label, value)
+    assert runs["twice-2"].ended_at > runs["twice-1"].ended_at + 0.001
+
+
+def test_counters_do_not_go_down_when_old_runs_are_pruned(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    srv_make_outcomes(store)
+    server = srv_serve(store)
+    before = srv_metrics(server.url)[2]
+    assert srv_value(before, "pyoco_store_runs") == 5
+    pyoco.RunStore(str(store)).prune(keep=1)
+
+    def pruned():
+        return srv_value(srv_metrics(server.url)[2], "pyoco_store_runs") == 1
+    srv_poll(pruned, what="the view to notice the pruning")
+    after = srv_metrics(server.url)[2]
+    for name in ("pyoco_runs_total", "pyoco_tasks_total", "pyoco_task_retries_total",
+                 "pyoco_run_duration_seconds_count", "pyoco_last_run_timestamp_seconds"):
+        assert [s for s in after if s[0] == name] == [s for s in before if s[0] == name], name
+    assert len(srv_json(server.url, "GET", "/runs")[1]) == 1
+
+
+# ---------------------------------------------------------------------------
+# Runs made by other processes
+# ---------------------------------------------------------------------------
+
+def test_run_by_another_process_shows_in_metrics_and_runs_within_2_s(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server = srv_serve(store)
+    assert srv_value(srv_metrics(server.url)[2], "pyoco_store_runs") == 0    # view primed
+    done = srv_pyoco_run(srv_flow_file(tmp_path), store)
+    assert done.returncode == 0, done.stderr
+    finished = time.monotonic()
+    run_id = pyoco.RunStore(str(store)).ids()[0]
+
+    def visible():
+        samples = srv_metrics(server.url)[2]
+        listed = srv_json(server.url, "GET", "/runs")[1]
+        return (srv_value(samples, "pyoco_runs_total", flow="greet", status="COMPLETED") == 1
+                and [r["run_id"] for r in listed] == [run_id])
+    srv_poll(visible, timeout=2.0, what="the other process's run")
+    assert time.monotonic() - finished < 2.0
+
+
+def test_run_whose_process_was_killed_is_reported_failed_not_in_progress(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server = srv_serve(store)
+    flow_file = srv_flow_file(tmp_path, "stuck", """\
+        import time
+        from pyoco import task, Flow
+
+        @task
+        def forever(ctx):
+            time.sleep(60)          # work that never ends in time
+
+        flow = Flow("stuck")
+        flow >> forever
+        """)
+    proc = subprocess.Popen([sys.executable, "-m", "pyoco", "run", str(flow_file), "--store",
+                             str(store)], env=srv_child_env(), cwd=str(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        srv_poll(lambda: srv_value(srv_metrics(server.url)[2], "pyoco_runs_in_progress",
+                                   flow="stuck") == 1, what="the other process's run")
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def settled():
+        samples = srv_metrics(server.url)[2]
+        return (srv_value(samples, "pyoco_runs_in_progress", flow="stuck") == 0
+                and srv_value(samples, "pyoco_runs_total", flow="stuck", status="FAILED") == 1)
+    srv_poll(settled, what="the dead run to count as FAILED")
+    [record] = srv_json(server.url, "GET", "/runs?flow=stuck")[1]
+    assert record["status"] == "FAILED"
+    assert "died" in record["reason"]
+
+
+# ---------------------------------------------------------------------------
+# GET /runs, /runs/{id}, /runs/{id}/logs, /healthz, errors
+# ---------------------------------------------------------------------------
+
+def test_runs_lists_newest_first_without_events(srv_outcomes):
+    server, runs = srv_outcomes
+    status, listed = srv_json(server.url, "GET", "/runs")
+    assert status == 200
+    assert [r["run_id"] for r in listed] == [
+        runs[k].run_id for k in ("cancelled", "twice-2", "twice-1", "failed", "weird")]
+    for record in listed:
+        assert set(record) == SRV_RECORD_KEYS - {"events"}
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("?status=FAILED", ["failed"]),
+    ("?flow=twice", ["twice-2", "twice-1"]),
+    ("?status=COMPLETED&flow=twice&limit=1", ["twice-2"]),
+    ("?limit=2", ["cancelled", "twice-2"]),
+    ("?flow=" + quote(SRV_WEIRD, safe=""), ["weird"]),
+    ("?status=RUNNING", []),
+    ("?limit=1000", ["cancelled", "twice-2", "twice-1", "failed", "weird"]),
+])
+def test_runs_filters_by_status_flow_and_limit(srv_outcomes, query, expected):
+    server, runs = srv_outcomes
+    status, listed = srv_json(server.url, "GET", "/runs" + query)
+    assert status == 200
+    assert [r["run_id"] for r in listed] == [runs[k].run_id for k in expected]
+
+
+@pytest.mark.parametrize("query", [
+    "?status=BOGUS", "?status=completed", "?limit=0", "?limit=1001", "?limit=abc",
+    "?limit=-1", "?statsu=FAILED", "?limit", "?&&", "?limit=1&limit=2", "?=1",
+])
+def test_runs_refuses_bad_parameters_with_400_json_error(srv_outcomes, query):
+    server, _ = srv_outcomes
+    status, body = srv_json(server.url, "GET", "/runs" + query)
+    assert status == 400
+    assert set(body) == {"error"} and body["error"]
+
+
+@pytest.mark.parametrize("limit", ["1_0", "%D9%A3"])
+def test_runs_limit_must_be_a_plain_decimal_number(srv_outcomes, limit):
+    server, _ = srv_outcomes
+    status, body = srv_json(server.url, "GET", "/runs?limit=" + limit)
+    assert status == 400, "got %d with %d runs" % (status, len(body))
+
+
+def test_run_by_id_is_the_full_record_with_events(srv_outcomes):
+    server, runs = srv_outcomes
+    run = runs["failed"]
+    status, record = srv_json(server.url, "GET", "/runs/" + run.run_id)
+    assert status == 200
+    assert set(record) == SRV_RECORD_KEYS
+    assert record["run_id"] == run.run_id and record["status"] == "FAILED"
+    assert record["tasks"]["bad"]["error"] == "ValueError: boom"
+    assert record["tasks"]["bad"]["traceback"]
+    events = [(e["event"], e["task"], e["state"]) for e in record["events"]]
+    assert events[0] == ("run.started", None, "RUNNING")
+    assert events[-1] == ("run.failed", None, "FAILED")
+    for key in ("started_at", "ended_at"):
+        assert SRV_ISO_UTC.match(record[key]), record[key]
+    assert record == pyoco.RunStore(server.store.root).get(run.run_id)
+
+
+@pytest.mark.parametrize("path", [
+    "/runs/20991231-235959-deadbeef", "/runs/..%2F..%2Fetc", "/runs/..%2F..%2Fetc%2Fpasswd",
+    "/runs/..", "/runs/%2e%2e", "/runs/.hidden", "/runs/..%2F..%2Fetc/logs",
+    "/runs/20991231-235959-deadbeef/logs",
+])
+def test_unknown_or_path_like_run_ids_are_404_json(srv_outcomes, path):
+    server, _ = srv_outcomes
+    status, body = srv_json(server.url, "GET", path)
+    assert status == 404
+    assert set(body) == {"error"} and body["error"]
+
+
+@pytest.fixture(scope="module")
+def srv_logged_run(tmp_path_factory):
+    """(server, run) of a run whose task ``talk`` wrote to stdout, stderr and ctx.log."""
+    store = tmp_path_factory.mktemp("logged") / "store"
+
+    @task
+    def talk(ctx):
+        print("line 1")
+        print("line 2")
+        print("oops", file=sys.stderr)
+        ctx.log.info("logged")
+
+    @task
+    def other(ctx):
+        print("from other")
+
+    flow = Flow("chatty")
+    flow >> talk >> other
+    with srv_clean_environment():
+        run = srv_engine(store).run(flow)
+        server = pyoco.Server(str(store), port=0).start()
+    yield server, run
+    srv_close_later(server)
+
+
+def test_run_logs_have_the_documented_shape_and_streams(srv_logged_run):
+    server, run = srv_logged_run
+    status, body = srv_json(server.url, "GET", "/runs/%s/logs?task=talk" % run.run_id)
+    assert status == 200
+    assert set(body) == {"run_id", "status", "logs"}
+    assert (body["run_id"], body["status"]) == (run.run_id, "COMPLETED")
+    for line in body["logs"]:
+        assert set(line) == {"ts", "task", "stream", "text"}
+        assert SRV_ISO_UTC.match(line["ts"]) and line["task"] == "talk"
+    assert [(l["stream"], l["text"]) for l in body["logs"]] == [
+        ("stdout", "line 1"), ("stdout", "line 2"), ("stderr", "oops"), ("log", "INFO logged")]
+    everything = srv_json(server.url, "GET", "/runs/%s/logs" % run.run_id)[1]["logs"]
+    assert sorted((l["task"], l["text"]) for l in everything) == [
+        ("other", "from other"), ("talk", "INFO logged"), ("talk", "line 1"),
+        ("talk", "line 2"), ("talk", "oops")]
+
+
+def test_run_logs_tail_keeps_the_last_lines_of_the_task(srv_logged_run):
+    server, run = srv_logged_run
+    status, body = srv_json(server.url, "GET", "/runs/%s/logs?tail=2&task=talk" % run.run_id)
+    assert status == 200
+    assert [(l["task"], l["stream"], l["text"]) for l in body["logs"]] == [
+        ("talk", "stderr", "oops"), ("talk", "log", "INFO logged")]
+
+
+@pytest.mark.parametrize("query, code", [
+    ("?task=nope", 404), ("?task=..%2F..%2Frun.json", 404), ("?tail=0", 400),
+    ("?tail=10001", 400), ("?tail=x", 400), ("?lines=3", 400),
+])
+def test_run_logs_refuse_unknown_tasks_and_bad_tails(srv_logged_run, query, code):
+    server, run = srv_logged_run
+    status, body = srv_json(server.url, "GET", "/runs/%s/logs%s" % (run.run_id, query))
+    assert status == code
+    assert set(body) == {"error"}
+
+
+def test_run_by_id_refuses_query_parameters(srv_logged_run):
+    server, run = srv_logged_run
+    assert srv_json(server.url, "GET", "/runs/%s?events=0" % run.run_id)[0] == 400
+
+
+@pytest.mark.parametrize("path", ["/nope", "/runs/x/y/z", "/metrics/extra", "/healthz/x",
+                                  "/runs/20991231-235959-deadbeef/nope"])
+def test_unknown_path_is_404_json(srv_outcomes, path):
+    server, _ = srv_outcomes
+    status, body = srv_json(server.url, "GET", path)
+    assert status == 404
+    assert set(body) == {"error"}
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("DELETE", "/metrics", "GET"), ("POST", "/metrics", "GET"), ("PUT", "/runs", "GET, POST"),
+    ("POST", "/healthz", "GET"), ("GET", "/runs/20991231-235959-deadbeef/cancel", "POST"),
+    ("PATCH", "/runs/20991231-235959-deadbeef", "GET"),
+])
+def test_wrong_method_is_405_json_with_allow_header(srv_outcomes, method, path, allowed):
+    server, _ = srv_outcomes
+    status, head, data = srv_request(server.url, method, path)
+    assert status == 405
+    assert head["allow"] == allowed
+    assert set(json.loads(data)) == {"error"}
+
+
+def test_head_metrics_sends_headers_without_a_body(srv_outcomes):
+    server, _ = srv_outcomes
+    status, head, data = srv_request(server.url, "HEAD", "/metrics")
+    assert status == 200 and data == b""
+    assert int(head["content-length"]) > 0
+
+
+def test_unsupported_method_is_405_json(srv_outcomes):
+    server, _ = srv_outcomes
+    status, head, data = srv_request(server.url, "OPTIONS", "/metrics")
+    assert status == 405, (status, head.get("content-type"), data[:60])
+    assert head["content-type"].startswith("application/json")
+    assert set(json.loads(data)) == {"error"}
+
+
+# ---------------------------------------------------------------------------
+# POST /runs and POST /runs/{id}/cancel, and who may send them
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def srv_api(tmp_path, srv_serve):
+    """A server that may start ``quick`` (adds its params) and ``waits`` (until cancelled)."""
+    store = tmp_path / "store"
+    started = threading.Event()
+
+    @task
+    def add(ctx, a=1, b=2):
+        return a + b
+
+    @task
+    def wait_for_cancel(ctx):
+        started.set()
+        ctx.cancelled.wait(30)
+
+    @task
+    def dated(ctx, day):
+        return day
+
+    quick = Flow("quick")
+    quick >> add
+    waits = Flow("waits")
+    waits >> wait_for_cancel
+    needs = Flow("needs")
+    needs >> dated
+    server = srv_serve(store, flows={"quick": quick, "waits": waits, "needs": needs})
+    server.started = started
+    return server
+
+
+def srv_wait_status(server, run_id, status):
+    def reached():
+        code, record = srv_json(server.url, "GET", "/runs/" + run_id)
+        return code == 200 and record["status"] == status and record
+    return srv_poll(reached, what="run %s to be %s" % (run_id, status))
+
+
+def test_post_runs_starts_a_loaded_flow_that_completes(srv_api):
+    status, body = srv_json(srv_api.url, "POST", "/runs",
+                            {"flow": "quick", "params": {"a": 40}})
+    assert status == 202
+    assert set(body) == {"run_id", "flow", "status"}
+    assert (body["flow"], body["status"]) == ("quick", "RUNNING")
+    record = srv_wait_status(srv_api, body["run_id"], "COMPLETED")
+    assert record["params"] == {"a": 40}
+    assert record["tasks"]["add"]["state"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"flow": "nope"}, 404),
+    (b"{not json", 400),
+    ({"flow": "quick", "params": [1, 2]}, 400),
+    ({"flow": "quick", "extra": 1}, 400),
+    ([1, 2], 400),
+    ({"flow": "needs"}, 400),
+])
+def test_post_runs_refuses_unknown_flows_and_bad_bodies(srv_api, body, code):
+    status, answer = srv_json(srv_api.url, "POST", "/runs", body)
+    assert status == code
+    assert set(answer) == {"error"} and answer["error"]
+    assert srv_json(srv_api.url, "GET", "/runs")[1] == []       # nothing was started
+
+
+def test_post_runs_refuses_params_that_do_not_validate_naming_the_parameter(srv_api):
+    status, answer = srv_json(srv_api.url, "POST", "/runs", {"flow": "needs"})
+    assert status == 400
+    assert "day" in answer["error"]
+    status, body = srv_json(srv_api.url, "POST", "/runs",
+                            {"flow": "needs", "params": {"day": "2026-11-29"}})
+    assert status == 202
+    record = srv_wait_status(srv_api, body["run_id"], "COMPLETED")
+    assert record["params"] == {"day": "2026-11-29"}
+
+
+def test_concurrent_posts_start_distinct_runs_that_all_complete(srv_api):
+    answers = []
+    lock = threading.Lock()
+    go = threading.Event()
+
+    def post(i):
+        go.wait(SRV_WAIT)
+        answer = srv_json(srv_api.url, "POST", "/runs", {"flow": "quick", "params": {"a": i}})
+        with lock:
+            answers.append(answer)
+    posters = [threading.Thread(target=post, args=(i,)) for i in range(10)]
+    for p in posters:
+        p.start()
+    go.set()
+    for p in posters:
+        p.join(SRV_WAIT)
+    assert [code for code, _ in answers] == [202] * 10
+    run_ids = {body["run_id"] for _, body in answers}
+    assert len(run_ids) == 10
+    params = set()
+    for run_id in run_ids:
+        params.add(srv_wait_status(srv_api, run_id, "COMPLETED")["params"]["a"])
+    assert params == set(range(10))
+
+
+@pytest.mark.parametrize("body", [{"params": {}}, b""])
+def test_post_runs_without_a_flow_name_is_400(srv_api, body):
+    status, answer = srv_json(srv_api.url, "POST", "/runs", body)
+    assert status == 400, (status, answer)
+
+
+def test_run_started_through_the_api_can_be_read_at_once(srv_api):
+    answers = {}
+    for _ in range(40):
+        run_id = srv_json(srv_api.url, "POST", "/runs", {"flow": "quick"})[1]["run_id"]
+        answers[run_id] = srv_json(srv_api.url, "GET", "/runs/" + run_id)
+    for run_id in answers:          # let every run end inside the test
+        srv_wait_status(srv_api, run_id, "COMPLETED")
+    codes = [code for code, _ in answers.values()]
+    assert codes == [200] * 40, "%d of 40 answered 404" % codes.count(404)
+
+
+def test_cancel_a_running_run_through_the_api(srv_api):
+    status, body = srv_json(srv_api.url, "POST", "/runs", {"flow": "waits"})
+    assert status == 202
+    run_id = body["run_id"]
+    assert srv_api.started.wait(SRV_WAIT)
+    status, answer = srv_json(srv_api.url, "POST", "/runs/%s/cancel" % run_id)
+    assert (status, answer) == (202, {"run_id": run_id, "status": "CANCELLING"})
+    record = srv_wait_status(srv_api, run_id, "CANCELLED")
+    assert record["ended_at"] is not None
+
+
+def test_cancel_a_run_of_another_engine_through_the_api(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server = srv_serve(store)
+    started = threading.Event()
+    seen = {}
+
+    @task
+    def wait_for_cancel(ctx):
+        seen["run_id"] = ctx.run_id
+        started.set()
+        ctx.cancelled.wait(SRV_WAIT)
+
+    flow = Flow("elsewhere")
+    flow >> wait_for_cancel
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault(
+        "run", srv_engine(store).run(flow, raise_on_failure=False)))
+    runner.start()
+    assert started.wait(SRV_WAIT)
+    status, answer = srv_json(server.url, "POST", "/runs/%s/cancel" % seen["run_id"])
+    runner.join(SRV_WAIT)
+    assert status == 202, answer
+    assert result["run"].status == "CANCELLED"
+    assert srv_wait_status(server, seen["run_id"], "CANCELLED")
+
+
+def test_cancel_a_finished_run_is_409_and_an_unknown_one_404(srv_outcomes):
+    server, runs = srv_outcomes
+    for label in ("weird", "failed", "cancelled"):
+        status, body = srv_json(server.url, "POST", "/runs/%s/cancel" % runs[label].run_id)
+        assert status == 409 and set(body) == {"error"}
+    assert srv_json(server.url, "POST", "/runs/20991231-235959-deadbeef/cancel")[0] == 404
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_api_token_guards_both_post_endpoints(tmp_path, srv_serve, monkeypatch, how):
+    store = tmp_path / "store"
+    run_id = srv_make_outcomes(store)["weird"].run_id
+
+    @task
+    def noop(ctx):
+        return None
+
+    flow = Flow("noop")
+    flow >> noop
+    if how == "environment":
+        monkeypatch.setenv("PYOCO_API_TOKEN", "s3cret")
+        server = srv_serve(store, flows={"noop": flow})
+    else:
+        server = srv_serve(store, flows={"noop": flow}, token="s3cret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                    {"Authorization": "Basic s3cret"}):
+        status, head, data = srv_request(server.url, "POST", "/runs", {"flow": "noop"}, headers)
+        assert status == 401, headers
+        assert head["www-authenticate"] == "Bearer"
+        assert srv_request(server.url, "POST", "/runs/%s/cancel" % run_id,
+                           headers=headers)[0] == 401
+    good = {"Authorization": "Bearer s3cret"}
+    status, body = srv_json(server.url, "POST", "/runs", {"flow": "noop"}, good)
+    assert status == 202
+    srv_wait_status(server, body["run_id"], "COMPLETED")
+    assert srv_json(server.url, "POST", "/runs/%s/cancel" % run_id, headers=good)[0] == 409
+    assert srv_json(server.url, "GET", "/runs")[0] == 200          # reading needs no token
+
+
+def test_posts_are_refused_with_403_beyond_loopback_without_a_token(tmp_path, srv_serve):
+    # Binding a non-loopback address is not safe here, so the server listens on
+    # 127.0.0.1 and is told afterwards that its host is 0.0.0.0: authorize()
+    # decides from that attribute, exactly as for a server bound to 0.0.0.0.
+    store = tmp_path / "store"
+    run_id = srv_make_outcomes(store)["weird"].run_id
+    server = srv_serve(store, flows={})
+    server.host = "0.0.0.0"
+    base = "http://127.0.0.1:%d" % server.port
+    status, body = srv_json(base, "POST", "/runs", {"flow": "x"})
+    assert status == 403 and set(body) == {"error"}
+    assert srv_json(base, "POST", "/runs/%s/cancel" % run_id)[0] == 403
+    assert srv_json(base, "GET", "/runs")[0] == 200
+
+
+def test_posts_beyond_loopback_are_allowed_with_the_right_token(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    run_id = srv_make_outcomes(store)["weird"].run_id
+    server = srv_serve(store, token="tok")
+    server.host = "0.0.0.0"         # see the test above
+    base = "http://127.0.0.1:%d" % server.port
+    assert srv_json(base, "POST", "/runs/%s/cancel" % run_id)[0] == 401
+    assert srv_json(base, "POST", "/runs/%s/cancel" % run_id,
+                    headers={"Authorization": "Bearer tok"})[0] == 409
+
+
+# ---------------------------------------------------------------------------
+# Robustness: concurrent clients, half-sent requests, idle connections, junk
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def srv_big_store(tmp_path_factory):
+    """A store with 200 finished runs."""
+    store = tmp_path_factory.mktemp("big") / "store"
+
+    @task
+    def one(ctx):
+        return 1
+
+    @task
+    def two(ctx, one):
+        return one + 1
+
+    flow = Flow("bulk")
+    flow >> one >> two
+    with srv_clean_environment():
+        engine = srv_engine(store)
+        for _ in range(200):
+            engine.run(flow)
+    return store
+
+
+def test_metrics_answer_16_concurrent_clients_with_200_runs(srv_big_store, srv_serve):
+    server = srv_serve(srv_big_store)
+    statuses, failures = [], []
+    lock = threading.Lock()
+    go = threading.Event()
+
+    def client():
+        go.wait(SRV_WAIT)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            for _ in range(50):
+                conn.request("GET", "/metrics")
+                response = conn.getresponse()
+                body = response.read()
+                with lock:
+                    statuses.append(response.status)
+                    if b'pyoco_runs_total{flow="bulk",status="COMPLETED"} 200\n' not in body:
+                        failures.append(body[:200])
+        except Exception as exc:        # reported by the assertion below
+            with lock:
+                failures.append(repr(exc))
+        finally:
+            conn.close()
+
+    clients = [threading.Thread(target=client) for _ in range(16)]
+    for c in clients:
+        c.start()
+    go.set()
+    for c in clients:
+        c.join(60)
+    assert failures == []
+    assert statuses == [200] * 800
+
+
+def test_runs_default_limit_is_50_and_limit_reaches_1000(srv_big_store, srv_serve):
+    server = srv_serve(srv_big_store)
+    assert len(srv_json(server.url, "GET", "/runs")[1]) == 50
+    listed = srv_json(server.url, "GET", "/runs?limit=1000")[1]
+    assert len(listed) == 200
+    starts = [r["started_at"] for r in listed]
+    assert starts == sorted(starts, reverse=True)
+
+
+def test_half_sent_and_idle_connections_do_not_block_other_clients(tmp_path, srv_serve):
+    server = srv_serve(tmp_path / "store")
+    half = socket.create_connection(("127.0.0.1", server.port))
+    idle = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        half.sendall(b"GET /metr")
+        for _ in range(3):
+            began = time.monotonic()
+            status, _, _ = srv_request(server.url, "GET", "/healthz", timeout=1.0)
+            assert status == 200
+            assert time.monotonic() - began < 1.0
+        half.sendall(b"ics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        half.settimeout(SRV_WAIT)
+        answer = b""
+        while True:
+            chunk = half.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert b"pyoco_store_runs 0" in answer
+    finally:
+        half.close()
+        idle.close()
+
+
+def srv_raw(port, data, timeout=SRV_WAIT):
+    """Send raw bytes, read until the server closes; returns the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        answer = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+
+
+SRV_JUNK = [b"GARBAGE\r\n\r\n", b"GET /metrics HTTP/1.1 extra\r\n\r\n", b"GET\r\n\r\n",
+            b"GET /metrics FOO/1.1\r\n\r\n", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\r\n\r\n"]
+
+
+@pytest.mark.parametrize("junk", SRV_JUNK)
+def test_malformed_request_is_answered_and_the_server_keeps_answering(tmp_path, srv_serve,
+                                                                      junk):
+    server = srv_serve(tmp_path / "store")
+    assert b"400" in srv_raw(server.port, junk)
+    assert srv_request(server.url, "GET", "/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("junk", SRV_JUNK[:2])
+def test_malformed_request_line_gets_a_400_status_line_and_json_error(tmp_path, srv_serve,
+                                                                      junk):
+    server = srv_serve(tmp_path / "store")
+    answer = srv_raw(server.port, junk)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 400 ", head), answer[:80]
+    assert b"Content-Type: application/json" in head
+    assert set(json.loads(body)) == {"error"}
+
+
+def test_request_body_over_1_mib_is_413_without_reading_it(tmp_path, srv_serve):
+    server = srv_serve(tmp_path / "store", flows={})
+    answer = srv_raw(server.port, b"POST /runs HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 2000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'{"error": ' in answer
+    assert srv_request(server.url, "GET", "/healthz")[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# A real Prometheus scrapes the server
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outcomes):
+    server, _ = srv_outcomes
+    port = srv_free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(textwrap.dedent("""\
+        global:
+          scrape_interval: 1s
+          evaluation_interval: 1s
+        scrape_configs:
+          - job_name: pyoco
+            scrape_interval: 1s
+            static_configs:
+              - targets: ["127.0.0.1:%d"]
+        """ % server.port), encoding="utf-8")
+    log = open(str(tmp_path / "prometheus.log"), "wb")
+    prom = subprocess.Popen(["prometheus", "--config.file=%s" % config,
+                             "--storage.tsdb.path=%s" % (tmp_path / "tsdb"),
+                             "--web.listen-address=127.0.0.1:%d" % port],
+                            stdout=log, stderr=log, cwd=str(tmp_path))
+    api = "http://127.0.0.1:%d" % port
+
+    def scraped():
+        assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()
+        try:
+            status, _, data = srv_request(api, "GET", "/api/v1/query?query=pyoco_runs_total",
+                                          timeout=2)
+        except OSError:
+            return None
+        answer = json.loads(data) if status == 200 else {}
+        return answer.get("data", {}).get("result")
+    try:
+        result = srv_poll(scraped, timeout=30, what="Prometheus to scrape pyoco_runs_total")
+        seen = {(r["metric"]["flow"], r["metric"]["status"]): float(r["value"][1])
+                for r in result}
+        assert seen == {(SRV_WEIRD, "COMPLETED"): 1, ("fails", "FAILED"): 1,
+                        ("twice", "COMPLETED"): 2, ("cancels", "CANCELLED"): 1}
+        status, _, data = srv_request(api, "GET", "/api/v1/query?query=up", timeout=2)
+        [up] = json.loads(data)["data"]["result"]
+        assert up["value"][1] == "1"
+    finally:
+        prom.kill()
+        prom.wait()
+        log.close()
+
+
+# ---------------------------------------------------------------------------
+# Webhooks
+# ---------------------------------------------------------------------------
+
+def srv_outcome_run(store, outcome):
+    """Run a flow that ends COMPLETED, FAILED or CANCELLED; returns the Run."""
+    engine = srv_engine(store)
+    if outcome == "cancelled":
+        return srv_run_cancelled(engine, "hooked")
+
+    @task
+    def first(ctx):
+        return 1
+
+    @task
+    def second(ctx, first):
+        if outcome == "failed":
+            raise ValueError("bad row 17")
+        return first + 1
+
+    flow = Flow("hooked")
+    flow >> first >> second
+    return engine.run(flow, raise_on_failure=False)
+
+
+@pytest.mark.parametrize("outcome, status", [("completed", "COMPLETED"), ("failed", "FAILED"),
+                                             ("cancelled", "CANCELLED")])
+def test_webhook_posts_the_spec_payload_for_each_outcome(tmp_path, srv_receiver, monkeypatch,
+                                                         outcome, status):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    run = srv_outcome_run(tmp_path / "store", outcome)
+    pyoco.drain_webhooks()
+    [(path, headers, body)] = receiver.wait_for(1)
+    assert path == "/hooks/s3cret-path"
+    assert headers["content-type"] == "application/json"
+    assert headers["x-pyoco-event"] == "run." + outcome
+    assert "x-pyoco-signature" not in headers
+    payload = json.loads(body)
+    assert set(payload) == SRV_WEBHOOK_KEYS
+    assert (payload["event"], payload["status"]) == ("run." + outcome, status)
+    assert (payload["run_id"], payload["flow"]) == (run.run_id, "hooked")
+    for key in ("started_at", "ended_at"):
+        assert SRV_ISO_UTC.match(payload[key]), payload[key]
+    assert payload["duration_ms"] == run.to_dict()["duration_ms"]
+    for name, t in payload["tasks"].items():
+        assert set(t) == {"state", "duration_ms", "error"}
+        assert t["state"] == run.tasks[name].state
+    if outcome == "failed":
+        assert payload["tasks"]["second"]["error"] == "ValueError: bad row 17"
+    assert srv_webhook_events(tmp_path / "store", run.run_id)[0]["event"] == "webhook.delivered"
+
+
+def test_webhook_signature_is_hmac_sha256_of_the_raw_body(tmp_path, srv_receiver, monkeypatch):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_SECRET", "shh, a secret")
+    srv_outcome_run(tmp_path / "store", "completed")
+    pyoco.drain_webhooks()
+    [(_, headers, body)] = receiver.wait_for(1)
+    expected = "sha256=" + hmac.new(b"shh, a secret", body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["x-pyoco-signature"], expected)
+    assert json.loads(body)["event"] == "run.completed"
+
+
+def test_webhook_events_setting_sends_only_the_listed_events(tmp_path, srv_receiver,
+                                                             monkeypatch):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_EVENTS", "run.failed")
+    store = tmp_path / "store"
+    completed = srv_outcome_run(store, "completed")
+    cancelled = srv_outcome_run(store, "cancelled")
+    failed = srv_outcome_run(store, "failed")
+    pyoco.drain_webhooks()
+    requests = receiver.wait_for(1)
+    assert [json.loads(body)["run_id"] for _, _, body in requests] == [failed.run_id]
+    assert json.loads(requests[0][2])["event"] == "run.failed"
+    assert srv_webhook_events(store, completed.run_id) == []
+    assert srv_webhook_events(store, cancelled.run_id) == []
+
+
+def test_webhook_slack_format_posts_only_text(tmp_path, srv_receiver, monkeypatch):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_FORMAT", "slack")
+    run = srv_outcome_run(tmp_path / "store", "failed")
+    pyoco.drain_webhooks()
+    [(_, headers, body)] = receiver.wait_for(1)
+    payload = json.loads(body)
+    assert list(payload) == ["text"]
+    assert isinstance(payload["text"], str)
+    assert "hooked" in payload["text"] and run.run_id in payload["text"]
+    assert "bad row 17" in payload["text"]
+
+
+@pytest.mark.parametrize("retries", [1, 3])
+def test_webhook_answered_500_is_tried_exactly_retries_times_and_recorded_failed(
+        tmp_path, srv_receiver, monkeypatch, capsys, retries):
+    receiver = srv_receiver(status=500)
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", str(retries))
+    store = tmp_path / "store"
+    run = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    assert len(receiver.requests) == retries
+    assert len({body for _, _, body in receiver.requests}) == 1     # the same body each time
+    gaps = [b - a for a, b in zip(receiver.times, receiver.times[1:])]
+    for k, gap in enumerate(gaps):                      # backoff 0.5 s, 1 s, ...
+        assert 0.5 * 2 ** k - 0.05 <= gap < 0.5 * 2 ** k + 1.0, gaps
+    [event] = srv_webhook_events(store, run.run_id)
+    assert event["event"] == "webhook.failed"
+    assert (event["attempts"], event["status_code"]) == (retries, 500)
+    assert event["url"] == receiver.host                # the path may hold a secret
+    record = pyoco.RunStore(str(store)).get(run.run_id)
+    assert "s3cret-path" not in json.dumps(record)
+    assert run.status == record["status"] == "COMPLETED"     # never changes the outcome
+    assert "webhook" in capsys.readouterr().err
+
+
+def test_failing_webhook_does_not_change_a_failed_runs_status(tmp_path, srv_receiver,
+                                                               monkeypatch):
+    receiver = srv_receiver(status=503)
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "1")
+    store = tmp_path / "store"
+    run = srv_outcome_run(store, "failed")
+    pyoco.drain_webhooks()
+    assert pyoco.RunStore(str(store)).get(run.run_id)["status"] == "FAILED"
+    assert [e["event"] for e in srv_webhook_events(store, run.run_id)] == ["webhook.failed"]
+
+
+def test_hanging_webhook_holds_pyoco_run_no_longer_than_its_budget(tmp_path):
+    hanging = SrvHangingReceiver()
+    store = tmp_path / "store"
+    try:
+        began = time.monotonic()
+        done = srv_pyoco_run(srv_flow_file(tmp_path), store, PYOCO_WEBHOOK_URL=hanging.url,
+                             PYOCO_WEBHOOK_TIMEOUT="0.5", PYOCO_WEBHOOK_RETRIES="2")
+        took = time.monotonic() - began
+    finally:
+        hanging.close()
+    assert done.returncode == 0, done.stderr
+    assert took < 4.0
+    assert hanging.conns                                # it did try
+    [run_id] = pyoco.RunStore(str(store)).ids()
+    [event] = srv_webhook_events(store, run_id)
+    assert (event["event"], event["attempts"]) == ("webhook.failed", 2)
+    assert pyoco.RunStore(str(store)).get(run_id)["status"] == "COMPLETED"
+
+
+def test_webhook_url_path_stays_out_of_events_even_when_the_url_is_invalid(
+        tmp_path, srv_receiver, monkeypatch, capsys):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.host + "/hooks/s3cret token")
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "1")
+    store = tmp_path / "store"
+    run = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    [event] = srv_webhook_events(store, run.run_id)
+    assert (event["event"], event["url"]) == ("webhook.failed", receiver.host)
+    record = pyoco.RunStore(str(store)).get(run.run_id)
+    assert "s3cret" not in json.dumps(record), event
+    assert "s3cret" not in capsys.readouterr().err
+
+
+def test_slow_webhook_url_does_not_delay_the_others(tmp_path, srv_receiver, monkeypatch):
+    hanging = SrvHangingReceiver()
+    try:
+        good = srv_receiver()
+        monkeypatch.setenv("PYOCO_WEBHOOK_URL", "%s,%s" % (hanging.url, good.url))
+        monkeypatch.setenv("PYOCO_WEBHOOK_TIMEOUT", "1.5")
+        monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "1")
+        began = time.monotonic()
+        run = srv_outcome_run(tmp_path / "store", "completed")
+        assert time.monotonic() - began < 1.0           # the run never waits on the network
+        [(_, _, body)] = good.wait_for(1, timeout=1.0)
+        assert json.loads(body)["run_id"] == run.run_id
+        assert time.monotonic() - began < 1.0
+        pyoco.drain_webhooks()
+    finally:
+        hanging.close()
+    events = {e["url"]: e["event"] for e in srv_webhook_events(tmp_path / "store", run.run_id)}
+    assert events == {good.host: "webhook.delivered",
+                      hanging.url.rsplit("/", 1)[0]: "webhook.failed"}
+
+
+def test_non_http_webhook_url_is_refused_with_a_warning_and_never_used(
+        tmp_path, srv_receiver, monkeypatch, capsys):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", "file:///etc/passwd, " + receiver.url)
+    store = tmp_path / "store"
+    run = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    assert len(receiver.wait_for(1)) == 1
+    [event] = srv_webhook_events(store, run.run_id)
+    assert (event["event"], event["url"]) == ("webhook.delivered", receiver.host)
+    err = capsys.readouterr().err
+    assert "refused" in err and "file" in err
+
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", "file:///etc/passwd")
+    alone = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    assert srv_webhook_events(store, alone.run_id) == []
+    assert "refused" in capsys.readouterr().err
+    assert len(receiver.requests) == 1
+
+
+def test_webhooks_fire_for_runs_started_through_the_api(srv_api, srv_receiver, monkeypatch):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    run_id = srv_json(srv_api.url, "POST", "/runs", {"flow": "quick"})[1]["run_id"]
+    [(_, _, body)] = receiver.wait_for(1)
+    payload = json.loads(body)
+    assert (payload["event"], payload["run_id"], payload["flow"]) == (
+        "run.completed", run_id, "quick")
+
+
+def test_webhook_outcomes_are_counted_in_metrics(tmp_path, srv_serve, srv_receiver,
+                                                 monkeypatch):
+    store = tmp_path / "store"
+    server = srv_serve(store)
+    samples = srv_metrics(server.url)[2]                    # view primed before the runs
+    assert srv_value(samples, "pyoco_webhook_deliveries_total", outcome="delivered") == 0
+    assert srv_value(samples, "pyoco_webhook_deliveries_total", outcome="failed") == 0
+    good, bad = srv_receiver(), srv_receiver(status=500)
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", "%s,%s" % (good.url, bad.url))
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "1")
+    srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+
+    def counted():
+        samples = srv_metrics(server.url)[2]
+        return (srv_value(samples, "pyoco_webhook_deliveries_total", outcome="delivered"),
+                srv_value(samples, "pyoco_webhook_deliveries_total", outcome="failed")) == (1, 1)
+    srv_poll(counted, what="webhook outcomes in /metrics")
+    fresh = srv_serve(store)                            # counted from the store at start
+    samples = srv_metrics(fresh.url)[2]
+    assert srv_value(samples, "pyoco_webhook_deliveries_total", outcome="delivered") == 1
+    assert srv_value(samples, "pyoco_webhook_deliveries_total", outcome="failed") == 1
+
+
+# ---------------------------------------------------------------------------
+# The Grafana dashboard
+# ---------------------------------------------------------------------------
+
+SRV_DASHBOARD = SRV_HERE / "docs" / "grafana_pyoco_cute.json"
+
+
+def srv_dashboard_walk(node):
+    """Every dict in the dashboard JSON."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from srv_dashboard_walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from srv_dashboard_walk(value)
+
+
+def test_grafana_dashboard_is_json_with_a_prometheus_datasource_input():
+    dashboard = json.loads(SRV_DASHBOARD.read_text("utf-8"))
+    inputs = dashboard["__inputs"]
+    assert {"name": "DS_PROMETHEUS", "type": "datasource", "pluginId": "prometheus"}.items() \
+        <= [i for i in inputs if i["name"] == "DS_PROMETHEUS"][0].items()
+    sources = [d["datasource"] for d in srv_dashboard_walk(dashboard) if "datasource" in d]
+    assert sources, "no panel names a datasource"
+    for source in sources:
+        uid = source.get("uid") if isinstance(source, dict) else source
+        assert uid == "${DS_PROMETHEUS}", source
+
+
+def test_grafana_dashboard_uses_only_metrics_that_metrics_emits(srv_outcomes):
+    server, _ = srv_outcomes
+    dashboard = json.loads(SRV_DASHBOARD.read_text("utf-8"))
+    exprs = [d["expr"] for d in srv_dashboard_walk(dashboard) if isinstance(d.get("expr"), str)]
+    assert exprs
+    used = {re.sub(r"_(bucket|sum|count)$", "", name)
+            for expr in exprs for name in re.findall(r"\bpyoco_[a-zA-Z0-9_]+", expr)}
+    emitted = {re.sub(r"_(bucket|sum|count)$", "", name)
+               for name, _, _ in srv_metrics(server.url)[2]}
+    assert used and used <= emitted, used - emitted
