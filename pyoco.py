@@ -40,6 +40,7 @@ __all__ = [
 import os
 import sys
 import time
+from itertools import count as _count
 
 _MISSING = object()         # "no value": a parameter without default, and so on
 
@@ -1217,7 +1218,9 @@ class _Runner:
         self.done = threading.Event()
         self.halt = threading.Event()   # set when the run starts stopping: ends retry waits
         self.ready = queue.SimpleQueue()
-        self.pending = list(self.plan.npred)
+        self.pending = list(self.plan.npred)     # upstream tasks each task waits for
+        self.arrived = [_count(1) if n > 1 else None for n in self.pending]
+
         self.doomed = {}            # task number -> why it must be skipped (upstream failed)
         self.inflight = 0           # tasks queued or running; 0 means the run is over
         self.threads = 0
@@ -1469,11 +1472,13 @@ class _Runner:
                 plan.joins.append([m])
                 self.binds.append(((_B_CONST, item, (), None, item_name, kwonly),) + template)
                 self.pending.append(0)
+                self.arrived.append(None)
                 for column, empty in ((run._state, TaskState.PENDING), (run._attempts, 0),
                                       (run._started, None), (run._ended, None),
                                       (run._outputs, None)):
                     column.append(empty)
             self.pending[m] = len(items)
+            self.arrived[m] = _count(1)
             self.expanded[m] = instances
         return instances
 
@@ -1498,14 +1503,13 @@ class _Runner:
         ready = plan.free[i]
         joins = plan.joins[i]
         if joins:
+            # next() on an itertools.count is atomic: joins need no lock, so a
+            # task with 100,000 upstream tasks is not a point of contention.
             ready = list(ready)
-            pending = self.pending
-            with self.lock:
-                for s in joins:
-                    left = pending[s] - 1
-                    pending[s] = left
-                    if not left:
-                        ready.append(s)
+            arrived, needed = self.arrived, self.pending
+            for s in joins:
+                if next(arrived[s]) == needed[s]:
+                    ready.append(s)
         return ready
 
     def work(self, i):
