@@ -803,7 +803,11 @@ def _iso(ts):
 
 
 def _new_run_id():
-    return time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + os.urandom(4).hex()
+    """Like 20261129-051011-f423f1a2: UTC time, then microseconds (5 hex digits) and
+    3 random ones, so ids sort by start time even within a second."""
+    now = time.time()
+    return "%s-%05x%s" % (time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)),
+                          int(now % 1 * 1e6), os.urandom(2).hex()[:3])
 
 
 def _describe(exc):
@@ -874,6 +878,16 @@ def _artifact_root(run):
         import tempfile
         run.artifacts_dir = tempfile.mkdtemp(prefix="pyoco-%s-" % run.run_id)
     return run.artifacts_dir
+
+
+class _PathOf:
+    """A str path as os.PathLike, so _save_artifact_file copies the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __fspath__(self):
+        return self.path
 
 
 def _save_artifact_file(folder, name, data):
@@ -1137,11 +1151,18 @@ class Engine:
         if not isinstance(flow, Flow):
             raise TypeError("Engine.run needs a Flow, got %r" % (flow,))
         params = dict(params or {})
+        store = self._store()
+        if resume:
+            if store is None:
+                raise StoreError("resume needs a run store: pass Engine(store=PATH) or set"
+                                 " PYOCO_HOME")
+            old = store.get(resume, events=False)
+            if old is not None:         # the old run's params, unless given again
+                params = dict(old.get("params") or {}, **params)
         plan = flow._compile()
         binds, _ = plan.bind(params, strict=True)
         if self.executor == "process":
             _check_picklable(plan)
-        store = self._store()
         reused = store.reusable_outputs(resume, plan) if resume else {}
         run = Run(plan, flow, params, run_id or _new_run_id())
         run.resumed_from = resume
@@ -1620,7 +1641,16 @@ class _Runner:
     def reuse(self, i):
         """Take task i's output over from the run being resumed instead of running it."""
         run = self.run
-        out = self.reused[i]
+        out, artifacts = self.reused[i]
+        for name, path in artifacts.items():    # the new run gets copies of its files
+            try:
+                copied = _save_artifact_file(_artifact_root(run), name, _PathOf(path))
+            except OSError as exc:
+                _warn("run %s: artifact %r of reused task %r is gone (%s)"
+                      % (run.run_id, name, self.plan.names[i], exc))
+                continue
+            run.artifacts[name] = copied
+            run._task_artifacts.setdefault(i, {})[name] = copied
         run._started[i] = run._ended[i] = ts = time.time()
         run._state[i] = TaskState.SUCCEEDED
         run._reasons[i] = "output reused from run %s" % run.resumed_from
@@ -2593,7 +2623,8 @@ class RunStore:
                 if s not in rerun:
                     rerun.add(s)
                     stack.append(s)
-        return {i: outputs[name] for i, name in enumerate(plan.names) if i not in rerun}
+        return {i: (outputs[name], (tasks.get(name) or {}).get("artifacts") or {})
+                for i, name in enumerate(plan.names) if i not in rerun}
 
 
 def _settle_if_dead(record, folder):
@@ -4532,7 +4563,15 @@ def _cmd_run(args):
         raise UsageError("--workers must be at least 1, not %d" % args.workers)
     params = _parse_params(args.param)
     flow = load_flow(args.target, args.flow)
-    engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args))
+    store = _cli_store(args)
+    engine = Engine(workers=args.workers, cute=args.cute, store=store)
+    if args.resume:
+        old = store.get(args.resume, events=False)
+        if old is None:
+            raise UsageError("cannot resume: no run %r in %s (see: pyoco runs list)"
+                             % (args.resume, store.root))
+        params = dict(old.get("params") or {}, **params)
+
     try:
         flow.validate(params)
     except FlowError as exc:
@@ -4754,6 +4793,11 @@ def main(argv=None):
         # threads that cannot be stopped, so leave without waiting for them.
         _flush_stdout()
         os._exit(130)
+    except BrokenPipeError:         # `pyoco runs list | head`: the reader left; so do we
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
 
 
 

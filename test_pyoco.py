@@ -37,6 +37,7 @@ import signal
 import socket
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, urlsplit
+import queue
 
 HERE = Path(__file__).resolve().parent
 WAIT = 5.0      # the longest any test waits on an Event or Barrier before giving up
@@ -5159,3 +5160,768 @@ def test_grafana_dashboard_uses_only_metrics_that_metrics_emits(srv_outcomes):
     emitted = {re.sub(r"_(bucket|sum|count)$", "", name)
                for name, _, _ in srv_metrics(server.url)[2]}
     assert used and used <= emitted, used - emitted
+
+# ===========================================================================
+# The tutorial: every example runs, every page shows its files verbatim
+# ===========================================================================
+
+TUT_HERE = Path(__file__).resolve().parent
+TUT_EXAMPLES = TUT_HERE / "examples" / "tutorial"
+TUT_DOCS = TUT_HERE / "docs" / "tutorial"
+TUT_PLUGIN_DEMO = TUT_HERE / "examples" / "pyoco-plugin-demo"
+TUT_WAIT = 20.0         # the longest a test waits for a line or a subprocess
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def tut_env(*extra_paths, **settings):
+    """The environment of an example's process: pyoco importable from this
+    folder (plus ``extra_paths``), no PYOCO_* settings of the caller,
+    unbuffered UTF-8 output, no bytecode written into the examples folder."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYOCO_") and k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(p) for p in extra_paths] + [str(TUT_HERE)])
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(settings)
+    return env
+
+
+def tut_example(name):
+    path = TUT_EXAMPLES / name
+    assert path.is_file(), "missing example %s" % path
+    return path
+
+
+def tut_cli(tmp_path, *args, env=None, python_flags=()):
+    """``python -m pyoco ARGS`` in tmp_path; the CompletedProcess."""
+    return subprocess.run([sys.executable, *python_flags, "-m", "pyoco", *map(str, args)],
+                          cwd=str(tmp_path), env=env or tut_env(), capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=TUT_WAIT)
+
+
+def tut_store(tmp_path):
+    return tmp_path / "store"
+
+
+def tut_run(tmp_path, name, *args, env=None, python_flags=()):
+    """``python -m pyoco run examples/tutorial/NAME ARGS --store TMP/store``."""
+    return tut_cli(tmp_path, "run", tut_example(name), *args, "--store", tut_store(tmp_path),
+                   env=env, python_flags=python_flags)
+
+
+def tut_script(tmp_path, name, *args, env=None):
+    """``python examples/tutorial/NAME ARGS`` (its __main__ block) in tmp_path."""
+    return subprocess.run([sys.executable, str(tut_example(name)), *map(str, args)],
+                          cwd=str(tmp_path), env=env or tut_env(), capture_output=True,
+                          text=True, encoding="utf-8", errors="replace", timeout=TUT_WAIT)
+
+
+def tut_explain(proc):
+    return "exit %s\n--- stdout\n%s\n--- stderr\n%s" % (proc.returncode, proc.stdout,
+                                                        proc.stderr)
+
+
+def tut_ok(proc, code=0):
+    assert proc.returncode == code, tut_explain(proc)
+    return proc
+
+
+def tut_run_id(proc):
+    """The run id from the trace's first line."""
+    found = re.search(r"start flow=\S+ run_id=(\d{8}-\d{6}-[0-9a-f]{8})", proc.stderr)
+    assert found, tut_explain(proc)
+    return found.group(1)
+
+
+def tut_record(tmp_path, run_id):
+    """The run record, as ``pyoco runs show ID --json`` prints it."""
+    proc = tut_ok(tut_cli(tmp_path, "runs", "show", run_id, "--json",
+                          "--store", tut_store(tmp_path)))
+    return json.loads(proc.stdout)
+
+
+def tut_states(record):
+    return {name: t["state"] for name, t in record["tasks"].items()}
+
+
+class tut_Lines:
+    """Collects the lines a subprocess writes to one stream, on a thread, so
+    that a test can wait for a marker line with a deadline."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self.queue = queue.Queue()
+        self.thread = threading.Thread(target=self.pump, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def pump(self, stream):
+        for line in iter(stream.readline, ""):
+            self.lines.append(line)
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def wait_for(self, pattern, timeout=TUT_WAIT):
+        """The first new line matching ``pattern`` (a regex); fails at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.queue.get(timeout=max(0.0, left))
+            except queue.Empty:
+                line = None
+                left = 0
+            if line is None and left <= 0:
+                pytest.fail("no line matching %r within %.0f s; got:\n%s"
+                            % (pattern, timeout, "".join(self.lines)))
+            if line is None:
+                pytest.fail("the stream ended without a line matching %r; got:\n%s"
+                            % (pattern, "".join(self.lines)))
+            found = re.search(pattern, line)
+            if found:
+                return found
+
+    def text(self):
+        self.thread.join(TUT_WAIT)
+        return "".join(self.lines)
+
+
+def tut_popen(args, tmp_path, env):
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=str(tmp_path), env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace")
+
+
+def tut_stop(proc):
+    """End a subprocess this test started (if still running) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(TUT_WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(TUT_WAIT)
+
+
+def tut_get(url):
+    """GET from the local server only; (status, body text)."""
+    assert url.startswith("http://127.0.0.1:"), url
+    try:
+        with urllib.request.urlopen(url, timeout=TUT_WAIT) as answer:
+            return answer.status, answer.read().decode("utf-8")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8")
+
+
+def tut_post(url, payload):
+    assert url.startswith("http://127.0.0.1:"), url
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TUT_WAIT) as answer:
+        return answer.status, json.loads(answer.read().decode("utf-8"))
+
+
+def tut_plugin_folder(tmp_path):
+    """The demo plugin, installed offline into a throwaway folder (as step 7 says)."""
+    if subprocess.run([sys.executable, "-m", "pip", "--version"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("pip is not available for %s" % sys.executable)
+    source = tmp_path / "plugin-src"
+    shutil.copytree(str(TUT_PLUGIN_DEMO), str(source),
+                    ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    target = tmp_path / "plugins"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-index", "--no-cache-dir", "--disable-pip-version-check",
+                           "--target", str(target), str(source)],
+                          cwd=str(tmp_path), env=tut_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, tut_explain(proc)
+    return target
+
+
+# ---------------------------------------------------------------------------
+# Pages and files stay in sync
+# ---------------------------------------------------------------------------
+
+TUT_FENCE = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
+TUT_PAGES = ["index.md", "01-hello-flow.md", "02-params.md", "03-passing-data.md",
+             "04-parallel.md", "05-artifacts.md", "06-errors.md", "07-tasks-and-plugins.md",
+             "08-runs-and-resume.md", "09-watching.md"]
+
+# Every example file, and the test that runs it (kept complete by a test below).
+TUT_COVERED = {
+    "s01_hello.py": "test_tut_s01_hello",
+    "s02_params.py": "test_tut_s02_params",
+    "s03_passing_data.py": "test_tut_s03_passing_data",
+    "s04_fanout.py": "test_tut_s04_fanout",
+    "s04_map.py": "test_tut_s04_map",
+    "s05_artifacts.py": "test_tut_s05_artifacts",
+    "s06_retries.py": "test_tut_s06_retries_and_timeout",
+    "s06_fail_policy.py": "test_tut_s06_fail_policies",
+    "s06_skip.py": "test_tut_s06_skip",
+    "s06_async.py": "test_tut_s06_async",
+    "s07_task_class.py": "test_tut_s07_task_class",
+    "s07_plugin.py": "test_tut_s07_plugin",
+    "s08_resume.py": "test_tut_s08_history_and_resume",
+    "s08_ctrl_c.py": "test_tut_s08_ctrl_c_then_resume",
+    "s09_watched.py": "test_tut_s09_serve",
+    "s09_webhook_receiver.py": "test_tut_s09_webhook",
+}
+
+
+def tut_blocks(page):
+    """(file named above the block or None, block text) for each ```python block."""
+    text = page.read_text(encoding="utf-8")
+    out = []
+    for match in TUT_FENCE.finditer(text):
+        before = [line for line in text[:match.start()].splitlines() if line.strip()]
+        named = re.search(r"examples/tutorial/([\w.-]+\.py)", before[-1]) if before else None
+        out.append((named.group(1) if named else None, match.group(1)))
+    return out
+
+
+def test_tut_pages_exist_in_order():
+    assert TUT_DOCS.is_dir()
+    found = sorted(p.name for p in TUT_DOCS.glob("*.md"))
+    assert found == sorted(TUT_PAGES)
+    index = (TUT_DOCS / "index.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\((\d\d-[\w-]+\.md)\)", index)
+    assert links == TUT_PAGES[1:], "index.md must link every step, in order"
+
+
+def test_tut_flow_blocks_are_example_files():
+    """Every ```python block that builds a Flow is byte-identical to the
+    example file named just above it."""
+    checked = 0
+    for page in sorted(TUT_DOCS.glob("*.md")):
+        for named, block in tut_blocks(page):
+            if "Flow(" not in block:
+                continue
+            assert named, "%s: a flow block must name its file (examples/tutorial/NAME.py)" \
+                          " on the line above it:\n%s" % (page.name, block[:200])
+            path = TUT_EXAMPLES / named
+            assert path.is_file(), "%s names %s, which does not exist" % (page.name, path)
+            assert block.encode("utf-8") == path.read_bytes(), (
+                "%s: the block for %s differs from the file; copy the file into the page"
+                % (page.name, named))
+            checked += 1
+    assert checked >= 10
+
+
+def test_tut_every_example_is_shown_and_tested():
+    files = sorted(p.name for p in TUT_EXAMPLES.glob("*.py"))
+    assert files == sorted(TUT_COVERED), "add new examples to TUT_COVERED and test them"
+    shown = set()
+    for page in TUT_DOCS.glob("*.md"):
+        for named, block in tut_blocks(page):
+            if named and (TUT_EXAMPLES / named).is_file() and \
+                    block.encode("utf-8") == (TUT_EXAMPLES / named).read_bytes():
+                shown.add(named)
+    assert shown == set(files), "examples not shown verbatim on a page: %s" % (
+        sorted(set(files) - shown))
+    for name, test_name in TUT_COVERED.items():
+        assert callable(globals().get(test_name)), "%s is not a test here" % test_name
+
+
+def test_tut_relative_links_resolve():
+    pages = list(TUT_DOCS.glob("*.md")) + [TUT_HERE / "docs" / "roadmap.md"]
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), "%s links to missing %s" % (page.name,
+                                                                                target)
+
+
+def test_tut_examples_are_stdlib_and_pyoco_only():
+    allowed_third_party = {"pyoco"}
+    stdlib = set(getattr(sys, "stdlib_module_names", ())) or {
+        "asyncio", "csv", "hashlib", "hmac", "http", "json", "os", "sqlite3", "sys", "time"}
+    for path in TUT_EXAMPLES.glob("*.py"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            found = re.match(r"\s*(?:from|import)\s+([\w]+)", line)
+            if found:
+                assert found.group(1) in stdlib | allowed_third_party, (path.name, line)
+
+
+# ---------------------------------------------------------------------------
+# Step 1: hello flow
+# ---------------------------------------------------------------------------
+
+def test_tut_s01_hello(tmp_path):
+    proc = tut_ok(tut_run(tmp_path, "s01_hello.py"))
+    assert proc.stdout.splitlines() == ["🐇 yawn... good morning",
+                                        "🥕 there is a carrot in the garden",
+                                        "munch munch munch"]
+    for line in ("🏃 start node=wake_up", "✅ done node=eat", "🥕 done flow=hello"):
+        assert line in proc.stderr
+    record = tut_record(tmp_path, tut_run_id(proc))
+    assert record["status"] == "COMPLETED"
+    assert list(record["tasks"]) == ["wake_up", "find_carrot", "eat"]
+
+    plain = tut_ok(tut_run(tmp_path, "s01_hello.py", "--non-cute"))
+    assert re.search(r"^\S+Z INFO done flow=hello status=COMPLETED duration_ms=\S+ run_id=\S+$",
+                     plain.stderr, re.M), plain.stderr
+
+    script = tut_ok(tut_script(tmp_path, "s01_hello.py"))
+    assert "munch munch munch" in script.stdout and "🥕 done flow=hello" in script.stderr
+
+    check = tut_ok(tut_cli(tmp_path, "check", tut_example("s01_hello.py")))
+    assert check.stdout.strip() == "ok: flow hello, 3 tasks"
+    graph = tut_ok(tut_cli(tmp_path, "graph", tut_example("s01_hello.py")))
+    assert graph.stdout == ("flow hello (3 tasks)\n  wake_up\n  find_carrot <- wake_up\n"
+                            "  eat <- find_carrot\n")
+    mermaid = tut_ok(tut_cli(tmp_path, "graph", tut_example("s01_hello.py"),
+                             "--format", "mermaid"))
+    assert mermaid.stdout.splitlines()[0] == "flowchart TD"
+    assert "    t1 --> t2" in mermaid.stdout
+
+
+# ---------------------------------------------------------------------------
+# Step 2: params
+# ---------------------------------------------------------------------------
+
+def test_tut_s02_params(tmp_path):
+    north = tut_ok(tut_run(tmp_path, "s02_params.py", "-p", "garden=north"))
+    assert "🐇 planning 3 rows in the north garden" in north.stdout
+    assert "🥕 harvested 30 carrots (params: {'garden': 'north'})" in north.stdout
+
+    south = tut_ok(tut_run(tmp_path, "s02_params.py", "-p", "garden=south", "-p", "rows=5"))
+    assert "🥕 harvested 50 carrots (params: {'garden': 'south', 'rows': 5})" in south.stdout
+    assert tut_record(tmp_path, tut_run_id(south))["params"] == {"garden": "south", "rows": 5}
+
+    runs = tut_store(tmp_path) / "runs"
+    before = sorted(os.listdir(str(runs)))
+    missing = tut_ok(tut_run(tmp_path, "s02_params.py"), code=2)
+    assert "task 'plan' needs parameter 'garden' and nothing supplies it" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert sorted(os.listdir(str(runs))) == before, "checked before anything runs"
+
+    check = tut_ok(tut_cli(tmp_path, "check", tut_example("s02_params.py")))
+    assert "needs run parameter 'garden' (for task 'plan'): pass -p garden=..." in check.stdout
+
+    bad = tut_ok(tut_run(tmp_path, "s02_params.py", "-p", "garden=north", "-p", "rows=two"),
+                 code=1)
+    assert "💥 error node=plan TypeError" in bad.stderr
+
+    script = tut_ok(tut_script(tmp_path, "s02_params.py"))
+    assert "planning 3 rows in the north garden" in script.stdout
+
+
+# ---------------------------------------------------------------------------
+# Step 3: passing data
+# ---------------------------------------------------------------------------
+
+def test_tut_s03_passing_data(tmp_path):
+    proc = tut_ok(tut_run(tmp_path, "s03_passing_data.py"))
+    assert proc.stdout.strip() == "🐇 usagi picked 15 vegetables, 12 of them carrots 🥕"
+    graph = tut_ok(tut_cli(tmp_path, "graph", tut_example("s03_passing_data.py")))
+    assert "  report <- count, pick" in graph.stdout
+
+    script = tut_ok(tut_script(tmp_path, "s03_passing_data.py"))
+    assert script.stdout.splitlines()[-1] == "{'total': 15, 'carrots': 12}"
+
+    # The two mistakes the page shows: a task name typo is caught before
+    # anything runs, a key typo when the task starts.
+    source = tut_example("s03_passing_data.py").read_text(encoding="utf-8")
+    typo = tmp_path / "typo_task.py"
+    typo.write_text(source.replace("$node.pick.output.picker", "$node.pik.output.picker"),
+                    encoding="utf-8")
+    check = tut_ok(tut_cli(tmp_path, "check", typo), code=1)
+    assert ("problem: task 'report' input 'who': '$node.pik.output.picker' refers to task"
+            " 'pik', which is not in the flow") in check.stdout
+    typo = tmp_path / "typo_key.py"      # another file: no stale bytecode cache
+    typo.write_text(source.replace("output.basket.carrots", "output.basket.carots"),
+                    encoding="utf-8")
+    proc = tut_ok(tut_cli(tmp_path, "run", typo, "--store", tut_store(tmp_path)), code=1)
+    assert ("💥 error node=report LookupError: $node.pick.output.basket.carots:"
+            " no 'carots' in dict value") in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Step 4: fan-out, join and map
+# ---------------------------------------------------------------------------
+
+def test_tut_s04_fanout(tmp_path):
+    proc = tut_ok(tut_run(tmp_path, "s04_fanout.py"))
+    assert "🥕 sunny sky, moist soil: planting 24 seeds" in proc.stdout
+    record = tut_record(tmp_path, tut_run_id(proc))
+    errands = [record["tasks"][n] for n in ("check_weather", "check_soil", "count_seeds")]
+    # They overlapped: each started before any of them ended.
+    assert max(t["started_at"] for t in errands) < min(t["ended_at"] for t in errands)
+    plant = record["tasks"]["plant"]
+    assert plant["started_at"] >= max(t["ended_at"] for t in errands)
+
+    script = tut_ok(tut_script(tmp_path, "s04_fanout.py"))
+    assert re.search(r"^all done in 0\.\d s$", script.stdout, re.M), script.stdout
+
+
+def test_tut_s04_map(tmp_path):
+    proc = tut_ok(tut_run(tmp_path, "s04_map.py"))
+    assert "🐇 3 rows, 30 carrots in all" in proc.stdout
+    for n, carrots in ((1, 5), (2, 10), (3, 15)):
+        assert "🥕 row %d gave %d carrots" % (n, carrots) in proc.stdout
+    record = tut_record(tmp_path, tut_run_id(proc))
+    assert tut_states(record) == {name: "SUCCEEDED" for name in (
+        "list_rows", "harvest_row", "weigh", "harvest_row[0]", "harvest_row[1]",
+        "harvest_row[2]")}
+
+    five = tut_ok(tut_run(tmp_path, "s04_map.py", "-p", "rows=5"))
+    assert "🐇 5 rows, 75 carrots in all" in five.stdout
+    none = tut_ok(tut_run(tmp_path, "s04_map.py", "-p", "rows=0"))
+    assert "🐇 0 rows, 0 carrots in all" in none.stdout
+    assert "harvest_row[0]" not in none.stderr
+
+    script = tut_ok(tut_script(tmp_path, "s04_map.py"))
+    assert "🐇 3 rows, 30 carrots in all" in script.stdout
+
+
+# ---------------------------------------------------------------------------
+# Step 5: artifacts and scratch
+# ---------------------------------------------------------------------------
+
+def test_tut_s05_artifacts(tmp_path):
+    proc = tut_ok(tut_run(tmp_path, "s05_artifacts.py"))
+    assert "🥕 2997 carrots; artifacts: ['harvest.csv', 'report.txt']" in proc.stdout
+    run_id = tut_run_id(proc)
+    record = tut_record(tmp_path, run_id)
+    folder = tut_store(tmp_path) / "runs" / run_id / "artifacts"
+    csv_path = Path(record["tasks"]["measure"]["artifacts"]["harvest.csv"])
+    report_path = Path(record["tasks"]["report"]["artifacts"]["report.txt"])
+    assert csv_path.resolve() == (folder / "harvest.csv").resolve()
+    assert report_path.read_text(encoding="utf-8") == "carrots: 2997\n"
+    assert len(csv_path.read_text(encoding="utf-8").splitlines()) == 1001
+
+    script = tut_ok(tut_script(tmp_path, "s05_artifacts.py"))
+    last = script.stdout.splitlines()[-1]
+    assert last.startswith("the report is at ") and last.endswith("report.txt")
+    assert Path(last[len("the report is at "):]).read_text(encoding="utf-8") == "carrots: 2997\n"
+
+
+# ---------------------------------------------------------------------------
+# Step 6: errors, retries, timeouts, fail policies, skip, async
+# ---------------------------------------------------------------------------
+
+def test_tut_s06_retries_and_timeout(tmp_path):
+    proc = tut_ok(tut_run(tmp_path, "s06_retries.py"))
+    assert "🔁 retry node=dig attempt=2/3 in 0.1s" in proc.stderr
+    assert "🔁 retry node=dig attempt=3/3 in 0.2s" in proc.stderr
+    assert "🐇 napped 0.1s in a cosy burrow" in proc.stdout
+    record = tut_record(tmp_path, tut_run_id(proc))
+    assert record["tasks"]["dig"]["attempts"] == 3
+    retries = [e for e in record["events"] if e["event"] == "task.retrying"]
+    assert retries[0]["error"] == "ConnectionError: the ground is frozen (attempt 1)"
+
+    slow = tut_ok(tut_run(tmp_path, "s06_retries.py", "-p", "nap=2"), code=1)
+    assert "💥 error node=nap TimeoutError: task 'nap' timed out after 1s" in slow.stderr
+    nap = tut_record(tmp_path, tut_run_id(slow))["tasks"]["nap"]
+    assert nap["state"] == "FAILED" and nap["duration_ms"] < 1900, nap
+
+    script = tut_ok(tut_script(tmp_path, "s06_retries.py"))
+    assert "napped 0.1s" in script.stdout
+
+
+def test_tut_s06_fail_policies(tmp_path):
+    isolate = tut_ok(tut_run(tmp_path, "s06_fail_policy.py"), code=1)
+    assert "🥕 cooking 12 carrots" in isolate.stdout
+    assert "⏭️ skip node=wash_lettuce (upstream 'pick_lettuce' failed)" in isolate.stderr
+    record = tut_record(tmp_path, tut_run_id(isolate))
+    assert record["status"] == "FAILED"
+    assert tut_states(record) == {"pick_lettuce": "FAILED", "wash_lettuce": "SKIPPED",
+                                  "pick_carrots": "SUCCEEDED", "cook_carrots": "SUCCEEDED"}
+    assert record["tasks"]["pick_lettuce"]["error"] == "ValueError: a snail ate the lettuce 🐌"
+
+    stop = tut_ok(tut_run(tmp_path, "s06_fail_policy.py",
+                          env=tut_env(LETTUCE_POLICY="stop")), code=1)
+    assert "cooking" not in stop.stdout
+    record = tut_record(tmp_path, tut_run_id(stop))
+    assert record["tasks"]["cook_carrots"]["state"] == "SKIPPED"
+    assert record["tasks"]["cook_carrots"]["reason"] == "run stopped after 'pick_lettuce' failed"
+
+    script = tut_script(tmp_path, "s06_fail_policy.py")
+    assert script.returncode == 1 and "RunFailed" in script.stderr, tut_explain(script)
+
+
+def test_tut_s06_skip(tmp_path):
+    sunny = tut_ok(tut_run(tmp_path, "s06_skip.py"))
+    assert "💧 watering the carrots" in sunny.stdout and "📒 used 20 litres" in sunny.stdout
+
+    rainy = tut_ok(tut_run(tmp_path, "s06_skip.py", "-p", "weather=rainy"))
+    assert "💧" not in rainy.stdout
+    assert "🥕 picking carrots on a rainy day" in rainy.stdout
+    assert "⏭️ skip node=water_garden (it rained, the garden is wet already)" in rainy.stderr
+    record = tut_record(tmp_path, tut_run_id(rainy))
+    assert record["status"] == "COMPLETED"
+    assert tut_states(record) == {"forecast": "SUCCEEDED", "water_garden": "SKIPPED",
+                                  "log_watering": "SKIPPED", "pick_carrots": "SUCCEEDED"}
+    assert record["tasks"]["water_garden"]["reason"] == "it rained, the garden is wet already"
+    assert record["tasks"]["log_watering"]["reason"] == "upstream 'water_garden' skipped"
+
+    script = tut_ok(tut_script(tmp_path, "s06_skip.py"))
+    assert "rainy day" in script.stdout and "skip node=water_garden" in script.stderr
+
+
+def test_tut_s06_async(tmp_path):
+    proc = tut_ok(tut_run(tmp_path, "s06_async.py"))
+    assert proc.stdout.splitlines() == ["🐇 owl says sunny", "🐇 fox says sunny",
+                                        "🐇 hedgehog says sunny"]
+    asked = tut_record(tmp_path, tut_run_id(proc))["tasks"]["ask_neighbours"]
+    assert asked["duration_ms"] < 500, "the three 0.2 s questions must overlap: %s" % asked
+
+    slow = tut_ok(tut_run(tmp_path, "s06_async.py", "-p", "delay=5"), code=1)
+    assert ("💥 error node=ask_neighbours TimeoutError: task 'ask_neighbours' timed out"
+            " after 1s") in slow.stderr
+    for name in ("owl", "fox", "hedgehog"):     # the coroutine really was cancelled
+        assert "🦔 %s was interrupted" % name in slow.stdout
+    asked = tut_record(tmp_path, tut_run_id(slow))["tasks"]["ask_neighbours"]
+    assert asked["duration_ms"] < 4000
+
+    script = tut_ok(tut_script(tmp_path, "s06_async.py"))
+    assert "🐇 hedgehog says sunny" in script.stdout
+
+
+# ---------------------------------------------------------------------------
+# Step 7: Task subclasses and plugins
+# ---------------------------------------------------------------------------
+
+def test_tut_s07_task_class(tmp_path):
+    proc = tut_ok(tut_run(tmp_path, "s07_task_class.py"))
+    assert proc.stdout.strip() == "🥕 carrots: 3, radishes: 2"
+    record = tut_record(tmp_path, tut_run_id(proc))
+    assert list(record["tasks"]) == ["basket", "count_carrot", "count_radish", "tally"]
+    script = tut_ok(tut_script(tmp_path, "s07_task_class.py"))
+    assert "🥕 carrots: 3, radishes: 2" in script.stdout
+
+
+def test_tut_s07_plugin(tmp_path):
+    # Without the plugin (and without site-packages, where someone may have
+    # installed it) the flow file does not load: a usage error naming the line.
+    missing = tut_ok(tut_run(tmp_path, "s07_plugin.py", python_flags=("-S",)), code=2)
+    assert "no plugin task 'shout'" in missing.stderr and "s07_plugin.py:16" in missing.stderr
+
+    plugins = tut_plugin_folder(tmp_path)
+    env = tut_env(plugins)
+    listed = tut_ok(tut_cli(tmp_path, "plugins", "list", env=env))
+    for name in ("reverse", "shout", "word_count"):
+        assert re.search(r"^%s\s+pyoco-plugin-demo\s+1\.0\.0\s+task" % name, listed.stdout,
+                         re.M), listed.stdout
+    proc = tut_ok(tut_run(tmp_path, "s07_plugin.py", "-p", "text=carrots are crunchy",
+                          env=env))
+    assert proc.stdout.strip() == "🐇 CARROTS ARE CRUNCHY!!! / yhcnurc era storrac / 3 words"
+    record = tut_record(tmp_path, tut_run_id(proc))
+    assert set(record["tasks"]) == {"text", "shout", "backwards", "word_count", "show"}
+
+    script = tut_ok(tut_script(tmp_path, "s07_plugin.py", env=env))
+    assert "🐇 HELLO CARROT!!! / torrac olleh / 2 words" in script.stdout
+
+
+# ---------------------------------------------------------------------------
+# Step 8: run history, Ctrl+C and --resume
+# ---------------------------------------------------------------------------
+
+def test_tut_s08_history_and_resume(tmp_path):
+    store = tut_store(tmp_path)
+    failed = tut_ok(tut_run(tmp_path, "s08_resume.py", env=tut_env(GARDEN_FROZEN="1")),
+                    code=1)
+    assert "💥 error node=plant RuntimeError: the ground is frozen ❄️" in failed.stderr
+    first = tut_run_id(failed)
+
+    listing = tut_ok(tut_cli(tmp_path, "runs", "list", "--store", store))
+    assert re.search(r"^%s\s+spring\s+FAILED\s.*failed: plant$" % first, listing.stdout,
+                     re.M), listing.stdout
+    show = tut_ok(tut_cli(tmp_path, "runs", "show", first, "--store", store))
+    assert re.search(r"^plant\s+FAILED\s+1\s.*RuntimeError: the ground is frozen",
+                     show.stdout, re.M), show.stdout
+    assert "--- plant ---" in show.stdout and "Traceback" in show.stdout
+    logs = tut_ok(tut_cli(tmp_path, "runs", "logs", first, "--store", store))
+    assert re.search(r"buy_seeds stdout \| 🛒 buying seeds", logs.stdout), logs.stdout
+
+    resumed = tut_ok(tut_run(tmp_path, "s08_resume.py", "--resume", first))
+    second = tut_run_id(resumed)
+    assert "♻️ reuse node=buy_seeds (output of run %s)" % first in resumed.stderr
+    assert "buying seeds" not in resumed.stdout         # the costly task did not run again
+    assert "🌱 planted 3 kinds of carrots" in resumed.stdout
+    record = tut_record(tmp_path, second)
+    assert record["status"] == "COMPLETED" and record["resumed_from"] == first
+    ran = {name for name, t in record["tasks"].items() if t["attempts"] > 0}
+    assert ran == {"plant", "water"}, "only the failed task and what follows it re-run"
+    assert record["tasks"]["buy_seeds"]["reason"] == "output reused from run %s" % first
+    logs = tut_ok(tut_cli(tmp_path, "runs", "logs", second, "--store", store))
+    assert "plant log | INFO planted nantes, chantenay, imperator" in logs.stdout
+    task_logs = tut_ok(tut_cli(tmp_path, "runs", "logs", second, "--task", "water",
+                               "--store", store))
+    assert task_logs.stdout.strip().endswith("water stdout | 💧 watered 3 rows")
+
+    again = tut_ok(tut_run(tmp_path, "s08_resume.py", "--resume", second), code=2)
+    assert "only FAILED or CANCELLED runs can be resumed" in again.stderr
+
+    script = tut_ok(tut_script(tmp_path, "s08_resume.py"))
+    assert "💧 watered 3 rows" in script.stdout
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT to a child process is POSIX only")
+def test_tut_s08_ctrl_c_then_resume(tmp_path):
+    proc = tut_popen(["-m", "pyoco", "run", tut_example("s08_ctrl_c.py"),
+                      "--store", tut_store(tmp_path)], tmp_path, tut_env())
+    try:
+        out, err = tut_Lines(proc.stdout), tut_Lines(proc.stderr)
+        out.wait_for(r"^🐇 digging 100 metres$")
+        proc.send_signal(signal.SIGINT)                 # what Ctrl+C sends
+        assert proc.wait(TUT_WAIT) == 130
+    finally:
+        tut_stop(proc)
+    trace = err.text()
+    assert "🛑 cancel flow=tunnel" in trace and "🛑 cancelled flow=tunnel" in trace
+    first = re.search(r"run_id=(\S+)", trace).group(1)
+    record = tut_record(tmp_path, first)
+    assert record["status"] == "CANCELLED" and record["reason"] == "SIGINT received"
+    dig = record["tasks"]["dig_tunnel"]
+    assert dig["state"] == "FAILED" and dig["error"].startswith("InterruptedError: stopped after")
+    assert record["tasks"]["move_in"]["state"] == "CANCELLED"
+
+    resumed = tut_ok(tut_run(tmp_path, "s08_ctrl_c.py", "--resume", first, "-p", "metres=3"))
+    assert "🏡 moved into a 3 metre tunnel" in resumed.stdout
+    record = tut_record(tmp_path, tut_run_id(resumed))
+    assert record["resumed_from"] == first and record["status"] == "COMPLETED"
+    assert record["tasks"]["dig_tunnel"]["attempts"] == 1       # it ran again, not reused
+
+
+# ---------------------------------------------------------------------------
+# Step 9: pyoco serve and webhooks
+# ---------------------------------------------------------------------------
+
+def test_tut_s09_serve(tmp_path):
+    store = tut_store(tmp_path)
+    good = tut_ok(tut_run(tmp_path, "s09_watched.py", "-p", "carrots=5"))
+    assert "🐇 5 carrots for 10 friends" in good.stdout
+    bad = tut_ok(tut_run(tmp_path, "s09_watched.py", "-p", "carrots=0"), code=1)
+    assert "💥 error node=count ValueError: the basket is empty" in bad.stderr
+    script = tut_ok(tut_script(tmp_path, "s09_watched.py"))
+    assert "🐇 3 carrots for 6 friends" in script.stdout
+
+    server = tut_popen(["-m", "pyoco", "serve", "--port", "0", "--store", store,
+                        tut_example("s09_watched.py")], tmp_path, tut_env())
+    try:
+        out, err = tut_Lines(server.stdout), tut_Lines(server.stderr)
+        url = out.wait_for(r"^pyoco serve: listening on (http://127\.0\.0\.1:\d+) "
+                           r"\(store .*; flows: snack\)$").group(1)
+
+        status, body = tut_get(url + "/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+
+        status, body = tut_get(url + "/runs")
+        runs = json.loads(body)
+        assert status == 200
+        assert [(r["run_id"], r["status"]) for r in runs] == [
+            (tut_run_id(bad), "FAILED"), (tut_run_id(good), "COMPLETED")]
+        assert "events" not in runs[0]
+        status, body = tut_get(url + "/runs?status=FAILED&limit=5")
+        assert [r["tasks"]["count"]["error"] for r in json.loads(body)] == [
+            "ValueError: the basket is empty"]
+        status, body = tut_get(url + "/runs?status=failed")
+        assert status == 400 and "unknown status 'failed'" in json.loads(body)["error"]
+
+        status, metrics = tut_get(url + "/metrics")
+        assert status == 200
+        for line in ('pyoco_runs_total{flow="snack",status="COMPLETED"} 1',
+                     'pyoco_runs_total{flow="snack",status="FAILED"} 1',
+                     'pyoco_runs_in_progress{flow="snack"} 0',
+                     'pyoco_tasks_total{flow="snack",task="share",state="SKIPPED"} 1'):
+            assert line in metrics.splitlines(), metrics
+        assert re.search(r'^pyoco_last_run_timestamp_seconds\{flow="snack",status="COMPLETED"\}'
+                         r' \d+(\.\d+)?$', metrics, re.M)
+
+        status, answer = tut_post(url + "/runs", {"flow": "snack", "params": {"carrots": 4}})
+        assert status == 202 and answer["status"] == "RUNNING"
+        err.wait_for(r"^🥕 done flow=snack$")           # the server ran it, in its process
+        deadline = time.monotonic() + TUT_WAIT          # its record is saved just after
+        while True:
+            status, body = tut_get(url + "/runs/" + answer["run_id"])
+            if status == 200 and json.loads(body)["status"] == "COMPLETED":
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.05)
+        status, body = tut_get(url + "/runs/%s/logs" % answer["run_id"])
+        assert [line["text"] for line in json.loads(body)["logs"]] == [
+            "🐇 4 carrots for 8 friends"]
+    finally:
+        tut_stop(server)
+    assert server.returncode == 0
+
+
+def test_tut_s09_webhook(tmp_path):
+    secret = "carrot-cake"
+    receiver = tut_popen([tut_example("s09_webhook_receiver.py"), "0"], tmp_path,
+                         tut_env(PYOCO_WEBHOOK_SECRET=secret))
+    try:
+        out = tut_Lines(receiver.stdout)
+        url = out.wait_for(r"^listening on (http://127\.0\.0\.1:\d+/hook)$").group(1)
+        env = tut_env(PYOCO_WEBHOOK_URL=url, PYOCO_WEBHOOK_SECRET=secret)
+        tut_ok(tut_run(tmp_path, "s09_watched.py", env=env))
+        out.wait_for(r"^📬 run\.completed flow=snack status=COMPLETED tasks: count=SUCCEEDED,"
+                     r" share=SUCCEEDED \(signature ok\)$")
+        bad = tut_ok(tut_run(tmp_path, "s09_watched.py", "-p", "carrots=0", env=env), code=1)
+        out.wait_for(r"^📬 run\.failed flow=snack status=FAILED tasks: count=FAILED,"
+                     r" share=SKIPPED \(signature ok\)$")
+        # A wrong secret on the sending side shows up at the receiver.
+        tut_ok(tut_run(tmp_path, "s09_watched.py",
+                       env=tut_env(PYOCO_WEBHOOK_URL=url, PYOCO_WEBHOOK_SECRET="wrong")))
+        out.wait_for(r"^📬 run\.completed .*\(BAD SIGNATURE\)$")
+    finally:
+        tut_stop(receiver)
+    events = tut_record(tmp_path, tut_run_id(bad))["events"]
+    delivered = [e for e in events if e["event"] == "webhook.delivered"]
+    assert len(delivered) == 1 and delivered[0]["status_code"] == 204, events
+
+
+# ===========================================================================
+# Resume keeps artifacts and params; retention keeps the newest runs
+# ===========================================================================
+
+def test_resume_gives_reused_tasks_artifacts_and_the_old_params(tmp_path, monkeypatch):
+    seen = {}
+
+    @task
+    def make(ctx):
+        return ctx.save_artifact("data.txt", "carrots %s" % ctx.params["n"])
+
+    @task
+    def use(ctx, make):
+        if os.environ.get("PYOCO_TEST_BREAK"):
+            raise ValueError("not yet")
+        with open(ctx.artifacts["data.txt"]) as f:
+            seen["text"] = f.read()
+        seen["n"] = ctx.params["n"]
+
+    flow = Flow("artifact-resume")
+    flow >> make >> use
+    engine = Engine(trace=False, store=tmp_path)
+    monkeypatch.setenv("PYOCO_TEST_BREAK", "1")
+    first = engine.run(flow, {"n": 3}, raise_on_failure=False)
+    assert first.status == "FAILED"
+    monkeypatch.delenv("PYOCO_TEST_BREAK")
+    second = engine.run(flow, resume=first.run_id)
+    assert second.status == "COMPLETED"
+    assert seen == {"text": "carrots 3", "n": 3}
+    copied = second.tasks["make"].artifacts["data.txt"]
+    assert second.run_id in copied and os.path.exists(copied)
+
+
+def test_retention_keeps_the_newest_runs_even_within_one_second(tmp_path, monkeypatch):
+    @task
+    def one(ctx):
+        return 1
+
+    flow = Flow("many")
+    flow >> one
+    engine = Engine(trace=False, store=tmp_path)
+    ids = [engine.run(flow).run_id for _ in range(6)]
+    assert ids == sorted(ids)
+    monkeypatch.setenv("PYOCO_MAX_RUN_HISTORY", "2")
+    last = engine.run(flow).run_id
+    assert pyoco.RunStore(tmp_path).ids() == [ids[-1], last]
