@@ -5925,3 +5925,112 @@ def test_retention_keeps_the_newest_runs_even_within_one_second(tmp_path, monkey
     monkeypatch.setenv("PYOCO_MAX_RUN_HISTORY", "2")
     last = engine.run(flow).run_id
     assert pyoco.RunStore(tmp_path).ids() == [ids[-1], last]
+
+
+# ===========================================================================
+# Scale-out: a crashed worker process, a killed stuck one, a real Dask cluster
+# ===========================================================================
+
+@task
+def _process_crashes():
+    os._exit(3)                         # takes its worker process down with it
+
+
+@task
+def _process_steady(n=0):
+    time.sleep(0.3)
+    return os.getpid()
+
+
+@task(timeout=0.5)
+def _process_stuck_reporting(pid_file):
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(60)
+
+
+def test_process_executor_crash_fails_only_that_task():
+    flow = Flow("process-crash")
+    flow >> _process_crashes
+    flow >> _process_steady
+    run = Engine(executor="process", workers=2, trace=False).run(flow, raise_on_failure=False)
+    assert run.tasks["_process_crashes"].state == "FAILED"
+    assert "died" in run.tasks["_process_crashes"].error
+    assert run.tasks["_process_steady"].state == "SUCCEEDED"
+    assert run.results["_process_steady"] != os.getpid()
+    assert run.status == "FAILED"
+
+
+def test_process_executor_kills_the_stuck_process_at_its_deadline(tmp_path):
+    pid_file = tmp_path / "pid"
+    flow = Flow("process-kill")
+    flow >> _process_stuck_reporting
+    run = Engine(executor="process", workers=1, trace=False).run(
+        flow, {"pid_file": str(pid_file)}, raise_on_failure=False)
+    assert run.tasks["_process_stuck_reporting"].error.startswith("TimeoutError")
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + WAIT
+    while pyoco._pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pyoco._pid_alive(pid), "the stuck task's process still runs"
+
+
+DASK_FLOW = textwrap.dedent('''
+    import os
+    from pyoco import Flow, task
+
+    @task
+    def numbers(ctx):
+        return [1, 2, 3, 4]
+
+    @task
+    def times_ten(ctx, x):
+        return {"value": x * 10, "pid": os.getpid()}
+
+    @task
+    def total(ctx, times_ten):
+        return sum(part["value"] for part in times_ten)
+
+    flow = Flow("on_dask")
+    flow >> numbers >> times_ten.map("$node.numbers.output") >> total
+''')
+
+DASK_DRIVER = textwrap.dedent('''
+    import json, os, sys
+    from distributed import Client, LocalCluster
+    import pyoco, dask_flow
+
+    if __name__ == "__main__":
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            run = pyoco.Engine(executor=client.get_executor(), trace=False).run(dask_flow.flow)
+            print(json.dumps({"status": run.status, "total": run.results["total"],
+                              "pids": sorted({p["pid"] for p in run.results["times_ten"]}),
+                              "me": os.getpid(),
+                              "instances": sorted(n for n in run.tasks if "[" in n)}))
+''')
+
+
+def _dask_python():
+    explicit = os.environ.get("DASK_TEST_PYTHON")
+    if explicit:
+        return explicit
+    probe = subprocess.run([sys.executable, "-c", "import distributed"], capture_output=True)
+    return sys.executable if probe.returncode == 0 else None
+
+
+def test_flow_runs_on_a_real_dask_cluster_with_worker_processes(tmp_path):
+    python = _dask_python()
+    if python is None:
+        pytest.skip("distributed is not installed (.ci/run installs it in a venv)")
+    (tmp_path / "dask_flow.py").write_text(DASK_FLOW)
+    (tmp_path / "driver.py").write_text(DASK_DRIVER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(tmp_path)]))
+    done = subprocess.run([python, str(tmp_path / "driver.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "COMPLETED"
+    assert result["total"] == 100
+    assert result["instances"] == ["times_ten[0]", "times_ten[1]", "times_ten[2]",
+                                   "times_ten[3]"]
+    assert result["me"] not in result["pids"]       # the work ran in Dask's worker processes
