@@ -6034,3 +6034,17 @@ def test_flow_runs_on_a_real_dask_cluster_with_worker_processes(tmp_path):
     assert result["instances"] == ["times_ten[0]", "times_ten[1]", "times_ten[2]",
                                    "times_ten[3]"]
     assert result["me"] not in result["pids"]       # the work ran in Dask's worker processes
+
+
+def test_readme_python_examples_run_in_order(tmp_path):
+    """The README's code blocks, run one after the other in one namespace."""
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    script = "\n".join(blocks).replace('if __name__ == "__main__":', "if True:")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(HERE), PYOCO_CUTE="0"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "✨ Saved: CARROT" in done.stdout
+    assert "COMPLETED {'fetch': [1, 2, 3], 'total': 6, 'Upload': 'uploaded 6'}" in done.stdout
