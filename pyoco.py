@@ -1254,6 +1254,8 @@ class _Runner:
         self.slots = None           # our process pool, when executor="process"
         self.wake = None            # wakes a coordinating caller thread (other executors)
         self.expanded = {}          # map node -> its instances, until they are collected
+        self.signals = []           # names of SIGINT/SIGTERM received, noted by _SignalGuard
+        self.signals_seen = 0
         if self.plan.maps:          # map nodes add tasks while the run goes: extend copies
             self.plan = run._plan = self.plan.copy()
             self.binds = list(binds)
@@ -1291,7 +1293,8 @@ class _Runner:
             for i in roots:
                 self.ready.put(i)
             self.start_workers(len(roots))
-            self.done.wait()
+            while not self.done.wait(0.05):
+                self.check_signals()
             self.pool.shutdown(wait=False)
         if self.fatal is not None:
             raise self.fatal
@@ -1365,11 +1368,13 @@ class _Runner:
                 dues = [r[2] for r in running.values() if r[2] is not None]
                 if waiting:
                     dues.append(waiting[0][0])
-                try:
-                    item = queue.get(timeout=max(0.0, min(dues) - time.monotonic())) if dues \
-                        else queue.get()
+                try:                # wake at least every 50 ms to act on signals
+                    item = queue.get(timeout=min([0.05] + [max(0.0, due - time.monotonic())
+                                                           for due in dues]))
                 except Empty:
                     item = None
+                self.check_signals()
+
                 if item is not None:
                     i, future = item
                     entry = running.get(i)
@@ -1425,6 +1430,18 @@ class _Runner:
             ready.extend(self.released(i, False))
         else:
             errored(i, attempt, value, tb)
+
+    def check_signals(self):
+        """Act on signals noted by _SignalGuard: the first cancels gracefully, a
+        second one settles the run as CANCELLED at once and raises KeyboardInterrupt."""
+        while self.signals_seen < len(self.signals):
+            name = self.signals[self.signals_seen]
+            self.signals_seen += 1
+            if self.signals_seen == 1:
+                self.cancel("%s received" % name)
+            else:
+                self.abandon("second signal (%s): stopped at once" % name)
+                raise KeyboardInterrupt
 
     def start_workers(self, wanted):
         with self.lock:
@@ -2082,13 +2099,9 @@ class _SignalGuard:
                 pass
 
     def handle(self, signum, frame):
-        self.hits += 1
-        name = self.signal.Signals(signum).name
-        if self.hits == 1:
-            self.runner.cancel("%s received" % name)
-            return
-        self.runner.abandon("second signal (%s): stopped at once" % name)
-        raise KeyboardInterrupt
+        # Only note it: the waiting main thread acts on it (_Runner.check_signals).
+        # A handler that took locks could deadlock against the code it interrupted.
+        self.runner.signals.append(self.signal.Signals(signum).name)
 
     def restore(self):
         for signum, handler in self.previous.items():
@@ -2290,6 +2303,12 @@ class StoreError(PyocoError):
 
 
 _print_owners = {}      # thread id -> (recorder, task number) while that thread runs a task
+# print() holds no reference to sys.stdout while it writes: a tee swapped out
+# and freed under a thread still printing would crash the interpreter. So
+# tees are reused, and the last few stay referenced here.
+_tees = {}
+_retired_tees = []
+
 _tee_lock = None
 _tee_users = 0
 
@@ -2399,7 +2418,12 @@ def _tee_install():
         for name in ("stdout", "stderr"):
             current = getattr(sys, name)
             if current is not None and not isinstance(current, _Tee):
-                setattr(sys, name, _Tee(current, name))
+                tee = _tees.get(name)
+                if tee is None or tee._pyoco_original is not current:
+                    tee = _tees[name] = _Tee(current, name)
+                    _retired_tees.append(tee)
+                    del _retired_tees[:-8]
+                setattr(sys, name, tee)
 
 
 def _tee_remove():
@@ -2488,8 +2512,16 @@ class RunStore:
         if keep <= 0:
             return
         import shutil
-        for run_id in self.ids()[:-keep] if len(self.ids()) > keep else []:
+
+        def last_saved(run_id):         # a finished run's record was last saved as it ended
+            try:
+                return os.stat(os.path.join(self.runs_dir, run_id, "run.json")).st_mtime_ns
+            except OSError:
+                return 0
+        ids = sorted(self.ids(), key=lambda run_id: (last_saved(run_id), run_id))
+        for run_id in ids[:-keep] if len(ids) > keep else []:
             record = self.get(run_id, events=False)
+
             if record is None or record["status"] in (RunState.RUNNING, RunState.CANCELLING,
                                                       RunState.PENDING):
                 continue
@@ -2757,7 +2789,25 @@ def _encode_output(value):
         return None
 
 
+def _shorten_log_line(raw, limit):
+    """One stored log line cut to at most ``limit`` bytes, keeping the end of its text."""
+    import json
+    try:
+        entry = json.loads(raw)
+        text = entry["text"]
+    except (ValueError, KeyError, TypeError):
+        return b""
+    keep = len(text)
+    while True:
+        entry["text"] = "…" + text[len(text) - keep:] if keep < len(text) else text
+        line = (_dumps(entry) + "\n").encode("utf-8")
+        if len(line) <= limit or keep == 0:
+            return line if len(line) <= limit else b""
+        keep = max(0, keep - max(1, len(line) - limit))
+
+
 class _RunRecorder:
+
     """Writes one run into the store: an observer of the engine's events."""
 
     def __init__(self, store, run, folder):
@@ -2863,12 +2913,15 @@ class _RunRecorder:
         path = self.log_path(i)
         os.close(slot[0])
         with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - self.max_log))
-            tail = f.read()
-        cut = tail.find(b"\n") + 1 if len(tail) >= self.max_log else 0
-        self.guarded(_atomic_write, path, tail[cut:])
+            data = f.read()             # at most about twice the cap, see log_line
+        keep = data[-self.max_log:]
+        if len(data) > self.max_log:
+            keep = keep[keep.find(b"\n") + 1:]
+        if not keep and data:           # the last line alone is over the cap: keep its end
+            keep = _shorten_log_line(data.rstrip(b"\n").rsplit(b"\n", 1)[-1], self.max_log)
+        self.guarded(_atomic_write, path, keep)
         slot[0] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        slot[1] = len(tail) - cut
+        slot[1] = len(keep)
 
     def end_log(self, i):
         for key in [k for k in self.partial if k[1] == i]:
