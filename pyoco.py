@@ -2359,7 +2359,9 @@ def _safe_file_name(name):
 
 def _valid_run_id(run_id):
     return (isinstance(run_id, str) and 0 < len(run_id) <= 100 and run_id[0] != "."
-            and all(c.isascii() and (c.isalnum() or c in "-_.") for c in run_id))
+            and run_id.isascii()
+            and run_id.replace("-", "a").replace("_", "a").replace(".", "a").isalnum())
+
 
 
 def _hostname():
@@ -3073,6 +3075,8 @@ class MetricsView:
         self.task_hist = {}         # (flow, task) -> _Histogram
         self.last_run = {}          # (flow, status) -> ended_at
         self.webhooks_total = {}    # outcome -> count
+        self.version = 0            # bumped when anything changed; render() reuses its text
+        self.rendered = (-1, "")
 
     def refresh(self, force=False):
         with self.lock:
@@ -3085,9 +3089,10 @@ class MetricsView:
             except OSError:
                 entries = []
             present = set()
+            changed = False
             for entry in entries:
                 run_id = entry.name
-                if not _valid_run_id(run_id):
+                if run_id not in self.stamps and not _valid_run_id(run_id):
                     continue
                 try:
                     st = os.stat(os.path.join(entry.path, "run.json"))
@@ -3104,11 +3109,14 @@ class MetricsView:
                     events = full.pop("events", None) or []
                     self.records[run_id] = record = full
                     self._count_webhooks(run_id, events)
+                    changed = True
                 elif record is not None and record["status"] not in _FINISHED:
                     settled = dict(record)
                     settled["tasks"] = {k: dict(v) for k, v in record["tasks"].items()}
                     _settle_if_dead(settled, entry.path)
-                    self.records[run_id] = record = settled
+                    if settled["status"] != record["status"]:
+                        self.records[run_id] = record = settled
+                        changed = True
                 if record is not None:
                     self.flows.add(record.get("flow"))
                     if record["status"] in _FINISHED and run_id not in self.counted:
@@ -3117,6 +3125,9 @@ class MetricsView:
             for gone in set(self.records) - present:
                 del self.records[gone]
                 self.stamps.pop(gone, None)
+                changed = True
+            if changed:
+                self.version += 1
 
     def _count(self, record):
         flow, status = record.get("flow"), record["status"]
@@ -3160,6 +3171,8 @@ class MetricsView:
         import platform
         self.refresh()
         with self.lock:
+            if self.rendered[0] == self.version:
+                return self.rendered[1]
             in_progress = {flow: 0 for flow in self.flows}
             for record in self.records.values():
                 if record["status"] not in _FINISHED:
@@ -3197,7 +3210,8 @@ class MetricsView:
                      for o in ("delivered", "failed")])
             _metric(out, "pyoco_store_runs", "gauge", "Runs currently kept in the run store.",
                     [({}, len(self.records))])
-        return "".join(out)
+            self.rendered = (self.version, "".join(out))
+        return self.rendered[1]
 
 
 def _key_text(item):

@@ -4,10 +4,18 @@
     python bench/serve_load.py --runs 200 --requests 2000 --clients 8
 
 It fills a temporary run store with finished runs (completed, failed and
-cancelled, over a few flows), starts the real server on 127.0.0.1 in this
+skipped tasks, over a few flows), starts the real server on 127.0.0.1 in this
 process, and lets client threads send keep-alive requests over
 http.client. It prints the latency percentiles, the throughput and the
 number of errors, and exits 1 if any request failed.
+
+The client threads share the interpreter (and its GIL) with the server, so
+their own work inflates the latencies. For the server alone, serve the same
+store and load it from another process, for example with wrk (Debian
+package `wrk`):
+
+    python bench/serve_load.py --serve-only &        # prints the URL
+    wrk -t2 -c16 -d10s --latency http://127.0.0.1:PORT/metrics
 """
 import argparse
 import http.client
@@ -75,12 +83,21 @@ def main():
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=10000)
+    parser.add_argument("--serve-only", action="store_true",
+                        help="fill the store, print the URL and serve until Ctrl+C")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pyoco-load-") as folder:
         t0 = time.perf_counter()
         fill_store(folder, args.runs)
         print("store: %d runs written in %.1f s" % (args.runs, time.perf_counter() - t0))
         server = pyoco.Server(folder, port=0).start()
+        if args.serve_only:
+            print(server.url + "/metrics", flush=True)
+            try:
+                server.thread.join()
+            except KeyboardInterrupt:
+                server.close()
+            return 0
         t0 = time.perf_counter()
         server.view.refresh(force=True)
         print("first scan of the store: %.0f ms" % ((time.perf_counter() - t0) * 1000))
