@@ -1854,6 +1854,10 @@ def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
     raise value
 
 
+# ---------------------------------------------------------------------------
+# Engine: process pools and other executors
+# ---------------------------------------------------------------------------
+
 class _ProcessSlots:
     """Up to ``size`` single-process pools, for executor="process".
 
@@ -2077,6 +2081,10 @@ def _rebuild_task(module_name, qualname, filename, state):
     node.__dict__.update(state)
     return node
 
+
+# ---------------------------------------------------------------------------
+# Engine: Ctrl+C and SIGTERM
+# ---------------------------------------------------------------------------
 
 class _SignalGuard:
     """While a run is active in the main thread: the first SIGINT or SIGTERM
