@@ -1893,10 +1893,12 @@ class _ProcessSlots:
             slot = self.busy.pop(future, None)
             if slot is None:
                 return
+            # A broken pool is left out of idle and shut down with the others at the
+            # end: this callback runs in the pool's own thread, which holds the lock
+            # shutdown() needs (calling it here deadlocks on Python 3.12).
             if future.cancelled() or future.exception() is None or not _is_broken(future):
                 self.idle.append(slot)
-            else:
-                slot[0].shutdown(wait=False)
+
 
     def kill(self, future):
         """Stop the process running ``future`` (a task past its deadline)."""
@@ -1918,6 +1920,7 @@ class _ProcessSlots:
 
 
 def _is_broken(future):
+
     from concurrent.futures.process import BrokenProcessPool
     return isinstance(future.exception(), BrokenProcessPool)
 
