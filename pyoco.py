@@ -1495,30 +1495,34 @@ class _Runner:
         if not items:
             return self.succeed(m, [])
         template = self.binds[m]
-        with self.lock:
-            instances = list(range(len(plan.names), len(plan.names) + len(items)))
-            for j, item in enumerate(items):
-                name = "%s[%d]" % (plan.names[m], j)
-                plan.index[name] = len(plan.names)
-                plan.names.append(name)
-                for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
-                               plan.retries, plan.timeouts, plan.isolate):
-                    column.append(column[m])
-                plan.npred.append(1)
-                plan.preds.append([m])
-                plan.free.append([])
-                plan.joins.append([m])
-                self.binds.append(((_B_CONST, item, (), None, item_name, kwonly),) + template)
-                self.pending.append(0)
-                self.arrived.append(None)
-                for column, empty in ((run._state, TaskState.PENDING), (run._attempts, 0),
-                                      (run._started, None), (run._ended, None),
-                                      (run._outputs, None)):
-                    column.append(empty)
-            self.pending[m] = len(items)
+        k = len(items)
+        names = ["%s[%d]" % (plan.names[m], j) for j in range(k)]
+        binds = [((_B_CONST, item, (), None, item_name, kwonly),) + template for item in items]
+        after_m, nothing = [m], []      # shared: these lists are only ever read
+        with self.lock:                 # two map nodes may expand at once: keep columns aligned
+            first = len(plan.names)
+            instances = list(range(first, first + k))
+            plan.index.update(zip(names, instances))
+            plan.names.extend(names)
+            for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
+                           plan.retries, plan.timeouts, plan.isolate):
+                column.extend([column[m]] * k)
+            plan.npred.extend([1] * k)
+            plan.preds.extend([after_m] * k)
+            plan.free.extend([nothing] * k)
+            plan.joins.extend([after_m] * k)
+            self.binds.extend(binds)
+            self.pending.extend([0] * k)
+            self.arrived.extend([None] * k)
+            for column, empty in ((run._state, TaskState.PENDING), (run._attempts, 0),
+                                  (run._started, None), (run._ended, None),
+                                  (run._outputs, None)):
+                column.extend([empty] * k)
+            self.pending[m] = k
             self.arrived[m] = _count(1)
             self.expanded[m] = instances
         return instances
+
 
     def released(self, i, ok):
         """The successors of finished task i that are ready now.
