@@ -34,7 +34,7 @@ __all__ = [
     "task", "Task", "Flow", "Engine", "Run", "TaskRecord", "Context",
     "TaskState", "RunState",
     "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip",
-    "main", "plugin_task", "load_plugins", "RunStore", "Server", "PluginWarning",
+    "main", "plugin_task", "load_plugins", "RunStore", "StoreError", "Server", "PluginWarning",
 ]
 
 import os
@@ -577,7 +577,7 @@ class _Plan:
       nodes    the Task objects           names   their names
       index    name -> task number        npred   how many upstream tasks
       free     successors whose only upstream task is this one
-      joins    successors with several upstream tasks (counted under a lock)
+      joins    successors with several upstream tasks (counted with itertools.count)
       funcs    the callable to invoke     ctx     whether it takes ctx first
       binds    per parameter: (kind, key, path, text, pname, is_kwonly)
       flowparams  task numbers whose bindings depend on the run's params
@@ -1206,10 +1206,7 @@ class Engine:
         Returns False when no such run is active.
         """
         runner = self._active.get(run_id)
-        if runner is None:
-            return False
-        runner.cancel(reason)
-        return True
+        return runner is not None and runner.cancel(reason)
 
 
 _STOP = None        # put on the ready queue to let a worker thread go
@@ -1249,7 +1246,7 @@ class _Runner:
         self.stop_state = None
         self.stop_reason = None
         self.closed = False         # the run's outcome is settled; late results are ignored
-        self.fatal = None           # a BaseException (SystemExit...) to re-raise at the end
+
         self.pool = None
         self.slots = None           # our process pool, when executor="process"
         self.wake = None            # wakes a coordinating caller thread (other executors)
@@ -1296,8 +1293,6 @@ class _Runner:
             while not self.done.wait(0.05):
                 self.check_signals()
             self.pool.shutdown(wait=False)
-        if self.fatal is not None:
-            raise self.fatal
         return run
 
     def execute_remote(self):
@@ -1348,8 +1343,13 @@ class _Runner:
                 while waiting and (waiting[0][0] <= time.monotonic() or self.stopping):
                     _, _, i, attempt, exc = heapq.heappop(waiting)
                     if self.stopping:
-                        self.fail(i, exc)
+                        if self.stop_state == TaskState.CANCELLED:
+                            self.mark(i, TaskState.CANCELLED, "%s while waiting to retry"
+                                      % self.stop_reason)
+                        else:
+                            self.fail(i, exc)
                         ready.extend(self.released(i, False))
+
                     else:
                         submit(i, attempt)
                 while ready:
@@ -1401,7 +1401,7 @@ class _Runner:
         run, plan = self.run, self.plan
         return {"run_id": run.run_id, "params": run.params, "task_name": plan.names[i],
                 "attempt": attempt, "artifacts": dict(run.artifacts),
-                "artifacts_dir": _artifact_root(run),
+                "artifacts_dir": run.artifacts_dir,
                 "results": {plan.names[p]: run._outputs[p] for p in plan.preds[i]}}
 
     def absorb(self, i, attempt, future, errored, ready):
@@ -1502,8 +1502,6 @@ class _Runner:
         with self.lock:                 # two map nodes may expand at once: keep columns aligned
             first = len(plan.names)
             instances = list(range(first, first + k))
-            plan.index.update(zip(names, instances))
-            plan.names.extend(names)
             for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
                            plan.retries, plan.timeouts, plan.isolate):
                 column.extend([column[m]] * k)
@@ -1518,6 +1516,9 @@ class _Runner:
                                   (run._started, None), (run._ended, None),
                                   (run._outputs, None)):
                 column.extend([empty] * k)
+            # Names last: a reader (the store, the API) sizes the run by its names.
+            plan.names.extend(names)
+            plan.index.update(zip(names, instances))
             self.pending[m] = k
             self.arrived[m] = _count(1)
             self.expanded[m] = instances
@@ -1624,10 +1625,8 @@ class _Runner:
                     continue
                 self.fail(i, exc)
                 return False
-            except BaseException as exc:        # SystemExit and friends: fail, then re-raise
-                self.fatal = self.fatal or exc
+            except BaseException as exc:        # sys.exit() in a task fails the task, no more
                 self.fail(i, exc)
-                self.stop(TaskState.SKIPPED, "run aborted by %s" % type(exc).__name__)
                 return False
             return self.succeed(i, out)
 
@@ -1640,6 +1639,7 @@ class _Runner:
     def retrying(self, i, attempt, exc):
         """Announce another attempt after ``exc``; returns the delay before it."""
         node = self.plan.nodes[i]
+        node = getattr(node, "base", node)      # a map instance retries like its task
         delay = min(node.retry_delay * 2 ** (attempt - 1), node.max_retry_delay)
         self.emit(time.time(), "task.retrying", i, TaskState.RUNNING,
                   {"attempt": attempt + 1, "of": self.plan.retries[i] + 1,
@@ -1754,17 +1754,26 @@ class _Runner:
         self.halt.set()
 
     def cancel(self, reason="cancelled"):
-        """The graceful stop: nothing new starts, running tasks may finish."""
+        """The graceful stop: nothing new starts, running tasks may finish.
+
+        Returns False when the run has already ended (or is stopping anyway).
+        """
         run = self.run
-        if run.status != RunState.RUNNING:
-            return
-        self.stop(TaskState.CANCELLED, reason)
+        with self.lock:
+            if self.closed or run.status != RunState.RUNNING:
+                return False
+            first = not self.stopping
+            if first:
+                self.stop_state, self.stop_reason = TaskState.CANCELLED, reason
+                self.stopping = True
+                run.status = RunState.CANCELLING
+        self.halt.set()
         run.cancel_event.set()
-        if self.stop_state == TaskState.CANCELLED:
-            run.status = RunState.CANCELLING
+        if first:
             self.emit(time.time(), "run.cancelling", -1, RunState.CANCELLING, {"reason": reason})
         if self.wake is not None:
             self.wake()
+        return True
 
     def abandon(self, reason):
         """The hard stop: settle the run as CANCELLED now, without waiting for tasks."""
@@ -1790,6 +1799,12 @@ class _Runner:
                 return
             self.closed = True
         if self.stopping:
+            for m, instances in list(self.expanded.items()):    # a map whose items all
+                if all(run._state[k] == TaskState.SUCCEEDED for k in instances):  # finished
+                    self.expanded.pop(m)                        # keeps its result
+                    self.closed = False
+                    self.succeed(m, [run._outputs[k] for k in instances])
+                    self.closed = True
             unsettled = (TaskState.PENDING, TaskState.RUNNING) if interrupted else (
                 TaskState.PENDING,)
             for i, state in enumerate(run._state):
@@ -1800,10 +1815,8 @@ class _Runner:
         if self.stop_state == TaskState.CANCELLED:
             run.status = RunState.CANCELLED
             run.reason = self.stop_reason
-        elif TaskState.FAILED in states or self.fatal is not None:
+        elif TaskState.FAILED in states:
             run.status = RunState.FAILED
-            if run.error is None and self.fatal is not None:
-                run.reason = "aborted by %s" % _describe(self.fatal)
         else:
             run.status = RunState.COMPLETED
         run.ended_at = time.time()
@@ -1839,6 +1852,7 @@ def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
 
     def target():
         owner = threading.get_ident()
+        box.append(owner)
         if recorder is not None:
             _print_owners[owner] = (recorder, i)
         try:
@@ -1851,8 +1865,10 @@ def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
 
     threading.Thread(target=target, name="pyoco-" + name, daemon=True).start()
     if not finished.wait(timeout):
+        if box:
+            _print_owners.pop(box[0], None)     # what it prints from now on is nobody's
         raise TimeoutError("task %r timed out after %gs" % (name, timeout))
-    ok, value = box[0]
+    ok, value = box[1]
     if ok:
         return value
     raise value
@@ -1972,7 +1988,11 @@ class _RemoteContext:
         raise Skip(reason)
 
     def save_artifact(self, name, data):
+        if self._dir is None:           # an unrecorded run: a folder of the worker's own
+            import tempfile
+            self._dir = tempfile.mkdtemp(prefix="pyoco-%s-" % self.run_id)
         path = _save_artifact_file(self._dir, name, data)
+
         self.artifacts[name] = self.saved[name] = path
         return path
 
@@ -2358,7 +2378,22 @@ def _json_default(value):
 
 def _dumps(value, indent=None):
     import json
-    return json.dumps(value, default=_json_default, ensure_ascii=False, indent=indent)
+    try:
+        return json.dumps(value, default=_json_default, ensure_ascii=False, indent=indent)
+    except (TypeError, ValueError):     # e.g. dict keys JSON cannot have: keep a readable form
+        return json.dumps(_jsonable(value), ensure_ascii=False, indent=indent)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else repr(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    return repr(value)
 
 
 def _safe_file_name(name):
@@ -2663,7 +2698,8 @@ class RunStore:
         rerun = set()
         for i, name in enumerate(plan.names):
             done = (tasks.get(name) or {}).get("state") == TaskState.SUCCEEDED
-            if not (done and name in outputs and plan.nodes[i].cache):
+            node = plan.nodes[i]
+            if not (done and name in outputs and getattr(node, "base", node).cache):
                 rerun.add(i)
         stack = list(rerun)
         while stack:
@@ -2847,6 +2883,7 @@ class _RunRecorder:
             self.max_log = 0
         self.keeper = None
         self.runner = None
+        self.closed = False             # after close(), late lines are dropped
         run.artifacts_dir = os.path.join(folder, "artifacts")
 
     def start(self, runner):
@@ -2900,7 +2937,7 @@ class _RunRecorder:
             self.log_line(i, stream, line)
 
     def log_line(self, i, stream, text, ts=None):
-        if self.broken:
+        if self.broken or self.closed:      # e.g. a thread abandoned at its timeout
             return
         entry = (_dumps({"ts": _iso(ts or time.time()), "task": self.run._plan.names[i],
 
@@ -2954,10 +2991,10 @@ class _RunRecorder:
     # -- the record
 
     def save(self):
-        self.dirty = False
-        self.run._touched = False
-        data = _record_json(self.run).encode("utf-8")
-        with self.lock:
+        with self.lock:         # snapshot and write together: an older one never wins
+            self.dirty = False
+            self.run._touched = False
+            data = _record_json(self.run).encode("utf-8")
             self.guarded(_atomic_write, os.path.join(self.folder, "run.json"), data)
 
     def save_graph(self):
@@ -2995,15 +3032,18 @@ class _RunRecorder:
         next_beat = time.time() + _HEARTBEAT_S
         asked = False
         while not self.stop_event.wait(0.1):
-            if not asked and os.path.exists(cancel_path):
-                asked = True
-                self.runner.cancel("cancel requested by `pyoco runs cancel`")
-            if time.time() >= next_beat:
-                next_beat = time.time() + _HEARTBEAT_S
-                self.guarded(os.utime, process_path, None)
-                if self.dirty or self.run._touched:
-                    self.save_outputs()
-                    self.save()
+            try:
+                if not asked and os.path.exists(cancel_path):
+                    asked = True
+                    self.runner.cancel("cancel requested by `pyoco runs cancel`")
+                if time.time() >= next_beat:
+                    next_beat = time.time() + _HEARTBEAT_S
+                    self.guarded(os.utime, process_path, None)
+                    if self.dirty or self.run._touched:
+                        self.save_outputs()
+                        self.save()
+            except Exception as exc:        # the heartbeat must outlive any one bad write
+                _warn("run %s: recording failed: %s" % (self.run.run_id, _describe(exc)))
 
     def close(self):
         """The run is over (or abandoned): write everything one last time."""
@@ -3013,6 +3053,7 @@ class _RunRecorder:
             _tee_remove()
         for i in list(self.log_files) + [k[1] for k in list(self.partial)]:
             self.end_log(i)
+        self.closed = True
         if self.run.status != RunState.COMPLETED:
             self.save_outputs()
         if self.run._plan.maps:
@@ -3691,6 +3732,10 @@ class Server:
         if not (_is_loopback(self.host) and _is_loopback(client)):
             raise HTTPError(403, "changes are refused: set PYOCO_API_TOKEN to allow them when"
                                  " the server listens beyond loopback")
+        host = urlsplit("//" + (headers.get("Host") or "localhost")).hostname or ""
+        if not _is_loopback(host):          # a page whose name was rebound to 127.0.0.1
+            raise HTTPError(403, "changes without PYOCO_API_TOKEN must be addressed to"
+                                 " localhost or 127.0.0.1, not %r" % host)
 
     def graph(self, run_id):
         """The run's DAG: task names and [upstream, downstream] edges."""
@@ -3877,8 +3922,7 @@ def _make_handler_class():
             url = urlsplit(self.path)
             body = b""
             try:
-                if method == "POST":
-                    body = self.read_body()
+                body = self.read_body()     # any method: an unread body would desync the next
                 status, payload = self.app.route(method, url.path, url.query, body,
                                                  self.client_address[0], self.headers)
                 headers = {}
@@ -3896,15 +3940,18 @@ def _make_handler_class():
             else:
                 data = (_dumps(payload, indent=None) + "\n").encode("utf-8")
                 kind = "application/json"
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.end_headers()
-            if not head:
-                self.wfile.write(data)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+            except OSError:                 # the client left; nothing to tell it
+                self.close_connection = True
 
         def read_body(self):
             length = self.headers.get("Content-Length")
@@ -3921,7 +3968,21 @@ def _make_handler_class():
             if length < 0 or length > self.app.max_body:
                 self.close_connection = True
                 raise HTTPError(413, "the body may be at most %d bytes" % self.app.max_body)
-            return self.rfile.read(length)
+            try:
+                body = self.rfile.read(length)
+            except OSError:                 # a timeout: the client sent less than it said
+                body = b""
+            if len(body) < length:
+                self.close_connection = True
+                raise HTTPError(408, "the body was cut short: %d of %d bytes arrived"
+                                % (len(body), length))
+            return body
+
+        def handle(self):
+            try:
+                super().handle()
+            except OSError:                 # a client that vanished mid-request
+                self.close_connection = True
 
         def do_GET(self):
             self.handle_one("GET")
@@ -3977,6 +4038,7 @@ def _make_handler_class():
 
 _WEBHOOK_EVENTS = ("run.completed", "run.failed", "run.cancelled")
 _pending_webhooks = []      # (thread, deadline) still delivering; drained at exit
+_webhooks_drained_at_exit = False
 
 
 def _webhook_settings():
@@ -4071,9 +4133,13 @@ def _send_webhooks(run, recorder=None):
         if recorder is not None:
             recorder.save()
 
-    if not _pending_webhooks:
+    global _webhooks_drained_at_exit
+    if not _webhooks_drained_at_exit:
         import atexit
         atexit.register(drain_webhooks)
+        _webhooks_drained_at_exit = True
+    now = time.monotonic()                  # forget deliveries that are over
+    _pending_webhooks[:] = [(t, d) for t, d in _pending_webhooks if t.is_alive() and d > now]
     threads = []
     for url in settings["urls"]:        # one thread per URL: a slow one delays no other
         thread = threading.Thread(target=deliver, args=(url,), name="pyoco-webhook",
@@ -4201,6 +4267,9 @@ class PluginRegistry:
         if isinstance(target, type) and issubclass(target, Task):
             kind = "task"
             name = name or target.name
+        elif isinstance(target, FunctionTask):      # an @task function, options and all
+            kind = "task"
+            name = name or target.name
         elif isinstance(target, Task):
             raise TypeError("registry.add takes a Task subclass, not an instance (%r)" % target)
         elif callable(target):
@@ -4310,9 +4379,8 @@ def _load_registry():
                                       % (ep.value, _describe(exc))))
             continue
         try:
-            if isinstance(target, FunctionTask):        # an @task function
-                registry.add(target.func, name=ep.name)
-            elif isinstance(target, type) and issubclass(target, Task):
+            if isinstance(target, FunctionTask) or (isinstance(target, type)
+                                                    and issubclass(target, Task)):
                 registry.add(target, name=ep.name)
             elif callable(target) and _is_hook(target):
                 target(registry)
@@ -4345,6 +4413,12 @@ def plugin_task(plugin, /, **options):
     """
     info = load_plugins().get(plugin)
     options.setdefault("name", plugin)
+    if isinstance(info.target, FunctionTask):   # its decorator's options, then these
+        base = info.target
+        merged = {key: getattr(base, key) for key in _OPTIONS if key != "name"}
+        merged["inputs"] = dict(base.inputs or {})
+        merged.update(options)
+        return FunctionTask(base.func, **merged)
     if info.kind == "task":
         return info.target(**options)
     return FunctionTask(info.target, **options)
@@ -4380,10 +4454,13 @@ def _wiring_problem(info):
     """(level, message) when pyoco cannot call the plugin's task well, else None."""
     target = info.target
     label = info.name
-    if info.kind == "task":
+    method = False
+    if isinstance(target, FunctionTask):
+        target = target.func
+    elif info.kind == "task":
         if target.run is Task.run:
             return "error", "%s does not implement run(self, ctx, **inputs)" % target.__name__
-        target, label = target.run, "%s.run" % target.__name__
+        target, label, method = target.run, "%s.run" % target.__name__, True
     code = getattr(target, "__code__", None)
     if code is not None and code.co_flags & 0x04:
         return "error", "%s takes *args, which pyoco cannot fill by name" % label
@@ -4391,7 +4468,7 @@ def _wiring_problem(info):
         params, _ = _parameters(target)
     except (TypeError, ValueError) as exc:
         return "error", "cannot read the signature of %s: %s" % (label, exc)
-    names = [p[0] for p in params][1 if info.kind == "task" else 0:]
+    names = [p[0] for p in params][1 if method else 0:]
     if not names or names[0] != "ctx":
         return "warning", "%s does not take ctx first; tasks are run(self, ctx, **inputs)" % label
     return None
@@ -4429,7 +4506,7 @@ def _load_target(target):
         except FlowError as exc:
             sys.modules.pop(module_name, None)
             raise UsageError("%s:%s: %s" % (target, _failing_line(exc, path), exc)) from None
-        except BaseException as exc:
+        except BaseException as exc:        # SystemExit too: a flow file may not end us
             sys.modules.pop(module_name, None)
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -4447,7 +4524,7 @@ def _load_target(target):
                          % (target, exc)) from None
     except SyntaxError as exc:
         raise UsageError("%s:%s: syntax error: %s" % (exc.filename, exc.lineno, exc.msg)) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UsageError("importing %r raised %s" % (target, _describe(exc))) from None
 
 
@@ -4879,8 +4956,9 @@ def main(argv=None):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
-
-
+    except OSError as exc:          # a store or file we cannot read or write
+        _write_line(None, "pyoco %s: error: %s\n" % (args.command, exc))
+        return 2
 
 
 # ---------------------------------------------------------------------------

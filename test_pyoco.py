@@ -3156,22 +3156,27 @@ def test_hook_tasks_are_named_by_add_or_class_and_summarised_by_summary_or_docst
     assert lint.returncode == 0 and plug_json(lint) == []
 
 
-def test_entry_point_naming_a_task_decorated_function_is_reported_not_crashing(tmp_path):
+def test_entry_point_naming_a_task_decorated_function_keeps_its_options(tmp_path):
     folder = plug_make_dist(tmp_path / "site", "plug_deco", {"plug_decomod": '''\
         import pyoco
 
-        @pyoco.task
+        @pyoco.task(retries=2, timeout=5)
         def upload(ctx, path="x"):
             """Upload a file."""
             return path
     '''}, {"upload": "plug_decomod:upload"})
     listing = plug_cli([folder], tmp_path, "plugins", "list", "--json")
     assert listing.returncode == 0
-    plug_json(listing)
+    rows = plug_json(listing)
+    assert [(r["name"], r["kind"], r["summary"]) for r in rows] == [
+        ("upload", "task", "Upload a file.")]
     lint = plug_cli([folder], tmp_path, "plugins", "lint", "--json")
-    assert lint.returncode == 1
-    assert any(f["plugin"] == "upload" for f in plug_json(lint))
-    for proc in (listing, lint):
+    assert lint.returncode == 0, lint.stdout
+    assert plug_json(lint) == []
+    probe = plug_python(["-c", "import pyoco; n = pyoco.plugin_task('upload', name='up');"
+                         " print(n.name, n.retries, n.timeout)"], [folder], tmp_path)
+    assert probe.stdout.split() == ["up", "2", "5"], probe.stderr
+    for proc in (listing, lint, probe):
         assert PLUG_TRACEBACK not in proc.stderr
 
 
@@ -7635,3 +7640,113 @@ def test_bad_or_unknown_run_id_exits_2_with_a_message_not_a_traceback(tmp_path, 
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     store_no_traceback(result)
     assert "AFTER RAN" not in result.stdout
+
+
+# ===========================================================================
+# Edge cases found in review
+# ===========================================================================
+
+def test_sys_exit_in_a_task_fails_the_run_and_the_cli_exits_1(tmp_path):
+    flow_file = tmp_path / "exits.py"
+    flow_file.write_text(textwrap.dedent('''
+        import sys
+        from pyoco import task, Flow
+
+        @task
+        def leave(ctx):
+            sys.exit(0)
+
+        flow = Flow("exits")
+        flow >> leave
+    '''))
+    done = subprocess.run([sys.executable, "-m", "pyoco", "run", str(flow_file), "--store",
+                           str(tmp_path / "store")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(HERE), PYOCO_CUTE="0"))
+    assert done.returncode == 1, done.stderr
+    assert "SystemExit" in done.stderr
+
+
+def test_params_json_cannot_hold_still_leave_a_readable_record(tmp_path):
+    @task
+    def fine(ctx):
+        return "ok"
+
+    flow = Flow("odd-params")
+    flow >> fine
+    run = Engine(trace=False, store=tmp_path).run(flow, {"grid": {(0, 0): "x"}})
+    assert run.status == "COMPLETED" and run.results["fine"] == "ok"
+    record = RunStore(tmp_path).get(run.run_id)
+    assert record["status"] == "COMPLETED"
+    assert record["params"] == {"grid": {"(0, 0)": "x"}}
+
+
+def test_map_instances_wait_their_tasks_retry_delay():
+    calls = []
+
+    @task
+    def items(ctx):
+        return [1]
+
+    @task(retries=1, retry_delay=0.3)
+    def flaky(ctx, item):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise ValueError("first try")
+        return item
+
+    flow = Flow("map-retry")
+    flow >> items >> flaky.map("$node.items.output")
+    run = Engine(trace=False).run(flow)
+    assert run.results["flaky"] == [1]
+    assert calls[1] - calls[0] >= 0.29
+
+
+def test_post_addressed_to_a_foreign_host_name_is_refused_without_a_token(tmp_path):
+    server = pyoco.Server(tmp_path, port=0).start()
+    try:
+        status, _, body = srv_request(server.url, "POST", "/runs", {"flow": "x"},
+                                      headers={"Host": "rebound.example:%d" % server.port})
+        assert status == 403 and b"localhost" in body
+        status, _, _ = srv_request(server.url, "POST", "/runs", {"flow": "x"})
+        assert status == 404            # addressed to 127.0.0.1: allowed, the flow is unknown
+    finally:
+        server.close()
+
+
+def test_cut_short_body_is_408_and_a_body_on_delete_does_not_desync(tmp_path):
+    server = pyoco.Server(tmp_path, port=0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(b"DELETE /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+                         b"\r\nXXXXXGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            while answer.count(b"HTTP/1.") < 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 405")
+        assert b"HTTP/1.1 200" in answer
+        server.httpd.RequestHandlerClass.timeout = 0.5
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(b"POST /runs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n"
+                         b"\r\n{\"flow\"")
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    finally:
+        server.close()
+
+
+def test_cli_reports_an_unwritable_store_in_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = subprocess.run([sys.executable, "-m", "pyoco", "runs", "list", "--store",
+                           str(blocker / "store")], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(HERE)))
+    assert done.returncode == 0 and "no runs" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "pyoco", "runs", "cancel",
+                           "20260101-000000-00000000", "--store", str(blocker / "store")],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(HERE)))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "no run" in done.stderr
