@@ -3194,8 +3194,13 @@ class MetricsView:
             self.last_run[key] = ended
         if record.get("duration_ms") is not None:
             self.run_hist.setdefault(flow, _Histogram()).observe(record["duration_ms"] / 1000)
-        for name, t in (record.get("tasks") or {}).items():
+        tasks = record.get("tasks") or {}
+        for name, t in tasks.items():
+            base, _, number = name[:-1].rpartition("[") if name.endswith("]") else ("", "", "")
+            if number.isdigit() and base in tasks:
+                name = base + "[*]"     # map instances share one label: bounded cardinality
             tkey = (flow, name, t.get("state"))
+
             self.tasks_total[tkey] = self.tasks_total.get(tkey, 0) + 1
             if (t.get("attempts") or 0) > 1:
                 rkey = (flow, name)

@@ -7750,3 +7750,21 @@ def test_cli_reports_an_unwritable_store_in_one_line(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(HERE)))
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "no run" in done.stderr
+
+
+def test_map_instances_share_one_metrics_label(tmp_path):
+    @task
+    def files(ctx):
+        return ["a", "b", "c"]
+
+    @task
+    def handle(ctx, name):
+        return name.upper()
+
+    flow = Flow("mapped-metrics")
+    flow >> files >> handle.map("$node.files.output")
+    Engine(trace=False, store=tmp_path).run(flow)
+    text = pyoco.MetricsView(RunStore(tmp_path)).render()
+    assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle[*]",state="SUCCEEDED"} 3' in text
+    assert 'task="handle[0]"' not in text
+    assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle",state="SUCCEEDED"} 1' in text
