@@ -2199,7 +2199,11 @@ def _ms(seconds):
 
 def _plain_value(value):
     text = value if isinstance(value, str) else str(value)
+    if text.isascii() and text.isprintable() and " " not in text and '"' not in text \
+            and "=" not in text and "\\" not in text and text:
+        return text                     # the common case: a name, a number, an id
     text = text.encode("ascii", "backslashreplace").decode("ascii")
+
     if not text or any(c in text for c in ' "=\n\r\t'):
         text = '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace(
             "\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
