@@ -1,10 +1,15 @@
-"""Tests for pyoco's core: model, flow building, inputs, validation, engine,
-trace, the original README example, import cost and the command line.
+"""Tests for pyoco, written against SPEC.md and grouped by the sections of
+pyoco.py: the model, flow building, inputs and validation; the engine and its
+executors; the trace; the original README example, import cost and the
+command line; plugins; the browser page; the HTTP server, metrics and
+webhooks; the tutorial's examples; the run store, signals, cancel and resume.
 
-They are written against SPEC.md (sections 1, 2, 3 and 5), grouped by the
-same sections as pyoco.py. Synchronisation between threads uses Events and
-Barriers; a ``time.sleep`` inside a task only ever stands for work.
-Run with ``python -m pytest -q test_pyoco.py``.
+Real parts, not mocks: subprocesses of the CLI, real signals, the real
+server on 127.0.0.1, real webhook receivers, promtool and a real Prometheus,
+headless Chromium, pip-installed plugins and a Dask cluster (each skipped only
+when its program or package is missing). Synchronisation between threads
+uses Events, Barriers or marker lines; a ``time.sleep`` inside a task only
+ever stands for work. Run with ``python -m pytest -q test_pyoco.py``.
 """
 
 import io
@@ -2635,7 +2640,7 @@ PLUG_BROKEN_CASES = {
                             return "b"
                 '''}, {"same": "plug_dupb:Same"})],
         plugin="same", load_problem=True, level="error", text="plug_dup_"),
-    # beyond the brief's list, the other problems docs/plugins.md names
+    # the other problems docs/plugins.md names
     "non_task_class": dict(
         dists=[("plug_klass", {"plug_klassmod": '''\
             class Helper:
