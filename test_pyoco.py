@@ -6223,10 +6223,8 @@ def store_spawn():
 
 # A flow whose first task prints "MARK <run id>" and then waits: for a cancel
 # (the default, cooperative), or in time.sleep (-p mode=stubborn), or not at
-# all (-p mode=quick, which prints no marker). It writes with
-# sys.stdout.write, not print(): a print() still under way when a second
-# Ctrl+C ends the run can crash the interpreter (see
-# test_task_thread_still_printing_after_its_run_ended_does_not_crash_python).
+# all (-p mode=quick, which prints no marker). It writes the marker with
+# sys.stdout.write and a flush, so the test sees it at once.
 STORE_SIGNAL_FLOW = """\
     import sys
     import time
