@@ -1180,7 +1180,7 @@ class Engine:
         guard = _SignalGuard(runner)
         try:
             if recorder is not None:
-                recorder.start(runner)
+                recorder.start()
             runner.execute()
         finally:
             guard.restore()
@@ -1253,6 +1253,8 @@ class _Runner:
         self.expanded = {}          # map node -> its instances, until they are collected
         self.signals = []           # names of SIGINT/SIGTERM received, noted by _SignalGuard
         self.signals_seen = 0
+        self.store_asked = False    # a cancel asked for through the run store was acted on
+        self.requests = 0           # stop requests acted on: the second one is the hard stop
         if self.plan.maps:          # map nodes add tasks while the run goes: extend copies
             self.plan = run._plan = self.plan.copy()
             self.binds = list(binds)
@@ -1432,12 +1434,19 @@ class _Runner:
             errored(i, attempt, value, tb)
 
     def check_signals(self):
-        """Act on signals noted by _SignalGuard: the first cancels gracefully, a
-        second one settles the run as CANCELLED at once and raises KeyboardInterrupt."""
+        """Act on stop requests: signals noted by _SignalGuard, and a cancel asked
+        for through the run store. The first cancels gracefully; a signal after
+        that settles the run as CANCELLED at once and raises KeyboardInterrupt."""
+        if not self.store_asked and self.recorder is not None and self.recorder.cancel_asked:
+            self.store_asked = True
+            self.requests += 1
+            if self.requests == 1:
+                self.cancel("cancel requested by `pyoco runs cancel`")
         while self.signals_seen < len(self.signals):
             name = self.signals[self.signals_seen]
             self.signals_seen += 1
-            if self.signals_seen == 1:
+            self.requests += 1
+            if self.requests == 1:
                 self.cancel("%s received" % name)
             else:
                 self.abandon("second signal (%s): stopped at once" % name)
@@ -2886,13 +2895,12 @@ class _RunRecorder:
                   % os.environ["PYOCO_MAX_LOG_BYTES"])
             self.max_log = 0
         self.keeper = None
-        self.runner = None
+        self.cancel_asked = False       # `pyoco runs cancel` asked, from another process
         self.closed = False             # after close(), late lines are dropped
         run.artifacts_dir = os.path.join(folder, "artifacts")
 
-    def start(self, runner):
+    def start(self):
         import threading
-        self.runner = runner
         self.guarded(_atomic_write, os.path.join(self.folder, "process.json"),
                      _dumps({"pid": os.getpid(), "host": _hostname(),
                              "started_at": _iso(time.time())}).encode())
@@ -3030,16 +3038,15 @@ class _RunRecorder:
             self.guarded(append)
 
     def keep(self):
-        """The keeper thread: heartbeat, periodic record, cancel requests."""
+        """The keeper thread: heartbeat, periodic record, and noticing a cancel
+        request from another process (the engine looks at ``cancel_asked``)."""
         cancel_path = os.path.join(self.folder, "cancel")
         process_path = os.path.join(self.folder, "process.json")
         next_beat = time.time() + _HEARTBEAT_S
-        asked = False
         while not self.stop_event.wait(0.1):
             try:
-                if not asked and os.path.exists(cancel_path):
-                    asked = True
-                    self.runner.cancel("cancel requested by `pyoco runs cancel`")
+                if not self.cancel_asked and os.path.exists(cancel_path):
+                    self.cancel_asked = True
                 if time.time() >= next_beat:
                     next_beat = time.time() + _HEARTBEAT_S
                     self.guarded(os.utime, process_path, None)
