@@ -40,6 +40,7 @@ __all__ = [
 import os
 import sys
 import time
+from _thread import get_ident as _get_ident    # built in, already loaded
 from itertools import count as _count
 
 _MISSING = object()         # "no value": a parameter without default, and so on
@@ -1156,14 +1157,13 @@ class Engine:
             if store is None:
                 raise StoreError("resume needs a run store: pass Engine(store=PATH) or set"
                                  " PYOCO_HOME")
-            old = store.get(resume, events=False)
-            if old is not None:         # the old run's params, unless given again
-                params = dict(old.get("params") or {}, **params)
+            old = store.resumable(resume)
+            params = dict(old.get("params") or {}, **params)   # the old run's, unless given
         plan = flow._compile()
         binds, _ = plan.bind(params, strict=True)
         if self.executor == "process":
             _check_picklable(plan)
-        reused = store.reusable_outputs(resume, plan) if resume else {}
+        reused = store.reusable_outputs(old, plan) if resume else {}
         run = Run(plan, flow, params, run_id or _new_run_id())
         run.resumed_from = resume
         observers = list(self.observers)
@@ -1845,10 +1845,9 @@ def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
     coroutine function runs on an event loop in this thread instead, where
     the timeout really cancels it.
     """
-    import threading
     kwargs = kwargs or {}
     if timeout is None or is_async:
-        owner = threading.get_ident()
+        owner = _get_ident()
         if recorder is not None:
             _print_owners[owner] = (recorder, i)
         try:
@@ -1856,11 +1855,12 @@ def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
             return _run_coroutine(out, timeout, name) if is_async else out
         finally:
             _print_owners.pop(owner, None)
+    import threading
     box = []
     finished = threading.Event()
 
     def target():
-        owner = threading.get_ident()
+        owner = _get_ident()
         box.append(owner)
         if recorder is not None:
             _print_owners[owner] = (recorder, i)
@@ -2470,14 +2470,11 @@ class _Tee:
         return getattr(self._pyoco_original, name)
 
 
-_get_ident = None
-
-
 def _tee_install():
-    global _tee_users, _tee_lock, _get_ident
+    global _tee_users, _tee_lock
     if _tee_lock is None:
         import threading
-        _tee_lock, _get_ident = threading.Lock(), threading.get_ident
+        _tee_lock = threading.Lock()
     with _tee_lock:
         _tee_users += 1
         for name in ("stdout", "stderr"):
@@ -2510,7 +2507,7 @@ def _task_logger(task_name):
     if not getattr(parent, "_pyoco_ready", False):
         class TaskLogHandler(logging.Handler):
             def emit(self, record):
-                owner = _print_owners.get(_get_ident()) if _get_ident else None
+                owner = _print_owners.get(_get_ident())
                 if owner is not None:
                     owner[0].feed(owner[1], "log", "%s %s\n" % (record.levelname,
                                                                  self.format(record)))
@@ -2694,15 +2691,22 @@ class RunStore:
             pass
         return outputs
 
-    def reusable_outputs(self, run_id, plan):
-        """For resuming ``run_id``: task number -> output, for every task that
-        succeeded there, may be cached, and has nothing upstream that re-runs."""
+    def resumable(self, run_id):
+        """The record of a run that can be resumed; StoreError says why not."""
         record = self.get(run_id, events=False)
         if record is None:
-            raise StoreError("cannot resume: no run %r in %s" % (run_id, self.root))
+            raise StoreError("cannot resume: no run %r in %s (see: pyoco runs list)"
+                             % (run_id, self.root))
         if record["status"] not in (RunState.FAILED, RunState.CANCELLED):
             raise StoreError("cannot resume run %s: it is %s; only FAILED or CANCELLED runs"
                              " can be resumed" % (run_id, record["status"]))
+        return record
+
+    def reusable_outputs(self, record, plan):
+        """For resuming the run of ``record`` (see resumable): task number ->
+        (output, artifacts), for every task that succeeded there, may be
+        cached, and has nothing upstream that re-runs."""
+        run_id = record["run_id"]
         if record.get("flow") != plan.flow_name:
             raise StoreError("cannot resume run %s: it ran flow %r, not %r"
                              % (run_id, record.get("flow"), plan.flow_name))
@@ -4738,21 +4742,11 @@ def _cmd_run(args):
         raise UsageError("--workers must be at least 1, not %d" % args.workers)
     params = _parse_params(args.param)
     flow = load_flow(args.target, args.flow)
-    store = _cli_store(args)
-    engine = Engine(workers=args.workers, cute=args.cute, store=store)
-    if args.resume:
-        old = store.get(args.resume, events=False)
-        if old is None:
-            raise UsageError("cannot resume: no run %r in %s (see: pyoco runs list)"
-                             % (args.resume, store.root))
-        params = dict(old.get("params") or {}, **params)
-
-    try:
-        flow.validate(params)
-    except FlowError as exc:
-        raise UsageError("%s: %s" % (args.target, exc)) from None
+    engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args))
     try:
         engine.run(flow, params, resume=args.resume)
+    except FlowError as exc:            # raised before any task runs
+        raise UsageError("%s: %s" % (args.target, exc)) from None
     except RunFailed as exc:
         _write_line(None, "pyoco: %s\n" % exc)
         return 1
