@@ -40,10 +40,16 @@ __all__ = [
 import os
 import sys
 import time
-from _thread import get_ident as _get_ident    # built in, already loaded
+from _thread import allocate_lock as _allocate_lock, get_ident as _get_ident   # built in
 from itertools import count as _count
 
 _MISSING = object()         # "no value": a parameter without default, and so on
+
+# Module state. Each holds one thing, and the comment says what keeps it right.
+_iso_second = (None, None)  # (whole second, its ISO text) last formatted: replaced whole, atomically
+_abandoned = set()          # threads running an attempt given up at its timeout: under _abandon_lock
+_abandon_lock = _allocate_lock()
+_record_lock = _allocate_lock()     # held while a finished run's record is rewritten (add_events)
 
 
 # ---------------------------------------------------------------------------
@@ -91,7 +97,7 @@ class Skip(Exception):
 
 
 # ---------------------------------------------------------------------------
-# States
+# States and events
 # ---------------------------------------------------------------------------
 
 class TaskState:
@@ -114,6 +120,79 @@ class RunState:
     CANCELLED = "CANCELLED"
 
 
+
+_FINISHED = (RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED)
+
+
+class Event(tuple):
+    """One transition of a run, as observers see it: ``(ts, kind, task, state, data)``.
+
+    ``ts`` is a ``time.time()`` value, ``kind`` a key of ``EVENT_KINDS``,
+    ``task`` the task's name (None for the run itself), ``state`` the state
+    entered, ``data`` a dict of extra fields or None. A plain tuple underneath,
+    so making one costs what a tuple costs; observers read events and never
+    answer back into the run.
+    """
+
+    __slots__ = ()
+    ts = property(lambda self: self[0])
+    kind = property(lambda self: self[1])
+    task = property(lambda self: self[2])
+    state = property(lambda self: self[3])
+    data = property(lambda self: self[4])
+
+    def to_dict(self):
+        """The event as it appears in a run record (time as an ISO string)."""
+        ts, kind, task, state, data = self
+        item = {"ts": _iso(ts), "event": kind, "task": task, "state": state}
+        if data:
+            item.update(data)
+        return item
+
+    def __repr__(self):
+        return "Event(%s, %r, %r, %s%s)" % (_iso(self[0]), self[1], self[2], self[3],
+                                             ", %r" % (self[4],) if self[4] else "")
+
+
+def _event(ts, kind, task, state, data=None):
+    return tuple.__new__(Event, (ts, kind, task, state, data))
+
+
+# kind -> (log level, the word the trace prints). Every consumer of events (the
+# trace, the logging bridge, the store's recorder, webhooks) reads this table.
+EVENT_KINDS = {
+    "run.started": ("INFO", "start"), "run.cancelling": ("WARNING", "cancel"),
+    "run.completed": ("INFO", "done"), "run.failed": ("ERROR", "failed"),
+    "run.cancelled": ("WARNING", "cancelled"),
+    "task.started": ("INFO", "start"), "task.retrying": ("WARNING", "retry"),
+    "task.succeeded": ("INFO", "done"), "task.failed": ("ERROR", "error"),
+    "task.skipped": ("WARNING", "skip"), "task.cancelled": ("WARNING", "cancelled"),
+    "webhook.delivered": ("INFO", "webhook"), "webhook.failed": ("WARNING", "webhook"),
+}
+_TASK_ENDS = ("task.succeeded", "task.failed", "task.skipped", "task.cancelled")
+_RUN_ENDS = ("run.completed", "run.failed", "run.cancelled")
+
+
+def _iso(ts):
+    """A time.time() value as ISO 8601 UTC with milliseconds: 2026-11-29T05:10:11.123Z."""
+    global _iso_second
+    if ts is None:
+        return None
+    whole = int(ts)
+    second, prefix = _iso_second
+    if second != whole:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _iso_second = (whole, prefix)
+    return "%s.%03dZ" % (prefix, int((ts - whole) * 1000))
+
+
+def _describe(exc):
+    try:
+        text = str(exc)
+    except Exception:           # an exception whose __str__ fails still gets reported
+        text = "<str() of %s failed>" % type(exc).__name__
+    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
+
 # ---------------------------------------------------------------------------
 # Model: tasks
 # ---------------------------------------------------------------------------
@@ -129,22 +208,32 @@ def _touch():
     _generation += 1
 
 
-class _Inputs(dict):
-    """A task's ``inputs`` mapping; changing it makes compiled plans stale."""
+class _WatchedDict(dict):
+    """A dict that calls ``self._changing()`` before every change."""
+
+    __slots__ = ()
+
+    def _changing(self):
+        pass
 
     def __setitem__(self, key, value):
-        _touch()
+        self._changing()
         dict.__setitem__(self, key, value)
 
     def __delitem__(self, key):
-        _touch()
+        self._changing()
         dict.__delitem__(self, key)
+
+    def __ior__(self, other):
+        self._changing()
+        dict.update(self, other)
+        return self
 
     def _mutator(name):
         method = getattr(dict, name)
 
         def mutate(self, *args, **kwargs):
-            _touch()
+            self._changing()
             return method(self, *args, **kwargs)
         mutate.__name__ = name
         return mutate
@@ -155,6 +244,13 @@ class _Inputs(dict):
     clear = _mutator("clear")
     setdefault = _mutator("setdefault")
     del _mutator
+
+
+class _Inputs(_WatchedDict):
+    """A task's ``inputs`` mapping; changing it makes compiled plans stale."""
+
+    __slots__ = ()
+    _changing = staticmethod(_touch)
 
 
 _FAIL_POLICIES = ("stop", "isolate")
@@ -787,36 +883,12 @@ def _check_acyclic(flow_name, names, preds):
 # Engine
 # ---------------------------------------------------------------------------
 
-_iso_second = (None, None)      # (whole second, its formatted prefix): most events share one
-
-
-def _iso(ts):
-    """A time.time() value as ISO 8601 UTC with milliseconds: 2026-11-29T05:10:11.123Z."""
-    global _iso_second
-    if ts is None:
-        return None
-    whole = int(ts)
-    second, prefix = _iso_second
-    if second != whole:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _iso_second = (whole, prefix)
-    return "%s.%03dZ" % (prefix, int((ts - whole) * 1000))
-
-
 def _new_run_id():
     """Like 20261129-051011-f423f1a2: UTC time, then microseconds (5 hex digits) and
     3 random ones, so ids sort by start time even within a second."""
     now = time.time()
     return "%s-%05x%s" % (time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)),
                           int(now % 1 * 1e6), os.urandom(2).hex()[:3])
-
-
-def _describe(exc):
-    try:
-        text = str(exc)
-    except Exception:           # an exception whose __str__ fails still gets reported
-        text = "<str() of %s failed>" % type(exc).__name__
-    return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
 
 
 class Context:
@@ -861,11 +933,10 @@ class Context:
         Artifacts live in the run store, or in a temporary folder per run
         (``run.artifacts_dir``) when the run is not recorded.
         """
+        _refuse_if_abandoned("save_artifact(%r)" % (name,))
         run = self._run
         path = _save_artifact_file(_artifact_root(run), name, data)
-        run.artifacts[name] = path
-        run._task_artifacts.setdefault(self._index, {})[name] = path
-        run._touched = True
+        run._add_artifact(self._index, name, path)
         return path
 
     def __repr__(self):
@@ -922,6 +993,16 @@ def _save_artifact_file(folder, name, data):
     else:
         _atomic_write(path, payload)
     return path
+
+
+class _Scratch(_WatchedDict):
+    """``ctx.scratch``: a dict shared by a run's tasks that an attempt given up
+    at its timeout can no longer change."""
+
+    __slots__ = ()
+
+    def _changing(self):
+        _refuse_if_abandoned("ctx.scratch change")
 
 
 class TaskRecord:
@@ -1023,9 +1104,9 @@ class Run:
         self.params = params
         self.status = RunState.PENDING
         self.results = {}
-        self.scratch = {}
+        self.scratch = _Scratch()
         self.artifacts = {}
-        self.artifacts_dir = None           # set by the run store, or a temp folder on demand
+        self.artifacts_dir = None           # in the run's store folder, or a temp folder on demand
         self.started_at = None
         self.ended_at = None
         self.error = None                   # the first task exception that failed the run
@@ -1041,8 +1122,20 @@ class Run:
         self._tracebacks = {}
         self._reasons = {}
         self._task_artifacts = {}
-        self._events = []                    # (ts, event, task number or -1, state, data)
-        self._touched = False                # artifacts changed since the store last looked
+        self._events = []                    # Event records, oldest first
+        self.artifact_changes = 0            # bumped by every artifact saved, for the store
+
+    def _add_artifact(self, i, name, path):
+        self.artifacts[name] = path
+        self._task_artifacts.setdefault(i, {})[name] = path
+        self.artifact_changes += 1
+
+    def _extend(self, k):
+        """Room for k more tasks (a map node's instances)."""
+        for column, empty in ((self._state, TaskState.PENDING), (self._attempts, 0),
+                              (self._started, None), (self._ended, None),
+                              (self._outputs, None)):
+            column.extend([empty] * k)
 
     tasks = property(_TaskTable, doc="Mapping of task name -> TaskRecord.")
 
@@ -1060,15 +1153,7 @@ class Run:
     @property
     def events(self):
         """Every transition, oldest first, as dicts (times as ISO strings)."""
-        names = self._plan.names
-        out = []
-        for ts, event, i, state, data in list(self._events):
-            item = {"ts": _iso(ts), "event": event,
-                    "task": names[i] if i >= 0 else None, "state": state}
-            if data:
-                item.update(data)
-            out.append(item)
-        return out
+        return [ev.to_dict() for ev in list(self._events)]
 
     def failure(self):
         """Why the run failed, in one line ("task 'x' raised ValueError: ..."), or None."""
@@ -1097,6 +1182,718 @@ class Run:
         return "<Run %s flow=%r %s>" % (self.run_id, self.flow_name, self.status)
 
 
+# What one attempt of a task came to (see _attempt).
+_OK, _SKIPPED, _ERROR, _FATAL = "ok", "skip", "error", "fatal"
+_STOP = None        # put on the ready queue to let a worker thread go
+
+
+def _attempt(fn, args, kwargs):
+    """Call a task's function once and say how it went: (kind, value).
+
+    The one place that tells outcomes apart, wherever the call runs: _OK with
+    the output, _SKIPPED with the reason (ctx.skip), _ERROR with an Exception
+    (retried), _FATAL with a BaseException such as SystemExit (never retried).
+    """
+    try:
+        return _OK, fn(*args, **kwargs)
+    except Skip as skip:
+        return _SKIPPED, skip.reason
+    except Exception as exc:
+        return _ERROR, exc
+    except BaseException as exc:
+        return _FATAL, exc
+
+
+class _Scheduler:
+    """The decisions of one run, shared by every way of executing it.
+
+    A driver (``_ThreadDriver`` or ``_FutureDriver``) asks ``admit(i)`` once
+    all of task i's upstream tasks are done, runs the attempts it is told to
+    run, hands each attempt's outcome to ``ended``, and takes the tasks that
+    became ready from ``released``. Whether a task may start, whether it is
+    retried and how the run ends are decided here and nowhere else.
+    """
+
+    def __init__(self, run, binds, observers, reused, sink):
+        import threading
+        self.run = run
+        self.plan = run._plan
+        self.binds = binds
+        self.observers = observers
+        self.reused = reused        # task name -> (output, artifacts) taken over from a resumed run
+        self.sink = sink            # where printed lines go (the run store's recorder), or None
+        self.lock = threading.Lock()    # guards the counters and flags below
+        self.done = threading.Event()   # set once the outcome is settled
+        self.halt = threading.Event()   # set when the run starts stopping: ends retry waits
+        self.pending = list(self.plan.npred)     # upstream tasks each task waits for
+        self.arrived = [_count(1) if n > 1 else None for n in self.pending]
+        self.doomed = {}            # task number -> why it must be skipped (upstream failed)
+        self.stopping = False       # nothing new starts (a failure with "stop", or a cancel)
+        self.stop_state = None
+        self.stop_reason = None
+        self.closed = False         # the run's outcome is settled; late results are ignored
+        self.expanded = {}          # map node -> its instances, until they are collected
+        self.signals = []           # names of SIGINT/SIGTERM received, noted by _SignalGuard
+        self.signals_seen = 0
+        self.requests = 0           # stop requests acted on: the second one is the hard stop
+        self.cancel_file = None     # the store's cancel request file for this run, if recorded
+        self.on_abandon = None      # what a driver must do at a hard stop (kill processes)
+        if self.plan.maps:          # map nodes add tasks while the run goes: extend copies
+            self.plan = run._plan = self.plan.copy()
+            self.binds = list(binds)
+
+    # -- events
+
+    def emit(self, ts, kind, i, state, data=None):
+        ev = tuple.__new__(Event, (ts, kind, self.plan.names[i] if i >= 0 else None, state,
+                                   data))
+        self.run._events.append(ev)
+        for observer in self.observers:
+            try:
+                observer(self.run, ev)
+            except Exception as exc:
+                self.observers = [o for o in self.observers if o is not observer]
+                _warn("observer %r failed and was removed: %s" % (observer, _describe(exc)))
+
+    def start(self):
+        run = self.run
+        run.started_at = time.time()
+        run.status = RunState.RUNNING
+        self.emit(run.started_at, "run.started", -1, RunState.RUNNING,
+                  {"resumed_from": run.resumed_from} if run.resumed_from else None)
+
+    # -- whether a task may start
+
+    def admit(self, i):
+        """Decide what happens to task i now that its upstream tasks are done.
+
+        Returns None when it should run; otherwise it was settled here and the
+        result is True (it succeeded: reused, or a map collected), False (it
+        ended without succeeding), or a list of map instances to schedule.
+        """
+        if self.stopping:
+            self.mark(i, self.stop_state, self.stop_reason)
+            return False
+        if i in self.expanded:
+            return self.collect(i)
+        if i in self.doomed:
+            self.mark(i, TaskState.SKIPPED, self.doomed[i])
+            return False
+        if self.reused and self.plan.names[i] in self.reused:
+            return self.reuse(i)
+        if i in self.plan.maps:
+            return self.map_step(i)
+        return None
+
+    def released(self, i, ok):
+        """The successors of finished task i that are ready now.
+
+        A task that did not succeed dooms its successors: they will be
+        skipped once all their upstream tasks are done. Nothing is released
+        once the run is stopping.
+        """
+        if self.stopping:
+            return ()
+        plan = self.plan
+        if not ok:
+            doomed = self.doomed
+            why = doomed.get(i) or "upstream %r %s" % (
+                plan.names[i], "failed" if self.run._state[i] == TaskState.FAILED else "skipped")
+            for s in plan.free[i]:
+                doomed[s] = why
+            for s in plan.joins[i]:
+                doomed.setdefault(s, why)
+        ready = plan.free[i]
+        joins = plan.joins[i]
+        if joins:
+            # next() on an itertools.count is atomic: joins need no lock, so a
+            # task with 100,000 upstream tasks is not a point of contention.
+            ready = list(ready)
+            arrived, needed = self.arrived, self.pending
+            for s in joins:
+                if next(arrived[s]) == needed[s]:
+                    ready.append(s)
+        return ready
+
+    # -- attempts and their outcomes
+
+    def arguments(self, binds):
+        """The (args, kwargs) a task is called with, from its bindings."""
+        args, kwargs = [], {}
+        if not binds:
+            return args, kwargs
+        run = self.run
+        outputs = run._outputs
+        for kind, key, path, text, pname, kwonly in binds:
+            if kind == _B_CONST:
+                value = key
+            elif kind == _B_NODE:
+                value = outputs[key]
+                if path:
+                    value = _step(value, path, text)
+            elif kind == _B_PARAM:
+                value = _step(run.params[key], path, text) if path else run.params[key]
+            elif kind == _B_SCRATCH:
+                try:
+                    value = run.scratch[key]
+                except KeyError:
+                    raise LookupError("%s: ctx.scratch has no key %r yet" % (text, key)) from None
+                if path:
+                    value = _step(value, path, text)
+            else:
+                try:
+                    value = os.environ[key]
+                except KeyError:
+                    raise LookupError("%s: environment variable %r is not set"
+                                      % (text, key)) from None
+            if kwonly:
+                kwargs[pname] = value
+            else:
+                args.append(value)
+        return args, kwargs
+
+    def begin(self, i):
+        t0 = time.time()
+        self.run._started[i] = t0
+        self.run._state[i] = TaskState.RUNNING
+        self.emit(t0, "task.started", i, TaskState.RUNNING)
+
+    def ended(self, i, attempt, kind, value, tb=None):
+        """Take one attempt's outcome. Returns True (succeeded), False (ended
+        otherwise) or, when another attempt follows, the delay before it."""
+        if kind == _OK:
+            return self.succeed(i, value)
+        if kind == _SKIPPED:
+            self.mark(i, TaskState.SKIPPED, value)
+            return False
+        if kind == _ERROR and attempt <= self.plan.retries[i] and not self.stopping:
+            node = self.plan.nodes[i]
+            node = getattr(node, "base", node)      # a map instance retries like its task
+            delay = min(node.retry_delay * 2 ** (attempt - 1), node.max_retry_delay)
+            self.emit(time.time(), "task.retrying", i, TaskState.RUNNING,
+                      {"attempt": attempt + 1, "of": self.plan.retries[i] + 1,
+                       "delay_s": delay, "error": _describe(value)})
+            return float(delay)
+        self.fail(i, value, tb)
+        return False
+
+    def retry_dropped(self, i, exc):
+        """A retry that was waiting when the run began to stop: it ends here."""
+        if self.stop_state == TaskState.CANCELLED:
+            self.mark(i, TaskState.CANCELLED, "%s while waiting to retry" % self.stop_reason)
+        else:
+            self.fail(i, exc)
+        return False
+
+    def succeed(self, i, out, data=None):
+        if self.closed:
+            return False
+        run = self.run
+        t1 = time.time()
+        run._ended[i] = t1
+        run._state[i] = TaskState.SUCCEEDED
+        run.results[self.plan.names[i]] = out
+        run._outputs[i] = out
+        self.emit(t1, "task.succeeded", i, TaskState.SUCCEEDED, data)
+        return True
+
+    def reuse(self, i):
+        """Take task i's output over from the run being resumed instead of running it."""
+        run = self.run
+        out, artifacts = self.reused[self.plan.names[i]]
+        for name, path in artifacts.items():    # the new run gets copies of its files
+            try:
+                copied = _save_artifact_file(_artifact_root(run), name, _PathOf(path))
+            except OSError as exc:
+                _warn("run %s: artifact %r of reused task %r is gone (%s)"
+                      % (run.run_id, name, self.plan.names[i], exc))
+                continue
+            run._add_artifact(i, name, copied)
+        run._started[i] = time.time()
+        run._reasons[i] = "output reused from run %s" % run.resumed_from
+        return self.succeed(i, out, {"reused_from": run.resumed_from})
+
+    def fail(self, i, exc, tb=None):
+        import traceback
+        run = self.run
+        if self.closed:
+            return
+        run._ended[i] = time.time()
+        run._state[i] = TaskState.FAILED
+        run._errors[i] = exc
+        frames = exc.__traceback__
+        while frames is not None and frames.tb_next is not None and \
+                frames.tb_frame.f_code.co_filename == __file__:
+            frames = frames.tb_next         # start the traceback at the task's own code
+        run._tracebacks[i] = tb or "".join(traceback.format_exception(type(exc), exc, frames))
+        if run.error is None:
+            run.error = exc
+        self.emit(run._ended[i], "task.failed", i, TaskState.FAILED, {"error": _describe(exc)})
+        if not self.plan.isolate[i]:
+            self.stop(TaskState.SKIPPED, "run stopped after %r failed" % self.plan.names[i])
+
+    def mark(self, i, state, reason):
+        """End task i without running it (SKIPPED or CANCELLED), or after Skip."""
+        run = self.run
+        ts = time.time()
+        run._ended[i] = ts if run._started[i] is not None else None
+        run._state[i] = state
+        run._reasons[i] = reason
+        self.emit(ts, "task.skipped" if state == TaskState.SKIPPED else "task.cancelled",
+                  i, state, {"reason": reason})
+
+    # -- maps
+
+    def map_step(self, m):
+        """A map node's two turns: first expand into instances (returned, to
+        run), then, once they are all done, collect their outputs."""
+        run, plan = self.run, self.plan
+        self.begin(m)
+        over, item_name, kwonly = plan.maps[m]
+        try:
+            items = self.items_of(over)
+        except Exception as exc:
+            self.fail(m, exc)
+            return False
+        run._attempts[m] = 1
+        if not items:
+            return self.succeed(m, [])
+        template = self.binds[m]
+        k = len(items)
+        names = ["%s[%d]" % (plan.names[m], j) for j in range(k)]
+        binds = [((_B_CONST, item, (), None, item_name, kwonly),) + template for item in items]
+        after_m, nothing = [m], []      # shared: these lists are only ever read
+        with self.lock:                 # two map nodes may expand at once: keep columns aligned
+            first = len(plan.names)
+            instances = list(range(first, first + k))
+            for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
+                           plan.retries, plan.timeouts, plan.isolate):
+                column.extend([column[m]] * k)
+            plan.npred.extend([1] * k)
+            plan.preds.extend([after_m] * k)
+            plan.free.extend([nothing] * k)
+            plan.joins.extend([after_m] * k)
+            self.binds.extend(binds)
+            self.pending.extend([0] * k)
+            self.arrived.extend([None] * k)
+            run._extend(k)
+            # Names last: a reader (the store, the API) sizes the run by its names.
+            plan.names.extend(names)
+            plan.index.update(zip(names, instances))
+            self.pending[m] = k
+            self.arrived[m] = _count(1)
+            self.expanded[m] = instances
+        return instances
+
+    def items_of(self, over):
+        items = self.arguments((over,))[0][0]
+        if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+            raise TypeError("%s gave a %s; .map() needs a list of items"
+                            % (over[3] or "the map's input", type(items).__name__))
+        return list(items)
+
+    def collect(self, m):
+        """A map node whose instances are all done: its output is theirs, in item
+        order; when instances failed, the node failed too."""
+        run = self.run
+        instances = self.expanded.pop(m)
+        failed = [k for k in instances if run._state[k] == TaskState.FAILED]
+        if failed:
+            self.fail_map(m, instances, failed)
+            return False
+        if any(run._state[k] != TaskState.SUCCEEDED for k in instances):
+            skipped = next(k for k in instances if run._state[k] != TaskState.SUCCEEDED)
+            self.mark(m, TaskState.SKIPPED, "instance %r %s" % (
+                self.plan.names[skipped], run._state[skipped].lower()))
+            return False
+        return self.succeed(m, [run._outputs[k] for k in instances])
+
+    def fail_map(self, m, instances, failed):
+        first = self.run._errors.get(failed[0])
+        error = RuntimeError("%d of %d instances failed (first: %s: %s)" % (
+            len(failed), len(instances), self.plan.names[failed[0]],
+            _describe(first) if first is not None else "failed"))
+        if first is not None:
+            error.__cause__ = first
+        self.fail(m, error, self.run._tracebacks.get(failed[0]))
+
+    # -- stopping
+
+    def stop(self, state, reason):
+        with self.lock:
+            if self.stopping:
+                return
+            self.stop_state, self.stop_reason = state, reason
+            self.stopping = True
+        self.halt.set()
+
+    def cancel(self, reason="cancelled"):
+        """The graceful stop: nothing new starts, running tasks may finish.
+
+        Returns False when the run has already ended (or is stopping anyway).
+        """
+        run = self.run
+        with self.lock:
+            if self.closed or run.status != RunState.RUNNING:
+                return False
+            first = not self.stopping
+            if first:
+                self.stop_state, self.stop_reason = TaskState.CANCELLED, reason
+                self.stopping = True
+                run.status = RunState.CANCELLING
+        self.halt.set()
+        run.cancel_event.set()
+        if first:
+            self.emit(time.time(), "run.cancelling", -1, RunState.CANCELLING, {"reason": reason})
+        return True
+
+    def abandon(self, reason):
+        """The hard stop: settle the run as CANCELLED now, without waiting for tasks."""
+        with self.lock:
+            if self.closed:
+                return
+            self.stopping = True
+            self.stop_state, self.stop_reason = TaskState.CANCELLED, reason
+        self.halt.set()
+        self.run.cancel_event.set()
+        if self.run.status == RunState.RUNNING:
+            self.run.status = RunState.CANCELLING
+            self.emit(time.time(), "run.cancelling", -1, RunState.CANCELLING, {"reason": reason})
+        self.finish(interrupted=True)
+        if self.on_abandon is not None:
+            self.on_abandon()
+
+    def check_requests(self):
+        """Act on stop requests (called by the waiting thread): signals noted by
+        _SignalGuard, and a cancel asked for through the run store. The first
+        cancels gracefully; a signal after that settles the run as CANCELLED at
+        once and raises KeyboardInterrupt."""
+        if self.cancel_file is not None and os.path.exists(self.cancel_file):
+            self.cancel_file = None
+            self.requests += 1
+            if self.requests == 1:
+                self.cancel("cancel requested by `pyoco runs cancel`")
+        while self.signals_seen < len(self.signals):
+            name = self.signals[self.signals_seen]
+            self.signals_seen += 1
+            self.requests += 1
+            if self.requests == 1:
+                self.cancel("%s received" % name)
+            else:
+                self.abandon("second signal (%s): stopped at once" % name)
+                raise KeyboardInterrupt
+
+    def crash(self, exc):
+        """pyoco itself failed while running the run: end it FAILED, saying so."""
+        import traceback
+        _warn("internal error, the run ends FAILED:\n" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        self.run.error = self.run.error or exc
+        self.run.reason = "pyoco internal error: %s" % _describe(exc)
+        self.stop(TaskState.SKIPPED, self.run.reason)
+        self.finish(interrupted=True)
+
+    def finish(self, interrupted=False):
+        """Settle the run's outcome (once) and wake the caller."""
+        run = self.run
+        with self.lock:
+            if self.closed:
+                return False
+            self.closed = True
+        if self.stopping:
+            self.settle_unfinished(interrupted)
+        states = run._state
+        if self.stop_state == TaskState.CANCELLED:
+            run.status = RunState.CANCELLED
+            run.reason = self.stop_reason
+        elif TaskState.FAILED in states or run.reason is not None:
+            run.status = RunState.FAILED
+        else:
+            run.status = RunState.COMPLETED
+        run.ended_at = time.time()
+        self.emit(run.ended_at, "run." + run.status.lower(), -1, run.status,
+                  {"reason": run.reason} if run.reason else None)
+        self.done.set()
+        return True
+
+    def settle_unfinished(self, interrupted):
+        """A stopped run's tasks that never ended: maps whose instances all ended
+        are collected; the rest are SKIPPED or CANCELLED with the stop's reason."""
+        run = self.run
+        self.closed = False             # collecting a map is an ordinary outcome
+        for m, instances in list(self.expanded.items()):
+            states = [run._state[k] for k in instances]
+            if TaskState.FAILED in states or all(s == TaskState.SUCCEEDED for s in states):
+                self.collect(m)
+        self.closed = True
+        unsettled = (TaskState.PENDING, TaskState.RUNNING) if interrupted else (
+            TaskState.PENDING,)
+        for i, state in enumerate(run._state):
+            if state in unsettled or (i in self.expanded and state == TaskState.RUNNING):
+                self.mark(i, self.stop_state, "interrupted: " + self.stop_reason
+                          if state == TaskState.RUNNING else self.stop_reason)
+
+
+class _ThreadDriver:
+    """Executes a run on threads.
+
+    No coordinator sits between tasks: a worker that finishes a task counts
+    down its successors' upstream counters itself, runs a sole ready
+    successor at once, and queues the rest on a SimpleQueue from which
+    other workers (started only when more than one task is ready) take them.
+    The calling thread just waits, so it stays free to handle signals.
+    """
+
+    def __init__(self, core, workers):
+        import queue
+        self.core = core
+        self.workers = workers
+        self.ready = queue.SimpleQueue()
+        self.inflight = 0           # tasks queued or running; 0 means the run is over
+        self.threads = 0
+        self.pool = None
+
+    def execute(self):
+        from concurrent.futures import ThreadPoolExecutor
+        core = self.core
+        roots = core.plan.roots
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="pyoco")
+        self.inflight = len(roots)
+        for i in roots:
+            self.ready.put(i)
+        self.start_workers(len(roots))
+        try:
+            while not core.done.wait(0.05):
+                core.check_requests()
+        finally:
+            for _ in range(self.threads):
+                self.ready.put(_STOP)
+            self.pool.shutdown(wait=False)
+
+    def start_workers(self, wanted):
+        with self.core.lock:
+            wanted = min(wanted, self.workers - self.threads)
+            if wanted <= 0:
+                return
+            self.threads += wanted
+        for _ in range(wanted):
+            self.pool.submit(self.worker)
+
+    def worker(self):
+        ready = self.ready
+        while True:
+            i = ready.get()
+            if i is _STOP:
+                return
+            try:
+                self.work(i)
+            except BaseException as exc:    # a bug here must end the run, not hang it
+                self.core.crash(exc)
+                return
+
+    def work(self, i):
+        """Run task i, then as many of its successors as can run inline."""
+        core = self.core
+        while True:
+            ok = core.admit(i)
+            if ok is None:
+                ok = self.run_task(i)
+            ready = ok if isinstance(ok, list) else core.released(i, ok)
+            nxt = more = None
+            if ready:
+                nxt = ready[0]
+                if len(ready) > 1:
+                    more = ready[1:]
+            if more:
+                with core.lock:
+                    self.inflight += len(more)
+                for s in more:
+                    self.ready.put(s)
+                self.start_workers(len(more))
+            if nxt is None:
+                with core.lock:
+                    self.inflight -= 1
+                    over = self.inflight == 0
+                if over:
+                    core.finish()
+                return
+            i = nxt
+
+    def run_task(self, i):
+        """Task i's attempts, one after another in this thread."""
+        core = self.core
+        run, plan = core.run, core.plan
+        fn, timeout, is_async = plan.funcs[i], plan.timeouts[i], plan.is_async[i]
+        core.begin(i)
+        attempt = 0
+        while True:
+            attempt += 1
+            run._attempts[i] = attempt
+            try:
+                args, kwargs = core.arguments(core.binds[i])
+            except Exception as exc:
+                kind, value = _ERROR, exc
+            else:
+                if plan.ctx[i]:
+                    args.insert(0, Context(run, i, attempt))
+                if timeout is None and core.sink is None and not is_async:
+                    kind, value = _attempt(fn, args, kwargs)
+                else:
+                    kind, value = _call(fn, args, kwargs, timeout, plan.names[i], core.sink,
+                                        is_async)
+            verdict = core.ended(i, attempt, kind, value)
+            if verdict is True or verdict is False:
+                return verdict
+            if verdict and core.halt.wait(verdict) or core.stopping:
+                return core.retry_dropped(i, value)
+
+
+class _FutureDriver:
+    """Executes a run on a process pool or any concurrent.futures.Executor.
+
+    The calling thread coordinates: it submits ready tasks, takes
+    completions from a queue fed by future callbacks, starts retries when
+    their delay is over and fails tasks at their deadline. Outcomes go to
+    the same _Scheduler as on threads.
+    """
+
+    def __init__(self, core, workers, executor):
+        import queue
+        self.core = core
+        self.workers = workers
+        self.own = executor == "process"
+        self.pool = _ProcessSlots(workers) if self.own else executor
+        self.queue = queue.SimpleQueue()    # (task number, future) as futures finish
+        self.ready = None
+        self.running = {}       # task number -> (attempt, future, deadline or None)
+        self.waiting = []       # heap of (due, seq, task number, next attempt, last error)
+        self.seq = 0
+        if self.own:
+            core.on_abandon = self.pool.kill_all
+
+    def execute(self):
+        from collections import deque
+        core = self.core
+        self.ready = deque(core.plan.roots)
+        try:
+            while self.ready or self.running or self.waiting:
+                self.start_due_retries()
+                self.start_ready()
+                if self.running or self.waiting:
+                    self.wait_for_one()
+        finally:
+            if self.own:
+                self.pool.shutdown(wait=not core.closed)
+        core.finish()
+
+    def start_due_retries(self):
+        import heapq
+        core, waiting = self.core, self.waiting
+        while waiting and (waiting[0][0] <= time.monotonic() or core.stopping):
+            _, _, i, attempt, exc = heapq.heappop(waiting)
+            if core.stopping:
+                self.ready.extend(core.released(i, core.retry_dropped(i, exc)))
+            else:
+                self.submit(i, attempt)
+
+    def start_ready(self):
+        core, ready = self.core, self.ready
+        while ready:
+            ok = core.admit(ready[0])
+            if ok is not None:
+                i = ready.popleft()
+                ready.extend(ok if isinstance(ok, list) else core.released(i, ok))
+            elif len(self.running) < self.workers:
+                i = ready.popleft()
+                core.begin(i)
+                self.submit(i, 1)
+            else:
+                break
+
+    def submit(self, i, attempt):
+        core = self.core
+        run, plan = core.run, core.plan
+        run._attempts[i] = attempt
+        try:
+            args, kwargs = core.arguments(core.binds[i])
+            state = self.remote_context(i, attempt) if plan.ctx[i] else None
+            future = self.pool.submit(_remote_attempt, plan.nodes[i], args, kwargs, state)
+        except Exception as exc:
+            self.outcome(i, attempt, _ERROR, exc)
+            return
+        timeout = plan.timeouts[i]
+        self.running[i] = (attempt, future, time.monotonic() + timeout if timeout else None)
+        future.add_done_callback(lambda f, i=i: self.queue.put((i, f)))
+
+    def remote_context(self, i, attempt):
+        """What a task in another process gets as ctx: plain, picklable data."""
+        run, plan = self.core.run, self.core.plan
+        return {"run_id": run.run_id, "params": run.params, "task_name": plan.names[i],
+                "attempt": attempt, "artifacts": dict(run.artifacts),
+                "artifacts_dir": run.artifacts_dir,
+                "results": {plan.names[p]: run._outputs[p] for p in plan.preds[i]}}
+
+    def outcome(self, i, attempt, kind, value, tb=None):
+        import heapq
+        verdict = self.core.ended(i, attempt, kind, value, tb)
+        if verdict is True or verdict is False:
+            self.ready.extend(self.core.released(i, verdict))
+        else:
+            self.seq += 1
+            heapq.heappush(self.waiting, (time.monotonic() + verdict, self.seq, i, attempt + 1,
+                                          value))
+
+    def wait_for_one(self):
+        from queue import Empty
+        core = self.core
+        dues = [r[2] for r in self.running.values() if r[2] is not None]
+        if self.waiting:
+            dues.append(self.waiting[0][0])
+        try:                # wake at least every 50 ms to act on signals
+            item = self.queue.get(timeout=min([0.05] + [max(0.0, due - time.monotonic())
+                                                        for due in dues]))
+        except Empty:
+            item = None
+        core.check_requests()
+        if item is not None:
+            i, future = item
+            entry = self.running.get(i)
+            if entry is not None and entry[1] is future:
+                del self.running[i]
+                self.absorb(i, entry[0], future)
+        now = time.monotonic()
+        for i, (attempt, future, deadline) in list(self.running.items()):
+            if deadline is not None and deadline <= now:
+                del self.running[i]
+                if self.own:
+                    self.pool.kill(future)
+                else:
+                    future.cancel()
+                self.outcome(i, attempt, _ERROR, TimeoutError(
+                    "task %r timed out after %gs" % (core.plan.names[i], core.plan.timeouts[i])))
+
+    def absorb(self, i, attempt, future):
+        """Take a finished future's outcome into the run."""
+        from concurrent.futures.process import BrokenProcessPool
+        core = self.core
+        try:
+            kind, value, artifacts, lines, tb = future.result()
+        except BrokenProcessPool:
+            value = RuntimeError("the worker process running task %r died" % core.plan.names[i])
+            self.outcome(i, attempt, _ERROR, value)
+            return
+        except BaseException as exc:        # the executor itself failed the call
+            self.outcome(i, attempt, _ERROR, exc)
+            return
+        for name, path in artifacts.items():
+            core.run._add_artifact(i, name, path)
+        if core.sink is not None:
+            name = core.plan.names[i]
+            for ts, stream, text in lines:
+                core.sink.log_line(name, stream, text, ts)
+        self.outcome(i, attempt, kind, value, tb)
+
+
 class Engine:
     """Runs flows: independent tasks in parallel on up to ``workers`` threads.
 
@@ -1104,9 +1901,9 @@ class Engine:
     ``cute``: emoji trace (default, unless PYOCO_CUTE=0) or plain ASCII lines.
     ``store``: a folder to record runs in (``RunStore`` or path), False for
     none; by default runs are recorded only when PYOCO_HOME is set.
-    ``observers``: callables ``observer(run, event)`` that see every event
-    tuple ``(ts, event, task_number, state, data)``; they must be quick and
-    must not raise (an observer that raises is reported once and dropped).
+    ``observers``: callables ``observer(run, event)`` that see every ``Event``
+    of every run; they must be quick, must not raise (an observer that raises
+    is reported once and dropped) and only read.
     ``executor``: ``"thread"`` (default), ``"process"`` (a process per
     worker; tasks, inputs and outputs must pickle, and a timeout kills the
     task's process) or any ``concurrent.futures.Executor``, such as a Dask
@@ -1128,7 +1925,7 @@ class Engine:
         self.cute = _cute_default() if cute is None else bool(cute)
         self.store = store
         self.observers = list(observers)
-        self._active = {}
+        self._active = {}           # run id -> its _Scheduler while the run goes
 
     def _store(self):
         if self.store is False:
@@ -1164,31 +1961,33 @@ class Engine:
         if self.executor == "process":
             _check_picklable(plan)
         reused = store.reusable_outputs(old, plan) if resume else {}
-        run = Run(plan, flow, params, run_id or _new_run_id())
+        run_id, folder = run_id or _new_run_id(), None
+        if store is not None:
+            run_id, folder = store.new_run_folder(run_id)
+        run = Run(plan, flow, params, run_id)
         run.resumed_from = resume
-        observers = list(self.observers)
-        if self.trace:
-            observers.append(_TraceWriter(self.trace, self.cute))
-        logger = _logging_observer()
-        if logger is not None:
-            observers.append(logger)
-        recorder = store.record(run) if store is not None else None
+        recorder = _RunRecorder(store, run, folder) if folder is not None else None
+        core = _Scheduler(run, binds, self._observers(recorder, folder), reused, recorder)
         if recorder is not None:
-            observers.append(recorder.observe)
-        runner = _Runner(self, run, binds, observers, reused, recorder)
-        self._active[run.run_id] = runner
-        guard = _SignalGuard(runner)
+            run.artifacts_dir = recorder.artifacts_dir
+            core.cancel_file = recorder.cancel_file
+        self._active[run.run_id] = core
+        guard = _SignalGuard(core)
         try:
             if recorder is not None:
                 recorder.start()
-            runner.execute()
+            core.start()
+            if not core.plan.roots:
+                core.finish()
+            elif self.executor == "thread":
+                _ThreadDriver(core, self.workers).execute()
+            else:
+                _FutureDriver(core, self.workers, self.executor).execute()
         finally:
             guard.restore()
             if recorder is not None:
                 recorder.close()
             self._active.pop(run.run_id, None)      # after the record is final
-            if run.status in _FINISHED:
-                _send_webhooks(run, recorder)
         if store is not None:
             store.prune()
         if raise_on_failure:
@@ -1200,691 +1999,39 @@ class Engine:
                                    % (run.run_id, run.flow_name, run.reason), run)
         return run
 
+    def _observers(self, recorder, folder):
+        """Who sees a run's events, in order: the caller's observers, the trace,
+        the logging bridge, the store's recorder, then webhooks (which fire on the
+        run's last event, once the recorder has saved the final record)."""
+        observers = list(self.observers)
+        if self.trace:
+            observers.append(_TraceWriter(self.trace, self.cute))
+        logger = _logging_observer()
+        if logger is not None:
+            observers.append(logger)
+        if recorder is not None:
+            observers.append(recorder.observe)
+        webhooks = _webhook_observer(folder)
+        if webhooks is not None:
+            observers.append(webhooks)
+        return observers
+
+    def live_run(self, run_id):
+        """The ``Run`` of a run this engine is running now, else None."""
+        core = self._active.get(run_id)
+        return core.run if core is not None else None
+
     def cancel(self, run_id, reason="cancelled by Engine.cancel"):
         """Ask a run of this engine to stop: nothing new starts, ctx.cancelled is set.
 
         Returns False when no such run is active.
         """
-        runner = self._active.get(run_id)
-        return runner is not None and runner.cancel(reason)
-
-
-_STOP = None        # put on the ready queue to let a worker thread go
-
-
-class _Runner:
-    """Executes one run.
-
-    No coordinator sits between tasks: a worker that finishes a task counts
-    down its successors' upstream counters itself, runs a sole ready
-    successor at once, and queues the rest on a SimpleQueue from which
-    other workers (started only when more than one task is ready) take them.
-    The calling thread just waits, so it stays free to handle signals.
-    """
-
-    def __init__(self, engine, run, binds, observers, reused, recorder):
-        import threading
-        import queue
-        self.engine = engine
-        self.run = run
-        self.plan = run._plan
-        self.binds = binds
-        self.observers = observers
-        self.reused = reused        # task number -> output taken over from a resumed run
-        self.recorder = recorder    # where printed lines go (the run store), or None
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        self.halt = threading.Event()   # set when the run starts stopping: ends retry waits
-        self.ready = queue.SimpleQueue()
-        self.pending = list(self.plan.npred)     # upstream tasks each task waits for
-        self.arrived = [_count(1) if n > 1 else None for n in self.pending]
-
-        self.doomed = {}            # task number -> why it must be skipped (upstream failed)
-        self.inflight = 0           # tasks queued or running; 0 means the run is over
-        self.threads = 0
-        self.stopping = False       # nothing new starts (a failure with "stop", or a cancel)
-        self.stop_state = None
-        self.stop_reason = None
-        self.closed = False         # the run's outcome is settled; late results are ignored
-
-        self.pool = None
-        self.slots = None           # our process pool, when executor="process"
-        self.wake = None            # wakes a coordinating caller thread (other executors)
-        self.expanded = {}          # map node -> its instances, until they are collected
-        self.signals = []           # names of SIGINT/SIGTERM received, noted by _SignalGuard
-        self.signals_seen = 0
-        self.store_asked = False    # a cancel asked for through the run store was acted on
-        self.requests = 0           # stop requests acted on: the second one is the hard stop
-        if self.plan.maps:          # map nodes add tasks while the run goes: extend copies
-            self.plan = run._plan = self.plan.copy()
-            self.binds = list(binds)
-
-
-    # -- events
-
-    def emit(self, ts, event, i, state, data=None):
-        ev = (ts, event, i, state, data)
-        self.run._events.append(ev)
-        for observer in self.observers:
-            try:
-                observer(self.run, ev)
-            except Exception as exc:
-                self.observers = [o for o in self.observers if o is not observer]
-                _warn("observer %r failed and was removed: %s" % (observer, _describe(exc)))
-
-    # -- the run
-
-    def execute(self):
-        run = self.run
-        run.started_at = time.time()
-        run.status = RunState.RUNNING
-        self.emit(run.started_at, "run.started", -1, RunState.RUNNING,
-                  {"resumed_from": run.resumed_from} if run.resumed_from else None)
-        roots = self.plan.roots
-        if not roots:
-            self.finish()
-        elif self.engine.executor != "thread":
-            self.execute_remote()
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-            self.pool = ThreadPoolExecutor(self.engine.workers, thread_name_prefix="pyoco")
-            self.inflight = len(roots)
-            for i in roots:
-                self.ready.put(i)
-            self.start_workers(len(roots))
-            while not self.done.wait(0.05):
-                self.check_signals()
-            self.pool.shutdown(wait=False)
-        return run
-
-    def execute_remote(self):
-        """Run on a process pool or any concurrent.futures.Executor.
-
-        The calling thread coordinates: it submits ready tasks, takes
-        completions from a queue fed by future callbacks, starts retries when
-        their delay is over and fails tasks at their deadline.
-        """
-        import heapq
-        from collections import deque
-        from queue import Empty
-        engine, plan, run = self.engine, self.plan, self.run
-        queue = self.ready
-        own = engine.executor == "process"
-        pool = self.slots = _ProcessSlots(engine.workers) if own else engine.executor
-        self.wake = lambda: queue.put(None)
-        ready = deque(plan.roots)
-        running = {}            # task number -> (attempt, future, deadline or None)
-        waiting = []            # heap of (due, seq, task number, next attempt, last error)
-        seq = 0
-
-        def errored(i, attempt, exc, tb=None):
-            nonlocal seq
-            if attempt <= plan.retries[i] and not self.stopping:
-                seq += 1
-                heapq.heappush(waiting, (time.monotonic() + self.retrying(i, attempt, exc), seq,
-                                         i, attempt + 1, exc))
-            else:
-                self.fail(i, exc, tb)
-                ready.extend(self.released(i, False))
-
-        def submit(i, attempt):
-            run._attempts[i] = attempt
-            try:
-                args, kwargs = self.arguments(self.binds[i]) if self.binds[i] else ([], None)
-                state = self.remote_context(i, attempt) if plan.ctx[i] else None
-                future = pool.submit(_remote_task, plan.nodes[i], args, kwargs or {}, state)
-            except Exception as exc:
-                errored(i, attempt, exc)
-                return
-            timeout = plan.timeouts[i]
-            running[i] = (attempt, future, time.monotonic() + timeout if timeout else None)
-            future.add_done_callback(lambda f, i=i: queue.put((i, f)))
-
-        try:
-            while ready or running or waiting:
-                while waiting and (waiting[0][0] <= time.monotonic() or self.stopping):
-                    _, _, i, attempt, exc = heapq.heappop(waiting)
-                    if self.stopping:
-                        if self.stop_state == TaskState.CANCELLED:
-                            self.mark(i, TaskState.CANCELLED, "%s while waiting to retry"
-                                      % self.stop_reason)
-                        else:
-                            self.fail(i, exc)
-                        ready.extend(self.released(i, False))
-
-                    else:
-                        submit(i, attempt)
-                while ready:
-                    ok = self.settle(ready[0])
-                    if ok is not None:
-                        i = ready.popleft()
-                        ready.extend(ok if isinstance(ok, list) else self.released(i, ok))
-                    elif len(running) < engine.workers:
-                        i = ready.popleft()
-                        self.begin(i)
-                        submit(i, 1)
-                    else:
-                        break
-                if not running and not waiting:
-                    continue            # whatever is left in ready settles on the next pass
-                dues = [r[2] for r in running.values() if r[2] is not None]
-                if waiting:
-                    dues.append(waiting[0][0])
-                try:                # wake at least every 50 ms to act on signals
-                    item = queue.get(timeout=min([0.05] + [max(0.0, due - time.monotonic())
-                                                           for due in dues]))
-                except Empty:
-                    item = None
-                self.check_signals()
-
-                if item is not None:
-                    i, future = item
-                    entry = running.get(i)
-                    if entry is not None and entry[1] is future:
-                        del running[i]
-                        self.absorb(i, entry[0], future, errored, ready)
-                now = time.monotonic()
-                for i, (attempt, future, deadline) in list(running.items()):
-                    if deadline is not None and deadline <= now:
-                        del running[i]
-                        if own:
-                            pool.kill(future)
-                        else:
-                            future.cancel()
-                        errored(i, attempt, TimeoutError("task %r timed out after %gs"
-                                                         % (plan.names[i], plan.timeouts[i])))
-        finally:
-            if own:
-                pool.shutdown(wait=not self.closed)
-        self.finish()
-
-    def remote_context(self, i, attempt):
-        """What a task in another process gets as ctx: plain, picklable data."""
-        run, plan = self.run, self.plan
-        return {"run_id": run.run_id, "params": run.params, "task_name": plan.names[i],
-                "attempt": attempt, "artifacts": dict(run.artifacts),
-                "artifacts_dir": run.artifacts_dir,
-                "results": {plan.names[p]: run._outputs[p] for p in plan.preds[i]}}
-
-    def absorb(self, i, attempt, future, errored, ready):
-        """Take a finished future's outcome into the run."""
-        from concurrent.futures.process import BrokenProcessPool
-        try:
-            kind, value, artifacts, lines, tb = future.result()
-        except BrokenProcessPool:
-            errored(i, attempt, RuntimeError("the worker process running task %r died"
-                                             % self.plan.names[i]))
-            return
-        except BaseException as exc:        # the executor itself failed the call
-            errored(i, attempt, exc)
-            return
-        run = self.run
-        for name, path in artifacts.items():
-            run.artifacts[name] = path
-            run._task_artifacts.setdefault(i, {})[name] = path
-        if self.recorder is not None:
-            for ts, stream, text in lines:
-                self.recorder.log_line(i, stream, text, ts)
-        if kind == "ok":
-            ready.extend(self.released(i, self.succeed(i, value)))
-        elif kind == "skip":
-            self.mark(i, TaskState.SKIPPED, value)
-            ready.extend(self.released(i, False))
-        else:
-            errored(i, attempt, value, tb)
-
-    def check_signals(self):
-        """Act on stop requests: signals noted by _SignalGuard, and a cancel asked
-        for through the run store. The first cancels gracefully; a signal after
-        that settles the run as CANCELLED at once and raises KeyboardInterrupt."""
-        if not self.store_asked and self.recorder is not None and self.recorder.cancel_asked:
-            self.store_asked = True
-            self.requests += 1
-            if self.requests == 1:
-                self.cancel("cancel requested by `pyoco runs cancel`")
-        while self.signals_seen < len(self.signals):
-            name = self.signals[self.signals_seen]
-            self.signals_seen += 1
-            self.requests += 1
-            if self.requests == 1:
-                self.cancel("%s received" % name)
-            else:
-                self.abandon("second signal (%s): stopped at once" % name)
-                raise KeyboardInterrupt
-
-    def start_workers(self, wanted):
-        with self.lock:
-            wanted = min(wanted, self.engine.workers - self.threads)
-            if wanted <= 0:
-                return
-            self.threads += wanted
-        for _ in range(wanted):
-            self.pool.submit(self.worker)
-
-    def worker(self):
-        ready = self.ready
-        while True:
-            i = ready.get()
-            if i is _STOP:
-                return
-            self.work(i)
-
-    def settle(self, i):
-        """End task i without running it, if it must not run; None if it should run."""
-        if self.stopping:
-            self.mark(i, self.stop_state, self.stop_reason)
-            return False
-        if i in self.doomed:
-            self.mark(i, TaskState.SKIPPED, self.doomed[i])
-            return False
-        if i in self.reused:
-            return self.reuse(i)
-        if i in self.plan.maps:
-            return self.map_step(i)
-        return None
-
-    def map_step(self, m):
-        """A map node's two turns: first expand into instances (returned, to
-        run), then, once they are all done, collect their outputs."""
-        run, plan = self.run, self.plan
-        if m in self.expanded:
-            return self.succeed(m, [run._outputs[k] for k in self.expanded.pop(m)])
-        self.begin(m)
-        over, item_name, kwonly = plan.maps[m]
-        try:
-            items = self.arguments([over])[0][0]
-            if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
-                raise TypeError("%s gave a %s; .map() needs a list of items"
-                                % (over[3] or "the map's input", type(items).__name__))
-            items = list(items)
-        except Exception as exc:
-            self.fail(m, exc)
-            return False
-        run._attempts[m] = 1
-        if not items:
-            return self.succeed(m, [])
-        template = self.binds[m]
-        k = len(items)
-        names = ["%s[%d]" % (plan.names[m], j) for j in range(k)]
-        binds = [((_B_CONST, item, (), None, item_name, kwonly),) + template for item in items]
-        after_m, nothing = [m], []      # shared: these lists are only ever read
-        with self.lock:                 # two map nodes may expand at once: keep columns aligned
-            first = len(plan.names)
-            instances = list(range(first, first + k))
-            for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
-                           plan.retries, plan.timeouts, plan.isolate):
-                column.extend([column[m]] * k)
-            plan.npred.extend([1] * k)
-            plan.preds.extend([after_m] * k)
-            plan.free.extend([nothing] * k)
-            plan.joins.extend([after_m] * k)
-            self.binds.extend(binds)
-            self.pending.extend([0] * k)
-            self.arrived.extend([None] * k)
-            for column, empty in ((run._state, TaskState.PENDING), (run._attempts, 0),
-                                  (run._started, None), (run._ended, None),
-                                  (run._outputs, None)):
-                column.extend([empty] * k)
-            # Names last: a reader (the store, the API) sizes the run by its names.
-            plan.names.extend(names)
-            plan.index.update(zip(names, instances))
-            self.pending[m] = k
-            self.arrived[m] = _count(1)
-            self.expanded[m] = instances
-        return instances
-
-
-    def released(self, i, ok):
-        """The successors of finished task i that are ready now.
-
-        A task that did not succeed dooms its successors: they will be
-        skipped once all their upstream tasks are done. Nothing is released
-        once the run is stopping.
-        """
-        if self.stopping:
-            return ()
-        plan = self.plan
-        if not ok:
-            doomed = self.doomed
-            why = doomed.get(i) or "upstream %r %s" % (
-                plan.names[i], "failed" if self.run._state[i] == TaskState.FAILED else "skipped")
-            for s in plan.free[i]:
-                doomed[s] = why
-            for s in plan.joins[i]:
-                doomed.setdefault(s, why)
-        ready = plan.free[i]
-        joins = plan.joins[i]
-        if joins:
-            # next() on an itertools.count is atomic: joins need no lock, so a
-            # task with 100,000 upstream tasks is not a point of contention.
-            ready = list(ready)
-            arrived, needed = self.arrived, self.pending
-            for s in joins:
-                if next(arrived[s]) == needed[s]:
-                    ready.append(s)
-        return ready
-
-    def work(self, i):
-        """Run task i, then as many of its successors as can run inline."""
-        while True:
-            ok = self.settle(i)
-            if ok is None:
-                ok = self.execute_task(i)
-            ready = ok if isinstance(ok, list) else self.released(i, ok)
-            nxt = more = None
-            if ready:
-                nxt = ready[0]
-                if len(ready) > 1:
-                    more = ready[1:]
-            if more:
-                with self.lock:
-                    self.inflight += len(more)
-                for s in more:
-                    self.ready.put(s)
-                self.start_workers(len(more))
-            if nxt is None:
-                with self.lock:
-                    self.inflight -= 1
-                    over = self.inflight == 0
-                if over:
-                    self.finish()
-                return
-            i = nxt
-
-    def execute_task(self, i):
-        """Run one task with its retries; return True when it succeeded."""
-        run, plan = self.run, self.plan
-        fn = plan.funcs[i]
-        retries = plan.retries[i]
-        timeout = plan.timeouts[i]
-        binds = self.binds[i]
-        recorder = self.recorder
-        self.begin(i)
-        attempt = 0
-        while True:
-            attempt += 1
-            run._attempts[i] = attempt
-            try:
-                if binds:
-                    args, kwargs = self.arguments(binds)
-                else:
-                    args, kwargs = [], None
-                if plan.ctx[i]:
-                    args.insert(0, Context(run, i, attempt))
-                if timeout is not None or recorder is not None or plan.is_async[i]:
-                    out = _call(fn, args, kwargs, timeout, plan.names[i], recorder, i,
-                                plan.is_async[i])
-                elif kwargs:
-                    out = fn(*args, **kwargs)
-                else:
-                    out = fn(*args)
-            except Skip as skip:
-                self.mark(i, TaskState.SKIPPED, skip.reason)
-                return False
-            except Exception as exc:
-                if attempt <= retries and not self.stopping:
-                    delay = self.retrying(i, attempt, exc)
-                    if delay and self.halt.wait(delay) or self.stopping:
-                        if self.stop_state == TaskState.CANCELLED:
-                            self.mark(i, TaskState.CANCELLED, "%s while waiting to retry"
-                                      % self.stop_reason)
-                        else:
-                            self.fail(i, exc)
-                        return False
-                    continue
-                self.fail(i, exc)
-                return False
-            except BaseException as exc:        # sys.exit() in a task fails the task, no more
-                self.fail(i, exc)
-                return False
-            return self.succeed(i, out)
-
-    def begin(self, i):
-        t0 = time.time()
-        self.run._started[i] = t0
-        self.run._state[i] = TaskState.RUNNING
-        self.emit(t0, "task.started", i, TaskState.RUNNING)
-
-    def retrying(self, i, attempt, exc):
-        """Announce another attempt after ``exc``; returns the delay before it."""
-        node = self.plan.nodes[i]
-        node = getattr(node, "base", node)      # a map instance retries like its task
-        delay = min(node.retry_delay * 2 ** (attempt - 1), node.max_retry_delay)
-        self.emit(time.time(), "task.retrying", i, TaskState.RUNNING,
-                  {"attempt": attempt + 1, "of": self.plan.retries[i] + 1,
-                   "delay_s": delay, "error": _describe(exc)})
-        return delay
-
-    def succeed(self, i, out):
-        if self.closed:
-            return False
-        run = self.run
-        t1 = time.time()
-        run._ended[i] = t1
-        run._state[i] = TaskState.SUCCEEDED
-        run.results[self.plan.names[i]] = out
-        run._outputs[i] = out
-        self.emit(t1, "task.succeeded", i, TaskState.SUCCEEDED)
-        return True
-
-
-    def reuse(self, i):
-        """Take task i's output over from the run being resumed instead of running it."""
-        run = self.run
-        out, artifacts = self.reused[i]
-        for name, path in artifacts.items():    # the new run gets copies of its files
-            try:
-                copied = _save_artifact_file(_artifact_root(run), name, _PathOf(path))
-            except OSError as exc:
-                _warn("run %s: artifact %r of reused task %r is gone (%s)"
-                      % (run.run_id, name, self.plan.names[i], exc))
-                continue
-            run.artifacts[name] = copied
-            run._task_artifacts.setdefault(i, {})[name] = copied
-        run._started[i] = run._ended[i] = ts = time.time()
-        run._state[i] = TaskState.SUCCEEDED
-        run._reasons[i] = "output reused from run %s" % run.resumed_from
-        run.results[self.plan.names[i]] = out
-        run._outputs[i] = out
-        self.emit(ts, "task.succeeded", i, TaskState.SUCCEEDED, {"reused_from": run.resumed_from})
-        return True
-
-    def arguments(self, binds):
-        args, kwargs = [], None
-        outputs = self.run._outputs
-        for kind, key, path, text, pname, kwonly in binds:
-            if kind == _B_CONST:
-                value = key
-            elif kind == _B_NODE:
-                value = outputs[key]
-                if path:
-                    value = _step(value, path, text)
-            elif kind == _B_PARAM:
-                value = _step(self.run.params[key], path, text) if path else self.run.params[key]
-            elif kind == _B_SCRATCH:
-                try:
-                    value = self.run.scratch[key]
-                except KeyError:
-                    raise LookupError("%s: ctx.scratch has no key %r yet" % (text, key)) from None
-                if path:
-                    value = _step(value, path, text)
-            else:
-                try:
-                    value = os.environ[key]
-                except KeyError:
-                    raise LookupError("%s: environment variable %r is not set"
-                                      % (text, key)) from None
-            if kwonly:
-                if kwargs is None:
-                    kwargs = {}
-                kwargs[pname] = value
-            else:
-                args.append(value)
-        return args, kwargs
-
-    # -- outcomes
-
-    def fail(self, i, exc, tb=None):
-        import traceback
-        run = self.run
-        if self.closed:
-            return
-        run._ended[i] = time.time()
-        run._state[i] = TaskState.FAILED
-        run._errors[i] = exc
-        frames = exc.__traceback__
-        while frames is not None and frames.tb_next is not None and \
-                frames.tb_frame.f_code.co_filename == __file__:
-            frames = frames.tb_next         # start the traceback at the task's own code
-        run._tracebacks[i] = tb or "".join(traceback.format_exception(type(exc), exc, frames))
-
-        if run.error is None:
-            run.error = exc
-        self.emit(run._ended[i], "task.failed", i, TaskState.FAILED, {"error": _describe(exc)})
-        if not self.plan.isolate[i]:
-            self.stop(TaskState.SKIPPED, "run stopped after %r failed" % self.plan.names[i])
-
-    def mark(self, i, state, reason):
-        """End task i without running it (SKIPPED or CANCELLED), or after Skip."""
-        run = self.run
-        ts = time.time()
-        run._ended[i] = ts if run._started[i] is not None else None
-        run._state[i] = state
-        run._reasons[i] = reason
-        self.emit(ts, "task.skipped" if state == TaskState.SKIPPED else "task.cancelled",
-                  i, state, {"reason": reason})
-
-    def stop(self, state, reason):
-        with self.lock:
-            if self.stopping:
-                return
-            self.stop_state, self.stop_reason = state, reason
-            self.stopping = True
-        self.halt.set()
-
-    def cancel(self, reason="cancelled"):
-        """The graceful stop: nothing new starts, running tasks may finish.
-
-        Returns False when the run has already ended (or is stopping anyway).
-        """
-        run = self.run
-        with self.lock:
-            if self.closed or run.status != RunState.RUNNING:
-                return False
-            first = not self.stopping
-            if first:
-                self.stop_state, self.stop_reason = TaskState.CANCELLED, reason
-                self.stopping = True
-                run.status = RunState.CANCELLING
-        self.halt.set()
-        run.cancel_event.set()
-        if first:
-            self.emit(time.time(), "run.cancelling", -1, RunState.CANCELLING, {"reason": reason})
-        if self.wake is not None:
-            self.wake()
-        return True
-
-    def abandon(self, reason):
-        """The hard stop: settle the run as CANCELLED now, without waiting for tasks."""
-        with self.lock:
-            if self.closed:
-                return
-            self.stopping = True
-            self.stop_state, self.stop_reason = TaskState.CANCELLED, reason
-        self.halt.set()
-        self.run.cancel_event.set()
-        if self.run.status == RunState.RUNNING:
-            self.run.status = RunState.CANCELLING
-            self.emit(time.time(), "run.cancelling", -1, RunState.CANCELLING, {"reason": reason})
-        self.finish(interrupted=True)
-        if self.slots is not None:
-            self.slots.kill_all()
-
-    def finish(self, interrupted=False):
-        """Settle the run's outcome (once) and wake the caller."""
-        run = self.run
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-        if self.stopping:
-            for m, instances in list(self.expanded.items()):    # a map whose items all
-                if all(run._state[k] == TaskState.SUCCEEDED for k in instances):  # finished
-                    self.expanded.pop(m)                        # keeps its result
-                    self.closed = False
-                    self.succeed(m, [run._outputs[k] for k in instances])
-                    self.closed = True
-            unsettled = (TaskState.PENDING, TaskState.RUNNING) if interrupted else (
-                TaskState.PENDING,)
-            for i, state in enumerate(run._state):
-                if state in unsettled or (i in self.expanded and state == TaskState.RUNNING):
-                    self.mark(i, self.stop_state, "interrupted: " + self.stop_reason
-                              if state == TaskState.RUNNING else self.stop_reason)
-        states = run._state
-        if self.stop_state == TaskState.CANCELLED:
-            run.status = RunState.CANCELLED
-            run.reason = self.stop_reason
-        elif TaskState.FAILED in states:
-            run.status = RunState.FAILED
-        else:
-            run.status = RunState.COMPLETED
-        run.ended_at = time.time()
-        self.emit(run.ended_at, "run." + run.status.lower(), -1, run.status,
-                  {"reason": run.reason} if run.reason else None)
-        for _ in range(self.threads):
-            self.ready.put(_STOP)
-        self.done.set()
-
-
-def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
-    """Call a task's function with its printed output routed to its log and,
-    with a timeout, on a daemon thread that is given up at the deadline.
-
-    An abandoned thread runs on (Python cannot kill a thread) but nothing
-    waits for it, and as a daemon it does not keep the process alive. A
-    coroutine function runs on an event loop in this thread instead, where
-    the timeout really cancels it.
-    """
-    kwargs = kwargs or {}
-    if timeout is None or is_async:
-        owner = _get_ident()
-        if recorder is not None:
-            _print_owners[owner] = (recorder, i)
-        try:
-            out = fn(*args, **kwargs)
-            return _run_coroutine(out, timeout, name) if is_async else out
-        finally:
-            _print_owners.pop(owner, None)
-    import threading
-    box = []
-    finished = threading.Event()
-
-    def target():
-        owner = _get_ident()
-        box.append(owner)
-        if recorder is not None:
-            _print_owners[owner] = (recorder, i)
-        try:
-            box.append((True, fn(*args, **kwargs)))
-        except BaseException as exc:
-            box.append((False, exc))
-        finally:
-            _print_owners.pop(owner, None)
-        finished.set()
-
-    threading.Thread(target=target, name="pyoco-" + name, daemon=True).start()
-    if not finished.wait(timeout):
-        if box:
-            _print_owners.pop(box[0], None)     # what it prints from now on is nobody's
-        raise TimeoutError("task %r timed out after %gs" % (name, timeout))
-    ok, value = box[1]
-    if ok:
-        return value
-    raise value
+        core = self._active.get(run_id)
+        return core is not None and core.cancel(reason)
 
 
 # ---------------------------------------------------------------------------
-# Engine: process pools and other executors
+# Calling a task: threads, process pools and other executors
 # ---------------------------------------------------------------------------
 
 class _ProcessSlots:
@@ -2006,39 +2153,89 @@ class _RemoteContext:
         return path
 
 
-def _remote_task(node, args, kwargs, state):
-    """Runs one attempt of a task in a worker (process pool or any executor).
+def _call(fn, args, kwargs, timeout, name, sink, is_async=False):
+    """One attempt with its printed output routed to ``sink`` (the task's log)
+    and, with a timeout, on a daemon thread that is given up at the deadline.
+    Returns (kind, value) as _attempt does.
 
-    Returns (kind, value, saved artifacts, printed lines, traceback text)
-    with kind "ok", "skip" or "error"; errors come back as values so that an
-    exception that cannot be pickled still arrives as a readable error.
+    An abandoned thread runs on (Python cannot kill a thread) but nothing
+    waits for it, and as a daemon it does not keep the process alive; from
+    then on its prints, scratch writes and artifacts are refused (see
+    _abandoned). A coroutine function runs on an event loop in this thread
+    instead, where the timeout really cancels it.
     """
+    if timeout is None or is_async:
+        owner = _get_ident()
+        if sink is not None:
+            _print_owners[owner] = (sink, name)
+        try:
+            kind, value = _attempt(fn, args, kwargs)
+            if is_async and kind == _OK:
+                kind, value = _attempt(_run_coroutine, (value, timeout, name), {})
+            return kind, value
+        finally:
+            _print_owners.pop(owner, None)
     import threading
+    box = []                # the outcome, once the attempt ends
+    finished = threading.Event()
+
+    def target():
+        owner = _get_ident()
+        if sink is not None:
+            _print_owners[owner] = (sink, name)
+        try:
+            box.append(_attempt(fn, args, kwargs))
+        finally:
+            _print_owners.pop(owner, None)
+            with _abandon_lock:
+                _abandoned.discard(owner)
+                finished.set()
+
+    thread = threading.Thread(target=target, name="pyoco-" + name, daemon=True)
+    thread.start()
+    if not finished.wait(timeout):
+        with _abandon_lock:
+            if not finished.is_set():
+                _abandoned.add(thread.ident)
+                _print_owners.pop(thread.ident, None)   # what it prints now is nobody's
+                return _ERROR, TimeoutError("task %r timed out after %gs" % (name, timeout))
+    return box[0]
+
+def _refuse_if_abandoned(what):
+    if _abandoned and _get_ident() in _abandoned:
+        raise RuntimeError("%s refused: this attempt was given up at its timeout, and"
+                           " what it does no longer counts" % what)
+
+
+def _remote_attempt(node, args, kwargs, state):
+    """One attempt of a task in a worker (a process pool, or any executor).
+
+    Returns (kind, value, saved artifacts, printed lines, traceback text),
+    kind as _attempt says; an exception comes back as a value, replaced by a
+    RuntimeError with its text when it cannot be pickled.
+    """
     lines = _LineCollector()
     ctx = _RemoteContext(state) if state is not None else None
     if ctx is not None:
         args = [ctx] + list(args)
-    me = threading.get_ident()
+    me = _get_ident()
     _tee_install()
-    _print_owners[me] = (lines, 0)
-    tb = None
+    _print_owners[me] = (lines, node.name)
     try:
-        result = ("ok", _invoke(node._callable(), args, kwargs, None, node.name))
-    except Skip as skip:
-        result = ("skip", skip.reason)
-    except BaseException as exc:
-        import pickle
-        import traceback
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        try:
-            pickle.loads(pickle.dumps(exc))
-        except Exception:
-            exc = RuntimeError(_describe(exc))
-        result = ("error", exc)
+        kind, value = _attempt(_invoke, (node._callable(), args, kwargs, None, node.name), {})
     finally:
         _print_owners.pop(me, None)
         _tee_remove()
-    return result + ({} if ctx is None else ctx.saved, lines.close(), tb)
+    tb = None
+    if kind in (_ERROR, _FATAL):
+        import pickle
+        import traceback
+        tb = "".join(traceback.format_exception(type(value), value, value.__traceback__))
+        try:
+            pickle.loads(pickle.dumps(value))
+        except Exception:
+            value = RuntimeError(_describe(value))
+    return kind, value, {} if ctx is None else ctx.saved, lines.close(), tb
 
 
 class _LineCollector:
@@ -2119,7 +2316,7 @@ def _rebuild_task(module_name, qualname, filename, state):
 
 
 # ---------------------------------------------------------------------------
-# Engine: Ctrl+C and SIGTERM
+# Signals: Ctrl+C and SIGTERM
 # ---------------------------------------------------------------------------
 
 class _SignalGuard:
@@ -2219,91 +2416,128 @@ def _plain_value(value):
     return text
 
 
-_PLAIN_WORDS = {
-    "run.started": ("INFO", "start"), "run.cancelling": ("WARNING", "cancel"),
-    "run.completed": ("INFO", "done"), "run.failed": ("ERROR", "failed"),
-    "run.cancelled": ("WARNING", "cancelled"),
-    "task.started": ("INFO", "start"), "task.retrying": ("WARNING", "retry"),
-    "task.succeeded": ("INFO", "done"), "task.failed": ("ERROR", "error"),
-    "task.skipped": ("WARNING", "skip"), "task.cancelled": ("WARNING", "cancelled"),
-}
+def _one_line(text):
+    """Text for a trace line: an error message's newlines must not break it."""
+    text = str(text)
+    if "\n" in text or "\r" in text:
+        text = " ⏎ ".join(part for part in text.replace("\r\n", "\n").replace("\r", "\n")
+                           .split("\n"))
+    return text
+
+
+class _TraceFormat:
+    """Turns a run's events into trace lines, cute or plain (see SPEC section 3).
+
+    It remembers what the lines need from earlier events (when a task
+    started, how many failed), so it reads nothing but the events and the
+    run's id and flow name.
+    """
+
+    __slots__ = ("cute", "started", "failed", "run_started")
+
+    def __init__(self, cute):
+        self.cute = cute
+        self.started = {}           # task name -> when its task.started event came
+        self.failed = 0
+        self.run_started = None
+
+    def line(self, run, ev):
+        """The trace line (without newline) for one event, or None for none."""
+        ts, kind, name, state, data = ev
+        data = data or {}
+        took = None
+        if name is None:
+            if kind == "run.started":
+                self.run_started = ts
+            elif self.run_started is not None and kind in _RUN_ENDS:
+                took = ts - self.run_started
+        elif kind == "task.started":
+            self.started[name] = ts
+        elif kind in _TASK_ENDS:
+            began = self.started.pop(name, None)
+            if kind == "task.failed":
+                self.failed += 1
+            if began is not None:
+                took = ts - began
+        if self.cute:
+            return self.cute_line(run, kind, name, data, took)
+        return self.plain_line(run, ts, kind, name, state, data, took)
+
+    def cute_line(self, run, kind, name, data, took):
+        if name is None:
+            flow = run.flow_name
+            if kind == "run.started":
+                return "🐇 pyoco > start flow=%s run_id=%s" % (flow, run.run_id)
+            if kind == "run.completed":
+                return "🥕 done flow=%s" % flow
+            if kind == "run.failed":
+                n = self.failed
+                return "💔 failed flow=%s (%d task%s failed)" % (flow, n, "" if n == 1 else "s")
+            if kind == "run.cancelling":
+                return "🛑 cancel flow=%s" % flow
+            if kind == "run.cancelled":
+                return "🛑 cancelled flow=%s" % flow
+            return None
+        if kind == "task.started":
+            return "🏃 start node=%s" % name
+        if kind == "task.succeeded":
+            if data.get("reused_from"):
+                return "♻️ reuse node=%s (output of run %s)" % (name, data["reused_from"])
+            return "✅ done node=%s (%s)" % (name, _ms(took or 0.0))
+        if kind == "task.retrying":
+            return "🔁 retry node=%s attempt=%d/%d in %gs" % (name, data["attempt"], data["of"],
+                                                            data["delay_s"])
+        if kind == "task.failed":
+            return "💥 error node=%s %s" % (name, _one_line(data.get("error")))
+        if kind == "task.skipped":
+            return "⏭️ skip node=%s (%s)" % (name, _one_line(data.get("reason")))
+        if kind == "task.cancelled":
+            return "🚫 cancelled node=%s (%s)" % (name, _one_line(data.get("reason")))
+        return None
+
+    def plain_line(self, run, ts, kind, name, state, data, took):
+        level, word = EVENT_KINDS.get(kind, ("INFO", kind))
+        if name is None:
+            fields = [("flow", run.flow_name)]
+            if kind != "run.started":
+                fields.append(("status", state))
+                if took is not None:
+                    fields.append(("duration_ms", "%.2f" % (took * 1000)))
+        else:
+            fields = [("node", name)]
+            if kind == "task.succeeded":
+                if data.get("reused_from"):
+                    word = "reuse"
+                    fields.append(("from_run", data["reused_from"]))
+                else:
+                    fields.append(("duration_ms", "%.2f" % ((took or 0.0) * 1000)))
+            elif kind == "task.retrying":
+                fields.append(("attempt", "%d/%d" % (data["attempt"], data["of"])))
+                fields.append(("delay_s", "%g" % data["delay_s"]))
+        for key in ("error", "reason"):
+            if data.get(key) is not None:
+                fields.append((key, data[key]))
+        fields.append(("run_id", run.run_id))
+        return "%s %s %s %s" % (_iso(ts), level, word,
+                                " ".join("%s=%s" % (k, _plain_value(v)) for k, v in fields))
 
 
 def format_event(run, ev, cute=True):
-    """The trace line (without newline) for one event, or None for none."""
-    ts, event, i, state, data = ev
-    data = data or {}
-    if cute:
-        if i < 0:
-            flow = run.flow_name
-            if event == "run.started":
-                return "🐇 pyoco > start flow=%s run_id=%s" % (flow, run.run_id)
-            if event == "run.completed":
-                return "🥕 done flow=%s" % flow
-            if event == "run.failed":
-                failed = sum(1 for s in run._state if s == TaskState.FAILED)
-                return "💔 failed flow=%s (%d task%s failed)" % (flow, failed, "" if failed == 1 else "s")
-            if event == "run.cancelling":
-                return "🛑 cancel flow=%s" % flow
-            if event == "run.cancelled":
-                return "🛑 cancelled flow=%s" % flow
-            return None
-        node = run._plan.names[i]
-        if event == "task.started":
-            return "🏃 start node=%s" % node
-        if event == "task.succeeded":
-            if data.get("reused_from"):
-                return "♻️ reuse node=%s (output of run %s)" % (node, data["reused_from"])
-            return "✅ done node=%s (%s)" % (node, _ms(run._ended[i] - run._started[i]))
-        if event == "task.retrying":
-            return "🔁 retry node=%s attempt=%d/%d in %gs" % (node, data["attempt"], data["of"],
-                                                            data["delay_s"])
-        if event == "task.failed":
-            return "💥 error node=%s %s" % (node, data.get("error"))
-        if event == "task.skipped":
-            return "⏭️ skip node=%s (%s)" % (node, data.get("reason"))
-        if event == "task.cancelled":
-            return "🚫 cancelled node=%s (%s)" % (node, data.get("reason"))
-        return None
-    level, word = _PLAIN_WORDS.get(event, ("INFO", event))
-    if i < 0:
-        fields = [("flow", run.flow_name)]
-        if event != "run.started":
-            fields.append(("status", state))
-            if run.ended_at is not None and run.started_at is not None:
-                fields.append(("duration_ms", "%.2f" % ((run.ended_at - run.started_at) * 1000)))
-    else:
-        fields = [("node", run._plan.names[i])]
-        if event == "task.succeeded":
-            if data.get("reused_from"):
-                word = "reuse"
-                fields.append(("from_run", data["reused_from"]))
-            else:
-                fields.append(("duration_ms",
-                               "%.2f" % ((run._ended[i] - run._started[i]) * 1000)))
-
-        elif event == "task.retrying":
-            fields.append(("attempt", "%d/%d" % (data["attempt"], data["of"])))
-            fields.append(("delay_s", "%g" % data["delay_s"]))
-    for key in ("error", "reason"):
-        if data.get(key) is not None:
-            fields.append((key, data[key]))
-    fields.append(("run_id", run.run_id))
-    return "%s %s %s %s" % (_iso(ts), level, word,
-                            " ".join("%s=%s" % (k, _plain_value(v)) for k, v in fields))
+    """The trace line (without newline) for one event seen on its own, or None."""
+    return _TraceFormat(cute).line(run, ev)
 
 
 class _TraceWriter:
     """Observer that prints the trace, cute or plain, one line per event."""
 
-    __slots__ = ("stream", "cute")
+    __slots__ = ("stream", "format")
 
     def __init__(self, target, cute):
         self.stream = None if target is True else target
-        self.cute = cute
+        self.format = _TraceFormat(cute)
 
     def __call__(self, run, ev):
-        line = format_event(run, ev, self.cute)
+        line = self.format.line(run, ev)
         if line is not None:
             if self.stream is None:
                 _flush_stdout()     # keep task prints and trace lines in order on one pipe
@@ -2319,11 +2553,12 @@ def _logging_observer():
     if not logger.hasHandlers() or not logger.isEnabledFor(logging.ERROR):
         return None
     levels = {"INFO": logging.INFO, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
+    lines = _TraceFormat(cute=False)
 
     def observe(run, ev):
-        level = levels[_PLAIN_WORDS.get(ev[1], ("INFO",))[0]]
-        if logger.isEnabledFor(level):
-            line = format_event(run, ev, cute=False)
+        level = levels[EVENT_KINDS.get(ev[1], ("INFO",))[0]]
+        line = lines.line(run, ev)
+        if line is not None and logger.isEnabledFor(level):
             logger.log(level, line.split(" ", 2)[2],
                        extra={"pyoco_run_id": run.run_id, "pyoco_event": ev[1]})
     return observe
@@ -2542,24 +2777,23 @@ class RunStore:
 
     # -- writing
 
-    def record(self, run):
-        """Create the run's folder and return its recorder, or None (with a
-        warning) when the store cannot be written."""
+    def new_run_folder(self, run_id):
+        """Create a folder for a new run: returns (run id, folder), the id
+        replaced by a fresh one when it is taken, or (run id, None) with a
+        warning when the store cannot be written."""
         try:
             os.makedirs(self.runs_dir, exist_ok=True)
             for _ in range(5):
                 try:
-                    os.mkdir(self.folder(run.run_id))
-                    break
+                    os.mkdir(self.folder(run_id))
+                    return run_id, self.folder(run_id)
                 except FileExistsError:
-                    run.run_id = _new_run_id()
-            else:
-                raise OSError("could not find a free run id")
+                    run_id = _new_run_id()
+            raise OSError("could not find a free run id")
         except (OSError, StoreError) as exc:
             _warn("cannot record run %s in %s (%s); the run goes on unrecorded"
-                  % (run.run_id, self.root, exc))
-            return None
-        return _RunRecorder(self, run, self.folder(run.run_id))
+                  % (run_id, self.root, exc))
+            return run_id, None
 
     def prune(self, keep=None):
         """Delete the oldest finished runs beyond ``keep`` (default
@@ -2703,21 +2937,26 @@ class RunStore:
         return record
 
     def reusable_outputs(self, record, plan):
-        """For resuming the run of ``record`` (see resumable): task number ->
+        """For resuming the run of ``record`` (see resumable): task name ->
         (output, artifacts), for every task that succeeded there, may be
-        cached, and has nothing upstream that re-runs."""
+        cached, and has nothing upstream that re-runs; and, for a map node
+        that runs again with the same items, its instances that succeeded."""
         run_id = record["run_id"]
         if record.get("flow") != plan.flow_name:
             raise StoreError("cannot resume run %s: it ran flow %r, not %r"
                              % (run_id, record.get("flow"), plan.flow_name))
         outputs = self.load_outputs(run_id)
         tasks = record.get("tasks") or {}
+
+        def succeeded(name):
+            return (tasks.get(name) or {}).get("state") == TaskState.SUCCEEDED \
+                and name in outputs
         rerun = set()
         for i, name in enumerate(plan.names):
-            done = (tasks.get(name) or {}).get("state") == TaskState.SUCCEEDED
             node = plan.nodes[i]
-            if not (done and name in outputs and getattr(node, "base", node).cache):
+            if not (succeeded(name) and getattr(node, "base", node).cache):
                 rerun.add(i)
+        first_rerun = set(rerun)
         stack = list(rerun)
         while stack:
             i = stack.pop()
@@ -2725,8 +2964,32 @@ class RunStore:
                 if s not in rerun:
                     rerun.add(s)
                     stack.append(s)
-        return {i: (outputs[name], (tasks.get(name) or {}).get("artifacts") or {})
-                for i, name in enumerate(plan.names) if i not in rerun}
+        reused = {name: (outputs[name], (tasks.get(name) or {}).get("artifacts") or {})
+                  for i, name in enumerate(plan.names) if i not in rerun}
+        for m in plan.maps:
+            if m in first_rerun and not any(p in rerun for p in plan.preds[m]) \
+                    and plan.nodes[m].base.cache:
+                prefix = plan.names[m] + "["
+                for name in tasks:
+                    if name.startswith(prefix) and name.endswith("]") and succeeded(name):
+                        reused[name] = (outputs[name], tasks[name].get("artifacts") or {})
+        return reused
+
+
+def _add_record_events(folder, events):
+    """Append events (dicts) to a finished run's record in ``folder``: what
+    happened after the run ended, such as webhook deliveries."""
+    import json
+    path = os.path.join(folder, "run.json")
+    with _record_lock:
+        try:
+            with open(path, "rb") as f:
+                record = json.loads(f.read())
+            record["events"].extend(events)
+            _atomic_write(path, _dumps(record).encode("utf-8"))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            _warn("could not add %s to the record in %s (%s)"
+                  % (", ".join(e["event"] for e in events), folder, exc))
 
 
 def _settle_if_dead(record, folder):
@@ -2829,9 +3092,11 @@ def _record_json(run):
     parts.append(", ".join(tasks))
     parts.append('}, "events": [')
     events = []
-    for ts, event, i, state, data in list(run._events):
+    quoted_name = dict(zip(plan.names, qnames))
+    quoted_name[None] = "null"
+    for ts, event, name, state, data in list(run._events):
         text = '{"ts": %s, "event": "%s", "task": %s, "state": "%s"' % (
-            quoted_iso(ts), event, qnames[i] if i >= 0 else "null", state)
+            quoted_iso(ts), event, quoted_name[name], state)
         if data:
             text += ", " + _dumps(data)[1:-1]
         events.append(text + "}")
@@ -2884,13 +3149,15 @@ class _RunRecorder:
         import threading
         self.store, self.run, self.folder = store, run, folder
         self.logs_dir = os.path.join(folder, "logs")
+        self.artifacts_dir = os.path.join(folder, "artifacts")
+        self.cancel_file = os.path.join(folder, "cancel")     # written by `pyoco runs cancel`
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.dirty = True
         self.broken = False             # a write failed: warned once, recording stops
-        self.succeeded = []             # task numbers in the order they succeeded
+        self.succeeded = []             # task names in the order they succeeded
         self.saved_outputs = 0          # how many of those are in outputs.jsonl
-        self.log_files = {}             # task number -> [fd, bytes written]
+        self.log_files = {}             # task name -> [fd, bytes written]
         self.partial = {}               # (thread, task, stream) -> text without its newline
         try:
             self.max_log = int(os.environ.get("PYOCO_MAX_LOG_BYTES") or 0)
@@ -2899,9 +3166,8 @@ class _RunRecorder:
                   % os.environ["PYOCO_MAX_LOG_BYTES"])
             self.max_log = 0
         self.keeper = None
-        self.cancel_asked = False       # `pyoco runs cancel` asked, from another process
-        self.closed = False             # after close(), late lines are dropped
-        run.artifacts_dir = os.path.join(folder, "artifacts")
+        self.closed = False             # the final record is saved: late lines are dropped
+        self.artifacts_seen = 0         # run.artifact_changes when the record was last saved
 
     def start(self):
         import threading
@@ -2928,59 +3194,59 @@ class _RunRecorder:
 
     def observe(self, run, ev):
         self.dirty = True
-        event = ev[1]
-        if event == "run.started":
-            self.save()         # a run killed in its first second still shows when it began
+        kind, name = ev[1], ev[2]
+        if name is None:
+            if kind == "run.started":
+                self.save()     # a run killed in its first second still shows when it began
+            elif kind in _RUN_ENDS:
+                self.finish()
             return
-        if event == "task.succeeded":
-            self.succeeded.append(ev[2])
-        elif event in ("task.failed", "task.skipped", "task.cancelled"):
-            pass
-        else:
+        if kind == "task.succeeded":
+            self.succeeded.append(name)
+        elif kind not in _TASK_ENDS:
             return
-        if ev[2] in self.log_files:
-            self.end_log(ev[2])
+        if name in self.log_files:
+            self.end_log(name)
 
     # -- printed lines
 
-    def feed(self, i, stream, text):
-        key = (_get_ident(), i, stream)
+    def feed(self, name, stream, text):
+        key = (_get_ident(), name, stream)
         text = self.partial.pop(key, "") + text
         *lines, rest = text.split("\n")
         if rest:
             self.partial[key] = rest
         for line in lines:
-            self.log_line(i, stream, line)
+            self.log_line(name, stream, line)
 
-    def log_line(self, i, stream, text, ts=None):
+    def log_line(self, name, stream, text, ts=None):
         if self.broken or self.closed:      # e.g. a thread abandoned at its timeout
             return
-        entry = (_dumps({"ts": _iso(ts or time.time()), "task": self.run._plan.names[i],
-
+        entry = (_dumps({"ts": _iso(ts or time.time()), "task": name,
                          "stream": stream, "text": text}) + "\n").encode("utf-8")
         with self.lock:
-            slot = self.log_files.get(i)
+            slot = self.log_files.get(name)
             if slot is None:
-                fd = self.guarded(self.open_log, i)
+                fd = self.guarded(self.open_log, name)
                 if fd is None:
                     return
-                slot = self.log_files[i] = [fd, 0]
+                slot = self.log_files[name] = [fd, 0]
             if self.guarded(os.write, slot[0], entry) is None:
                 return
             slot[1] += len(entry)
             if self.max_log and slot[1] > 2 * self.max_log:
-                self.cap_log(i, slot)
+                self.cap_log(name, slot)
 
-    def open_log(self, i):
+    def open_log(self, name):
         os.makedirs(self.logs_dir, exist_ok=True)
-        return os.open(self.log_path(i), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return os.open(self.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    def log_path(self, i):
-        return os.path.join(self.logs_dir, _safe_file_name(self.run._plan.names[i]) + ".jsonl")
+    def log_path(self, name):
+        return os.path.join(self.logs_dir, _safe_file_name(name) + ".jsonl")
 
-    def cap_log(self, i, slot):
+    def cap_log(self, name, slot):
         """Keep only the last max_log bytes (whole lines) of a task's log."""
-        path = self.log_path(i)
+        path = self.log_path(name)
         os.close(slot[0])
         with open(path, "rb") as f:
             data = f.read()             # at most about twice the cap, see log_line
@@ -2993,15 +3259,15 @@ class _RunRecorder:
         slot[0] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         slot[1] = len(keep)
 
-    def end_log(self, i):
-        for key in [k for k in self.partial if k[1] == i]:
-            self.log_line(i, key[2], self.partial.pop(key))
+    def end_log(self, name):
+        for key in [k for k in self.partial if k[1] == name]:
+            self.log_line(name, key[2], self.partial.pop(key))
         with self.lock:
-            slot = self.log_files.pop(i, None)
+            slot = self.log_files.pop(name, None)
             if slot is None:
                 return
             if self.max_log and slot[1] > self.max_log:
-                self.cap_log(i, slot)
+                self.cap_log(name, slot)
             os.close(slot[0])
 
     # -- the record
@@ -3009,7 +3275,7 @@ class _RunRecorder:
     def save(self):
         with self.lock:         # snapshot and write together: an older one never wins
             self.dirty = False
-            self.run._touched = False
+            self.artifacts_seen = self.run.artifact_changes
             data = _record_json(self.run).encode("utf-8")
             self.guarded(_atomic_write, os.path.join(self.folder, "run.json"), data)
 
@@ -3026,12 +3292,12 @@ class _RunRecorder:
         if not new or self.broken:
             return
         self.saved_outputs += len(new)
-        names, outputs = self.run._plan.names, self.run._outputs
+        results = self.run.results
         lines = []
-        for i in new:
-            entry = _encode_output(outputs[i])
+        for name in new:
+            entry = _encode_output(results.get(name))
             if entry is not None:
-                entry["task"] = names[i]
+                entry["task"] = name
                 lines.append(_dumps(entry))
         path = os.path.join(self.folder, "outputs.jsonl")
 
@@ -3042,38 +3308,38 @@ class _RunRecorder:
             self.guarded(append)
 
     def keep(self):
-        """The keeper thread: heartbeat, periodic record, and noticing a cancel
-        request from another process (the engine looks at ``cancel_asked``)."""
-        cancel_path = os.path.join(self.folder, "cancel")
+        """The keeper thread: the heartbeat, and the record saved while it changes."""
         process_path = os.path.join(self.folder, "process.json")
-        next_beat = time.time() + _HEARTBEAT_S
-        while not self.stop_event.wait(0.1):
+        while not self.stop_event.wait(_HEARTBEAT_S):
             try:
-                if not self.cancel_asked and os.path.exists(cancel_path):
-                    self.cancel_asked = True
-                if time.time() >= next_beat:
-                    next_beat = time.time() + _HEARTBEAT_S
-                    self.guarded(os.utime, process_path, None)
-                    if self.dirty or self.run._touched:
-                        self.save_outputs()
-                        self.save()
+                self.guarded(os.utime, process_path, None)
+                if not self.closed and (
+                        self.dirty or self.run.artifact_changes != self.artifacts_seen):
+                    self.save_outputs()
+                    self.save()
             except Exception as exc:        # the heartbeat must outlive any one bad write
                 _warn("run %s: recording failed: %s" % (self.run.run_id, _describe(exc)))
 
-    def close(self):
-        """The run is over (or abandoned): write everything one last time."""
-        self.stop_event.set()
-        if self.keeper is not None:
-            self.keeper.join()
-            _tee_remove()
-        for i in list(self.log_files) + [k[1] for k in list(self.partial)]:
-            self.end_log(i)
-        self.closed = True
+    def finish(self):
+        """The run's last event: write everything one last time."""
+        for name in list(self.log_files) + [k[1] for k in list(self.partial)]:
+            self.end_log(name)
         if self.run.status != RunState.COMPLETED:
             self.save_outputs()
         if self.run._plan.maps:
             self.save_graph()           # with the map instances the run added
+        with self.lock:
+            self.closed = True
         self.save()
+
+    def close(self):
+        """The run is over (or abandoned): stop the keeper thread."""
+        self.stop_event.set()
+        if self.keeper is not None:
+            self.keeper.join()
+            _tee_remove()
+        if not self.closed:             # the run never got to its last event
+            self.finish()
 
 
 
@@ -3868,8 +4134,7 @@ class Server:
 
     def live(self, run_id):
         """The Run object of a run this server's engine is running, else None."""
-        runner = self.engine._active.get(run_id)
-        return runner.run if runner is not None else None
+        return self.engine.live_run(run_id)
 
 
 class _Raw:
@@ -4057,7 +4322,7 @@ def _make_handler_class():
 # ---------------------------------------------------------------------------
 
 _WEBHOOK_EVENTS = ("run.completed", "run.failed", "run.cancelled")
-_pending_webhooks = []      # (thread, deadline) still delivering; drained at exit
+_pending_webhooks = []      # _Delivery objects still delivering; drained at exit
 _webhooks_drained_at_exit = False
 
 
@@ -4123,12 +4388,59 @@ def _slack_text(run):
     return text
 
 
-def _send_webhooks(run, recorder=None):
+def _webhook_observer(folder):
+    """The observer that posts a run's outcome when it ends, or None when no
+    webhook is configured. Outcomes go into the record in ``folder``."""
+    if not os.environ.get("PYOCO_WEBHOOK_URL", "").strip():
+        return None
+
+    def observe(run, ev):
+        if ev[2] is None and ev[1] in _RUN_ENDS:
+            _send_webhooks(run, folder)
+    return observe
+
+
+class _Delivery:
+    """One webhook being delivered; its outcome is reported once, by the
+    delivering thread or, when the budget ran out first, by drain_webhooks."""
+
+    def __init__(self, url, folder, state, budget):
+        self.url, self.folder, self.state = url, folder, state
+        self.deadline = time.monotonic() + budget
+        self.budget = budget
+        self.thread = None
+        self.lock = _allocate_lock()
+        self.reported = False
+
+    def report(self, outcome):
+        with self.lock:
+            if self.reported:
+                return
+            self.reported = True
+        if outcome.get("error"):
+            outcome["error"] = _scrub(outcome["error"], self.url)
+            _warn("webhook to %s failed after %s attempt%s: %s"
+                  % (outcome["url"], outcome["attempts"],
+                     "" if outcome["attempts"] == 1 else "s", outcome["error"]))
+        event = {"ts": _iso(time.time()), "event": "webhook." + outcome.pop("outcome"),
+                 "task": None, "state": self.state}
+        event.update(outcome)
+        if self.folder is not None:
+            _add_record_events(self.folder, [event])
+
+    def cut_off(self):
+        self.report({"outcome": "failed", "url": _redact(self.url), "attempts": None,
+                     "status_code": None,
+                     "error": "cut off: no complete answer within the %.1f s budget"
+                              % self.budget})
+
+
+def _send_webhooks(run, folder=None):
     """Post the run's outcome to every configured URL on a background thread.
 
     The run never waits on the network; the process waits at exit at most
     for the retries' budget (attempts x timeout + backoff), see
-    ``drain_webhooks``. Outcomes become events of the run (and are saved).
+    ``drain_webhooks``. Outcomes become events of the run's record.
     """
     settings = _webhook_settings()
     event = "run." + run.status.lower()
@@ -4140,33 +4452,23 @@ def _send_webhooks(run, recorder=None):
     attempts, timeout = settings["attempts"], settings["timeout"]
     budget = attempts * timeout + sum(0.5 * 2 ** k for k in range(attempts - 1)) + 1.0
 
-    def deliver(url):
-        outcome = _post(url, body, event, settings, attempts, timeout)
-        if outcome.get("error"):
-            outcome["error"] = _scrub(outcome["error"], url)
-        run._events.append((time.time(), "webhook." + outcome.pop("outcome"), -1,
-                            run.status, outcome))
-        if outcome.get("error"):
-            _warn("webhook to %s failed after %d attempt%s: %s"
-                  % (outcome["url"], outcome["attempts"],
-                     "" if outcome["attempts"] == 1 else "s", outcome["error"]))
-        if recorder is not None:
-            recorder.save()
+    def deliver(delivery):
+        delivery.report(_post(delivery.url, body, event, settings, attempts, timeout))
 
     global _webhooks_drained_at_exit
     if not _webhooks_drained_at_exit:
         import atexit
         atexit.register(drain_webhooks)
         _webhooks_drained_at_exit = True
-    now = time.monotonic()                  # forget deliveries that are over
-    _pending_webhooks[:] = [(t, d) for t, d in _pending_webhooks if t.is_alive() and d > now]
+    _pending_webhooks[:] = [d for d in _pending_webhooks if not d.reported]
     threads = []
     for url in settings["urls"]:        # one thread per URL: a slow one delays no other
-        thread = threading.Thread(target=deliver, args=(url,), name="pyoco-webhook",
-                                  daemon=True)
-        _pending_webhooks.append((thread, time.monotonic() + budget))
-        thread.start()
-        threads.append(thread)
+        delivery = _Delivery(url, folder, run.status, budget)
+        delivery.thread = threading.Thread(target=deliver, args=(delivery,),
+                                           name="pyoco-webhook", daemon=True)
+        _pending_webhooks.append(delivery)
+        delivery.thread.start()
+        threads.append(delivery.thread)
     return threads
 
 
@@ -4211,11 +4513,13 @@ def _scrub(text, url):
 
 
 def drain_webhooks():
-
-    """Wait for webhook deliveries still under way, each at most until its budget ends."""
+    """Wait for webhook deliveries still under way, each at most until its budget
+    ends; one cut off there is recorded as failed."""
     while _pending_webhooks:
-        thread, deadline = _pending_webhooks.pop(0)
-        thread.join(max(0.0, deadline - time.monotonic()))
+        delivery = _pending_webhooks.pop(0)
+        delivery.thread.join(max(0.0, delivery.deadline - time.monotonic()))
+        if delivery.thread.is_alive():
+            delivery.cut_off()
 
 
 # ---------------------------------------------------------------------------

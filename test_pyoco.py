@@ -1362,7 +1362,7 @@ def test_stop_policy_starts_nothing_new_and_skips_what_never_started(make_engine
     third_skipped = threading.Event()
 
     def watch(run, event):
-        if event[1] == "task.skipped" and list(run.tasks)[event[2]] == "third":
+        if event.kind == "task.skipped" and event.task == "third":
             third_skipped.set()
 
     @task
