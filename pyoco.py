@@ -3331,9 +3331,6 @@ def _histogram(out, name, help_text, samples):
 # HTTP server
 # ---------------------------------------------------------------------------
 
-_LOOPBACK = ("127.", "::1", "::ffff:127.")
-
-
 # The page at / and /runs/{id}/view: one self-contained document that only reads
 # the JSON API below (no CDN, no build step).
 _PAGE = r'''<!doctype html>
@@ -3626,8 +3623,41 @@ class HTTPError(PyocoError):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+def _ip_literal(host):
+    """``host`` (an IPv6 one with or without brackets) as an ipaddress object, else None."""
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return None
+
+
 def _is_loopback(host):
-    return host == "localhost" or str(host).startswith(_LOOPBACK)
+    if host == "localhost":
+        return True
+    ip = _ip_literal(str(host))
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped                 # ::ffff:127.0.0.1, a v4 client of a v6 socket
+    return ip is not None and ip.is_loopback
+
+
+def _host_header(value):
+    """The host a Host header names, lower-case and without its port: a name,
+    an IPv4 literal or a bracketed IPv6 literal; None when it is malformed
+    (``::1`` without brackets, a port that is not a number)."""
+    value = value.strip(" \t").lower()
+    if value.startswith("["):
+        end = value.find("]") + 1
+        host, port = value[:end], value[end:]
+        ip = _ip_literal(host) if end else None
+        if ip is None or ip.version != 6:
+            return None
+    else:
+        host, sep, port = value.partition(":")
+        port = sep + port
+    if not host or (port and not (port == ":" or port[1:].isascii() and port[1:].isdigit())):
+        return None
+    return host
 
 
 class Server:
@@ -3647,6 +3677,8 @@ class Server:
         self.flows = dict(flows or {})
         self.engine = engine or Engine(store=self.store)
         self.token = token if token is not None else os.environ.get("PYOCO_API_TOKEN") or None
+        self.allowed_hosts = {name.strip().lower() for name in
+                              os.environ.get("PYOCO_ALLOWED_HOSTS", "").split(",")} - {""}
         self.host = host
         self.runs = {}              # run id -> thread, for runs started through the API
         self._begun = {}            # run id -> Event set once that run has begun
@@ -3686,6 +3718,7 @@ class Server:
     # -- routes
 
     def route(self, method, path, query, body, client, headers):
+        self.check_host(headers, client)
         parts = [p for p in path.split("/") if p]
         if not parts:
             self.allow(method, "GET")
@@ -3736,12 +3769,41 @@ class Server:
             raise HTTPError(405, "%s is not allowed here; use %s" % (method, " or ".join(methods)),
                             {"Allow": ", ".join(methods)})
 
+    def check_host(self, headers, client):
+        """Refuse (403) a request whose Host is not this server's: an IP
+        literal, localhost or a name in PYOCO_ALLOWED_HOSTS. A page on another
+        site whose name was re-pointed at 127.0.0.1 sends its own name."""
+        given = headers.get_all("Host") or []
+        if len(given) > 1:
+            raise HTTPError(400, "a request may have one Host header, not %d" % len(given))
+        if "*" in self.allowed_hosts:
+            return
+        if not given or not given[0].strip():       # HTTP/1.0: no browser sends that
+            if _is_loopback(client):
+                return
+            raise HTTPError(403, "requests from beyond loopback need a Host header")
+        host = _host_header(given[0])
+        if host is None or not (host == "localhost" or host in self.allowed_hosts
+                                or _ip_literal(host) is not None):
+            raise HTTPError(403, "Host %r is not a name of this server: use an IP address or"
+                                 " localhost, or list the name in PYOCO_ALLOWED_HOSTS"
+                            % given[0])
+
     def authorize(self, client, headers):
         import hmac
         from urllib.parse import urlsplit
-        origin = headers.get("Origin")
-        if origin and urlsplit(origin).netloc != headers.get("Host"):
-            raise HTTPError(403, "cross-site request refused (Origin %s)" % origin)
+        for key in ("Origin", "Referer"):           # set by browsers, Origin on most writes
+            source = headers.get(key)
+            if source:
+                try:
+                    url = urlsplit(source)
+                    same = url.scheme == "http" and url.netloc.lower() == (
+                        headers.get("Host") or "").lower()
+                except ValueError:
+                    same = False
+                if not same:
+                    raise HTTPError(403, "cross-site request refused (%s %s)" % (key, source))
+                break
         if self.token:
             given = headers.get("Authorization") or ""
             if not given.startswith("Bearer ") or not hmac.compare_digest(
@@ -3752,10 +3814,10 @@ class Server:
         if not (_is_loopback(self.host) and _is_loopback(client)):
             raise HTTPError(403, "changes are refused: set PYOCO_API_TOKEN to allow them when"
                                  " the server listens beyond loopback")
-        host = urlsplit("//" + (headers.get("Host") or "localhost")).hostname or ""
-        if not _is_loopback(host):          # a page whose name was rebound to 127.0.0.1
+        host = _host_header(headers.get("Host") or "localhost")
+        if host is None or not _is_loopback(host):      # a PYOCO_ALLOWED_HOSTS name too
             raise HTTPError(403, "changes without PYOCO_API_TOKEN must be addressed to"
-                                 " localhost or 127.0.0.1, not %r" % host)
+                                 " localhost, 127.0.0.1 or [::1], not %r" % headers.get("Host"))
 
     def graph(self, run_id):
         """The run's DAG: task names and [upstream, downstream] edges."""

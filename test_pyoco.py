@@ -4701,6 +4701,95 @@ def test_posts_beyond_loopback_are_allowed_with_the_right_token(tmp_path, srv_se
                     headers={"Authorization": "Bearer tok"})[0] == 409
 
 
+# -- the Host header: a page whose name was re-pointed at 127.0.0.1 (DNS rebinding)
+
+SRV_FOREIGN_HOSTS = ["127.0.0.1.attacker.example:{port}", "attacker.example:{port}",
+                     "localhost.attacker.example", "127.1:{port}", "[127.0.0.1]:{port}",
+                     "::1", "127.0.0.1:{port}x", "[::1]x"]
+
+
+@pytest.mark.parametrize("host", SRV_FOREIGN_HOSTS)
+def test_every_request_whose_host_is_not_an_ip_or_localhost_is_403(srv_outcomes, host):
+    server, runs = srv_outcomes
+    headers = {"Host": host.format(port=server.port)}
+    run_id = runs["failed"].run_id
+    for method, path in [("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/runs"),
+                         ("GET", "/runs/" + run_id), ("GET", "/runs/%s/logs" % run_id),
+                         ("GET", "/"), ("GET", "/nope"), ("POST", "/runs/%s/cancel" % run_id)]:
+        status, head, data = srv_request(server.url, method, path, headers=headers)
+        assert status == 403, (method, path, status)
+        assert head["content-type"] == "application/json"
+        assert set(json.loads(data)) == {"error"}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST",
+                                  "[::1]:{port}", "10.20.30.40:9090", "[2001:db8::1]",
+                                  "127.0.0.1:"])
+def test_hosts_that_are_ip_literals_or_localhost_are_served(srv_outcomes, host):
+    server, _ = srv_outcomes
+    headers = {"Host": host.format(port=server.port)}
+    assert srv_request(server.url, "GET", "/healthz", headers=headers)[0] == 200
+    assert srv_request(server.url, "GET", "/metrics", headers=headers)[0] == 200
+
+
+def test_pyoco_allowed_hosts_adds_names_and_star_allows_any(tmp_path, srv_serve, monkeypatch):
+    store = tmp_path / "store"
+    run_id = srv_make_outcomes(store)["weird"].run_id
+    cancel = "/runs/%s/cancel" % run_id
+    monkeypatch.setenv("PYOCO_ALLOWED_HOSTS", "pyoco.internal, Scrape.Example")
+    server = srv_serve(store)
+    for host in ("pyoco.internal:%d" % server.port, "scrape.example", "SCRAPE.example:80"):
+        assert srv_request(server.url, "GET", "/metrics", headers={"Host": host})[0] == 200
+    for host in ("other.example", "pyoco.internal.attacker.example", "internal"):
+        assert srv_request(server.url, "GET", "/runs", headers={"Host": host})[0] == 403
+    # without a token, changes must still be addressed to a loopback name
+    assert srv_request(server.url, "POST", cancel, headers={"Host": "pyoco.internal"})[0] == 403
+    assert srv_request(server.url, "POST", cancel)[0] == 409
+
+    tokened = srv_serve(store, token="tok")
+    headers = {"Host": "pyoco.internal", "Authorization": "Bearer tok"}
+    assert srv_request(tokened.url, "POST", cancel, headers=headers)[0] == 409
+
+    monkeypatch.setenv("PYOCO_ALLOWED_HOSTS", "*")
+    anyhost = srv_serve(store)
+    for host in ("other.example", "127.0.0.1.attacker.example:%d" % anyhost.port):
+        assert srv_request(anyhost.url, "GET", "/runs", headers={"Host": host})[0] == 200
+
+
+def test_request_without_a_host_header_is_served_only_from_loopback(tmp_path, srv_serve):
+    server = srv_serve(tmp_path / "store")
+    answer = srv_raw(server.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
+    # No client beyond loopback can be made here, so the router is asked directly
+    # what it answers to one: the same call the request handler makes.
+    no_host = http.client.parse_headers(io.BytesIO(b"\r\n"))
+    assert server.route("GET", "/healthz", "", b"", "127.0.0.1", no_host)[0] == 200
+    with pytest.raises(pyoco.HTTPError) as refused:
+        server.route("GET", "/healthz", "", b"", "192.0.2.7", no_host)
+    assert refused.value.status == 403 and "Host" in refused.value.message
+    two_hosts = srv_raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                     b"Host: evil.example\r\nConnection: close\r\n\r\n")
+    assert two_hosts.startswith(b"HTTP/1.1 400 "), two_hosts[:80]
+
+
+@pytest.mark.parametrize("header, value, allowed", [
+    ("Origin", "http://evil.example", False),
+    ("Origin", "null", False),
+    ("Origin", "https://127.0.0.1:{port}", False),
+    ("Origin", "http://127.0.0.1:{port}", True),
+    ("Referer", "http://evil.example/page", False),
+    ("Referer", "http://127.0.0.1.attacker.example:{port}/", False),
+    ("Referer", "http://127.0.0.1:{port}/runs/x/view", True),
+])
+def test_writes_from_a_browser_page_must_come_from_the_servers_own_origin(
+        srv_outcomes, header, value, allowed):
+    server, runs = srv_outcomes
+    headers = {header: value.format(port=server.port)}
+    status, body = srv_json(server.url, "POST", "/runs/%s/cancel" % runs["weird"].run_id,
+                            headers=headers)
+    assert status == (409 if allowed else 403), body      # 409: allowed, the run is over
+
+
 # ---------------------------------------------------------------------------
 # Robustness: concurrent clients, half-sent requests, idle connections, junk
 # ---------------------------------------------------------------------------
@@ -4781,7 +4870,7 @@ def test_half_sent_and_idle_connections_do_not_block_other_clients(tmp_path, srv
             status, _, _ = srv_request(server.url, "GET", "/healthz", timeout=1.0)
             assert status == 200
             assert time.monotonic() - began < 1.0
-        half.sendall(b"ics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        half.sendall(b"ics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         half.settimeout(SRV_WAIT)
         answer = b""
         while True:
