@@ -3679,12 +3679,19 @@ class Server:
         self.token = token if token is not None else os.environ.get("PYOCO_API_TOKEN") or None
         self.allowed_hosts = {name.strip().lower() for name in
                               os.environ.get("PYOCO_ALLOWED_HOSTS", "").split(",")} - {""}
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         self.host = host
         self.runs = {}              # run id -> thread, for runs started through the API
         self._begun = {}            # run id -> Event set once that run has begun
         self.engine.observers.append(self._observe)
         handler = type("Handler", (_make_handler_class(),), {"app": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        server_class = ThreadingHTTPServer
+        ip = _ip_literal(host)
+        if ip is not None and ip.version == 6:
+            import socket
+            server_class = type("ThreadingHTTPServer6", (ThreadingHTTPServer,),
+                                {"address_family": socket.AF_INET6})
+        self.httpd = server_class((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = None
@@ -4941,7 +4948,8 @@ def _cmd_serve(args):
         server = Server(store, host=args.host, port=args.port, flows=flows,
                         engine=Engine(store=store))
     except OSError as exc:
-        raise UsageError("cannot listen on %s:%d: %s" % (args.host, args.port, exc.strerror
+        host = "[%s]" % args.host if ":" in args.host and "[" not in args.host else args.host
+        raise UsageError("cannot listen on %s:%d: %s" % (host, args.port, exc.strerror
                                                          or exc)) from None
     if not _is_loopback(args.host) and not server.token:
         _warn("listening beyond loopback without PYOCO_API_TOKEN: POST endpoints are refused")

@@ -3836,7 +3836,7 @@ class SrvCliServer:
         ready, _, _ = select.select([self.proc.stdout], [], [], 10)
         assert ready, "pyoco serve printed nothing in 10 s; stderr: %s" % self.stderr()
         self.first_line = self.proc.stdout.readline().decode("utf-8")
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", self.first_line)
+        m = re.search(r"http://(?:127\.0\.0\.1|\[[0-9a-f:]+\]):(\d+)", self.first_line)
         assert m, "no URL in %r; stderr: %s" % (self.first_line, self.stderr())
         self.url = m.group(0)
         self.port = int(m.group(1))
@@ -3863,12 +3863,12 @@ class SrvCliServer:
 
 @pytest.fixture
 def srv_cli_serve(tmp_path):
-    """Start ``pyoco serve --port 0 --store DIR FLOW.py ...`` subprocesses."""
+    """Start ``pyoco serve --port 0 --store DIR [OPTION ...] FLOW.py ...`` subprocesses."""
     started = []
 
-    def start(store, *flow_files, **env):
+    def start(store, *flow_files, options=(), **env):
         args = [sys.executable, "-m", "pyoco", "serve", "--port", "0", "--store", str(store)]
-        args += [str(f) for f in flow_files]
+        args += list(options) + [str(f) for f in flow_files]
         server = SrvCliServer(args, srv_child_env(**env),
                               tmp_path / ("serve-%d.log" % len(started)))
         started.append(server)
@@ -4083,6 +4083,32 @@ def test_cli_serve_takes_pyoco_api_token_from_its_environment(tmp_path, srv_cli_
              == "COMPLETED", what="the run to complete")
     assert server.stop() == 0
     assert server.stop() == 0
+
+
+def srv_has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not srv_has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_server_listens_on_ipv6_loopback_in_process_and_as_the_cli(tmp_path, srv_serve,
+                                                                   srv_cli_serve):
+    store = tmp_path / "store"
+    server = srv_serve(store, host="::1")
+    assert server.url == "http://[::1]:%d" % server.port
+    assert srv_json(server.url, "GET", "/healthz")[1]["status"] == "ok"
+    # a write passes the Host and loopback checks over IPv6 too: the run is unknown
+    assert srv_json(server.url, "POST", "/runs/20991231-235959-deadbeef/cancel")[0] == 404
+
+    cli = srv_cli_serve(store, options=["--host", "::1"])
+    assert cli.first_line.startswith("pyoco serve: listening on http://[::1]:")
+    assert cli.url == "http://[::1]:%d" % cli.port
+    assert srv_json(cli.url, "GET", "/healthz")[0] == 200
+    assert cli.stop() == 0
 
 
 # ---------------------------------------------------------------------------
