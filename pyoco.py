@@ -4183,12 +4183,18 @@ def webhook_payload(run):
                              "error": t["error"]} for name, t in record["tasks"].items()}}
 
 
+def _slack_escape(text):
+    """Text as Slack shows it literally: ``<!channel>`` in an error must not ping anyone."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _slack_text(run):
     icon = {"COMPLETED": "🥕", "FAILED": "💥", "CANCELLED": "🛑"}.get(run.status, "🐇")
     text = "%s pyoco: flow *%s* %s in %s (run %s)" % (
-        icon, run.flow_name, run.status.lower(), _ms(run.duration or 0), run.run_id)
+        icon, _slack_escape(run.flow_name), run.status.lower(), _ms(run.duration or 0),
+        _slack_escape(run.run_id))
     if run.status == RunState.FAILED:
-        text += "\n%s" % run.failure()
+        text += "\n%s" % _slack_escape(run.failure())
     return text
 
 

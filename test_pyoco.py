@@ -5101,6 +5101,27 @@ def test_webhook_slack_format_posts_only_text(tmp_path, srv_receiver, monkeypatc
     assert "bad row 17" in payload["text"]
 
 
+def test_webhook_slack_text_escapes_what_the_run_wrote(tmp_path, srv_receiver, monkeypatch):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_FORMAT", "slack")
+
+    @task
+    def shout(ctx):
+        raise ValueError("<!channel> see <https://evil.example|here> & <@U123>")
+
+    flow = Flow("a<b>&c")
+    flow >> shout
+    srv_engine(tmp_path / "store").run(flow, raise_on_failure=False)
+    pyoco.drain_webhooks()
+    [(_, _, body)] = receiver.wait_for(1)
+    text = json.loads(body)["text"]
+    assert "<" not in text and ">" not in text, text
+    assert "flow *a&lt;b&gt;&amp;c*" in text
+    assert ("&lt;!channel&gt; see &lt;https://evil.example|here&gt; &amp; &lt;@U123&gt;"
+            in text)
+
+
 @pytest.mark.parametrize("retries", [1, 3])
 def test_webhook_answered_500_is_tried_exactly_retries_times_and_recorded_failed(
         tmp_path, srv_receiver, monkeypatch, capsys, retries):
