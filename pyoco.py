@@ -4251,6 +4251,12 @@ def _post(url, body, event, settings, attempts, timeout):
     import hmac
     import urllib.error
     import urllib.request
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None         # a 3xx is the answer: a failed attempt, never followed
+
+    opener = urllib.request.build_opener(NoRedirects)
     headers = {"Content-Type": "application/json", "User-Agent": "pyoco/" + __version__,
                "X-Pyoco-Event": event}
     if settings["secret"]:
@@ -4260,13 +4266,14 @@ def _post(url, body, event, settings, attempts, timeout):
     for attempt in range(1, attempts + 1):
         try:
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with opener.open(request, timeout=timeout) as response:
                 status = response.status
                 response.read(65536)
             return {"outcome": "delivered", "url": _redact(url), "attempts": attempt,
                     "status_code": status}
         except urllib.error.HTTPError as exc:
             status, error = exc.code, "HTTP %d" % exc.code
+            exc.close()
         except Exception as exc:
             error = _describe(exc)
         if attempt < attempts:

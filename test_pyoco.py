@@ -3911,9 +3911,10 @@ def srv_free_port():
 
 
 class SrvReceiver:
-    """A webhook receiver on a local http.server thread, answering ``status``."""
+    """A webhook receiver on a local http.server thread, answering ``status``
+    (with ``headers``) to a POST or a GET."""
 
-    def __init__(self, status=200):
+    def __init__(self, status=200, headers=None):
         self.requests = []          # (path, headers with lower-case keys, raw body)
         self.times = []             # time.monotonic() of each request
         self.changed = threading.Condition()
@@ -3929,7 +3930,11 @@ class SrvReceiver:
                     receiver.changed.notify_all()
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
+
+            do_GET = do_POST        # a followed redirect may arrive as a GET
 
             def log_message(self, format, *args):
                 pass
@@ -3988,8 +3993,8 @@ def srv_receiver():
     """Factory of webhook receivers; all are closed at the end of the test."""
     made = []
 
-    def make(status=200):
-        receiver = SrvReceiver(status)
+    def make(status=200, headers=None):
+        receiver = SrvReceiver(status, headers)
         made.append(receiver)
         return receiver
     yield make
@@ -5144,6 +5149,23 @@ def test_webhook_answered_500_is_tried_exactly_retries_times_and_recorded_failed
     assert "s3cret-path" not in json.dumps(record)
     assert run.status == record["status"] == "COMPLETED"     # never changes the outcome
     assert "webhook" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_webhook_answered_with_a_redirect_fails_and_is_never_followed(
+        tmp_path, srv_receiver, monkeypatch, code):
+    elsewhere = srv_receiver()
+    redirecting = srv_receiver(status=code, headers={"Location": elsewhere.url})
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", redirecting.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "2")
+    store = tmp_path / "store"
+    run = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    assert len(redirecting.requests) == 2               # retried like any non-2xx answer
+    assert elsewhere.requests == []
+    [event] = srv_webhook_events(store, run.run_id)
+    assert (event["event"], event["attempts"], event["status_code"]) == (
+        "webhook.failed", 2, code)
 
 
 def test_failing_webhook_does_not_change_a_failed_runs_status(tmp_path, srv_receiver,
