@@ -4168,9 +4168,30 @@ def _webhook_settings():
 
 
 def _redact(url):
-    """scheme://host of a URL: webhook paths often carry secrets (Slack's do)."""
+    """scheme://host of a URL: webhook paths often carry secrets (Slack's do), and
+    user:password@ always does."""
+    import re
     scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.split("/", 1)[0].rsplit("@", 1)[-1] if sep else url[:16]
+    if not sep:                 # no telling a scheme from a user name before an @
+        return "…" if "@" in url else url.split(":", 1)[0][:16] + ":…"
+    return scheme + sep + re.split(r"[/?#]", rest, 1)[0].rsplit("@", 1)[-1]
+
+
+def _without_credentials(url):
+    """(the URL without user:password@, the Basic Authorization header for
+    them or None), percent-decoded as curl does."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+    except ValueError:          # the attempt reports it
+        return url, None
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(("%s:%s" % (unquote(user), unquote(password))).encode("utf-8"))
+    return urlunsplit(parts._replace(netloc=hostport)), "Basic " + token.decode("ascii")
 
 
 def webhook_payload(run):
@@ -4262,10 +4283,13 @@ def _post(url, body, event, settings, attempts, timeout):
     if settings["secret"]:
         digest = hmac.new(settings["secret"].encode(), body, hashlib.sha256).hexdigest()
         headers["X-Pyoco-Signature"] = "sha256=" + digest
+    target, authorization = _without_credentials(url)
+    if authorization:
+        headers["Authorization"] = authorization
     error, status = None, None
     for attempt in range(1, attempts + 1):
         try:
-            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            request = urllib.request.Request(target, data=body, headers=headers, method="POST")
             with opener.open(request, timeout=timeout) as response:
                 status = response.status
                 response.read(65536)
@@ -4283,12 +4307,20 @@ def _post(url, body, event, settings, attempts, timeout):
 
 
 def _scrub(text, url):
-    """An error message with the URL's path and query (often secret) cut out."""
+    """An error message with the URL's path and query (often secret) and any
+    user:password@ in it cut out."""
+    from urllib.parse import unquote
     rest = url.partition("://")[2]
-    path = rest[len(rest.split("/", 1)[0]):]
+    netloc = rest.split("/", 1)[0]
+    path = rest[len(netloc):]
     for secret in sorted({url, path, path.split("?", 1)[0], path.lstrip("/")} - {"", "/"},
                          key=len, reverse=True):
         text = text.replace(secret, "/…")
+    userinfo = netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    for secret in sorted({userinfo, unquote(userinfo), password, unquote(password)} - {""},
+                         key=len, reverse=True):
+        text = text.replace(secret, "…")
     return text
 
 

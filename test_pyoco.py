@@ -34,6 +34,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import contextlib
+import base64
 import hashlib
 import hmac
 import http.client
@@ -5166,6 +5167,30 @@ def test_webhook_answered_with_a_redirect_fails_and_is_never_followed(
     [event] = srv_webhook_events(store, run.run_id)
     assert (event["event"], event["attempts"], event["status_code"]) == (
         "webhook.failed", 2, code)
+
+
+def test_webhook_url_credentials_go_as_basic_auth_and_are_never_recorded(
+        tmp_path, srv_receiver, monkeypatch, capsys):
+    receiver = srv_receiver()
+    port, closed = receiver.httpd.server_address[1], srv_free_port()
+    hook = "http://alice:s3cr%%40t@127.0.0.1:%d/hook"         # the password is s3cr@t
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", "%s,%s" % (hook % port, hook % closed))
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "1")
+    store = tmp_path / "store"
+    run = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    [(path, headers, body)] = receiver.wait_for(1)
+    assert path == "/hook"
+    assert headers["authorization"] == "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+    assert json.loads(body)["run_id"] == run.run_id
+    events = {e["url"]: e["event"] for e in srv_webhook_events(store, run.run_id)}
+    assert events == {"http://127.0.0.1:%d" % port: "webhook.delivered",
+                      "http://127.0.0.1:%d" % closed: "webhook.failed"}
+    written = (store / "runs" / run.run_id / "run.json").read_text("utf-8")
+    err = capsys.readouterr().err
+    assert "webhook to http://127.0.0.1:%d failed" % closed in err
+    for secret in ("alice", "s3cr"):
+        assert secret not in written and secret not in err, secret
 
 
 def test_failing_webhook_does_not_change_a_failed_runs_status(tmp_path, srv_receiver,
