@@ -4043,17 +4043,18 @@ def _make_handler_class():
                 self.close_connection = True
 
         def read_body(self):
-            length = self.headers.get("Content-Length")
-            if length is None:
+            given = self.headers.get_all("Content-Length") or []
+            if not given:
                 if self.headers.get("Transfer-Encoding"):
                     self.close_connection = True
                     raise HTTPError(411, "send the body with a Content-Length")
                 return b""
-            try:
-                length = int(length)
-            except ValueError:
-                self.close_connection = True
-                raise HTTPError(400, "bad Content-Length %r" % length)
+            length = given[0].strip(" \t")     # only what HTTP calls whitespace around it
+            if len(given) > 1 or not (length.isascii() and length.isdigit()):
+                self.close_connection = True    # int() would take 1_0, +10 or a folded line
+                raise HTTPError(400, "bad Content-Length %s: it must be one number in"
+                                     " ASCII digits" % ", ".join(map(repr, given)))
+            length = int(length)
             if length < 0 or length > self.app.max_body:
                 self.close_connection = True
                 raise HTTPError(413, "the body may be at most %d bytes" % self.app.max_body)

@@ -4952,6 +4952,19 @@ def test_malformed_request_line_gets_a_400_status_line_and_json_error(tmp_path, 
     assert set(json.loads(body)) == {"error"}
 
 
+@pytest.mark.parametrize("length", [b"1_0", b"+10", b"-1", b"0x10", b"\r\n 10", b"1 0",
+                                    b"10\r\nContent-Length: 10", b"", b"\xb9\xb0"])
+def test_content_length_that_is_not_plain_ascii_digits_is_400(tmp_path, srv_serve, length):
+    server = srv_serve(tmp_path / "store")
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %s\r\n\r\n"
+    answer = srv_raw(server.port, head % length + b"0123456789")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert set(json.loads(answer.partition(b"\r\n\r\n")[2])) == {"error"}
+    plain = srv_raw(server.port, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                    % b"10" + b"0123456789")
+    assert plain.startswith(b"HTTP/1.1 200 "), plain[:200]
+
+
 def test_request_body_over_1_mib_is_413_without_reading_it(tmp_path, srv_serve):
     server = srv_serve(tmp_path / "store", flows={})
     answer = srv_raw(server.port, b"POST /runs HTTP/1.1\r\nHost: x\r\n"
