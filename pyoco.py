@@ -3257,8 +3257,10 @@ class MetricsView:
             _metric(out, "pyoco_build_info", "gauge", "pyoco version and Python that serve these"
                     " metrics.", [({"version": __version__,
                                     "python": platform.python_version()}, 1)])
+            runs_total = {(f, s): 0 for f in self.flows for s in _FINISHED}  # alerts see 0 -> 1
+            runs_total.update(self.runs_total)
             _metric(out, "pyoco_runs_total", "counter", "Finished runs by flow and final status.",
-                    [({"flow": f, "status": s}, n) for (f, s), n in sorted(self.runs_total.items(),
+                    [({"flow": f, "status": s}, n) for (f, s), n in sorted(runs_total.items(),
                                                                            key=_key_text)])
             _metric(out, "pyoco_runs_in_progress", "gauge", "Runs that are running or cancelling.",
                     [({"flow": f}, n) for f, n in sorted(in_progress.items(), key=_key_text)])

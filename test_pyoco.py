@@ -4162,12 +4162,27 @@ def test_metrics_declare_every_documented_family_with_its_type(srv_outcomes):
 def test_metrics_count_runs_by_flow_and_final_status(srv_outcomes):
     server, _ = srv_outcomes
     _, _, samples = srv_metrics(server.url)
-    totals = {(l["flow"], l["status"]): v for n, l, v in samples if n == "pyoco_runs_total"}
+    totals = {(l["flow"], l["status"]): v for n, l, v in samples
+              if n == "pyoco_runs_total" and v}
     assert totals == {(SRV_WEIRD, "COMPLETED"): 1, ("fails", "FAILED"): 1,
                       ("twice", "COMPLETED"): 2, ("cancels", "CANCELLED"): 1}
     assert srv_value(samples, "pyoco_store_runs") == 5
     assert srv_value(samples, "pyoco_build_info", version=pyoco.__version__,
                      python="%d.%d.%d" % sys.version_info[:3]) == 1
+
+
+def test_runs_total_has_a_zero_for_every_status_of_each_flow_with_a_run(srv_outcomes):
+    server, _ = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    for flow in (SRV_WEIRD, "fails", "twice", "cancels"):
+        counts = {l["status"]: v for n, l, v in samples
+                  if n == "pyoco_runs_total" and l["flow"] == flow}
+        assert set(counts) == {"COMPLETED", "FAILED", "CANCELLED"}, (flow, counts)
+    assert srv_value(samples, "pyoco_runs_total", flow="fails", status="COMPLETED") == 0
+    assert srv_value(samples, "pyoco_runs_total", flow="twice", status="FAILED") == 0
+    # a timestamp of a status never seen has no value: it stays absent
+    assert srv_value(samples, "pyoco_last_run_timestamp_seconds", flow="fails",
+                     status="COMPLETED") is None
 
 
 def test_metrics_count_task_outcomes_and_retries(srv_outcomes):
@@ -4209,8 +4224,8 @@ def test_runs_in_progress_is_one_while_a_run_is_running_then_counted_when_done(
         srv_poll(lambda: srv_value(srv_metrics(server.url)[2], "pyoco_runs_in_progress",
                                    flow="slowpoke") == 1, what="runs_in_progress == 1")
         samples = srv_metrics(server.url)[2]
-        assert srv_value(samples, "pyoco_runs_total", flow="slowpoke",
-                         status="COMPLETED") is None
+        for status in ("COMPLETED", "FAILED", "CANCELLED"):     # 0 from its first run on
+            assert srv_value(samples, "pyoco_runs_total", flow="slowpoke", status=status) == 0
     finally:
         release.set()
         runner.join(SRV_WAIT)
@@ -4978,9 +4993,10 @@ def test_request_body_over_1_mib_is_413_without_reading_it(tmp_path, srv_serve):
 # A real Prometheus scrapes the server
 # ---------------------------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
-def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outcomes):
-    server, _ = srv_outcomes
+@contextlib.contextmanager
+def srv_prometheus(tmp_path, target_port):
+    """A real Prometheus scraping 127.0.0.1:target_port every second; yields
+    ``query(promql)``, the result list of an instant query (None until it answers)."""
     port = srv_free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(textwrap.dedent("""\
@@ -4992,7 +5008,7 @@ def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outco
             scrape_interval: 1s
             static_configs:
               - targets: ["127.0.0.1:%d"]
-        """ % server.port), encoding="utf-8")
+        """ % target_port), encoding="utf-8")
     log = open(str(tmp_path / "prometheus.log"), "wb")
     prom = subprocess.Popen(["prometheus", "--config.file=%s" % config,
                              "--storage.tsdb.path=%s" % (tmp_path / "tsdb"),
@@ -5000,28 +5016,59 @@ def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outco
                             stdout=log, stderr=log, cwd=str(tmp_path))
     api = "http://127.0.0.1:%d" % port
 
-    def scraped():
+    def query(promql):
         assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()
         try:
-            status, _, data = srv_request(api, "GET", "/api/v1/query?query=pyoco_runs_total",
+            status, _, data = srv_request(api, "GET", "/api/v1/query?query=" + quote(promql),
                                           timeout=2)
         except OSError:
             return None
         answer = json.loads(data) if status == 200 else {}
         return answer.get("data", {}).get("result")
     try:
-        result = srv_poll(scraped, timeout=30, what="Prometheus to scrape pyoco_runs_total")
-        seen = {(r["metric"]["flow"], r["metric"]["status"]): float(r["value"][1])
-                for r in result}
-        assert seen == {(SRV_WEIRD, "COMPLETED"): 1, ("fails", "FAILED"): 1,
-                        ("twice", "COMPLETED"): 2, ("cancels", "CANCELLED"): 1}
-        status, _, data = srv_request(api, "GET", "/api/v1/query?query=up", timeout=2)
-        [up] = json.loads(data)["data"]["result"]
-        assert up["value"][1] == "1"
+        yield query
     finally:
         prom.kill()
         prom.wait()
         log.close()
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outcomes):
+    server, _ = srv_outcomes
+    with srv_prometheus(tmp_path, server.port) as query:
+        result = srv_poll(lambda: query("pyoco_runs_total"), timeout=30,
+                          what="Prometheus to scrape pyoco_runs_total")
+        seen = {(r["metric"]["flow"], r["metric"]["status"]): float(r["value"][1])
+                for r in result if float(r["value"][1])}
+        assert seen == {(SRV_WEIRD, "COMPLETED"): 1, ("fails", "FAILED"): 1,
+                        ("twice", "COMPLETED"): 2, ("cancels", "CANCELLED"): 1}
+        assert len(result) == 4 * 3             # and a 0 for every other status
+        [up] = query("up")
+        assert up["value"][1] == "1"
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+def test_real_prometheus_alert_expression_fires_on_a_flows_first_failure(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    engine = srv_engine(store)
+
+    @task
+    def load(ctx, fail=False):
+        if fail:
+            raise ValueError("bad row 17")
+
+    flow = Flow("nightly")
+    flow >> load
+    engine.run(flow)
+    server = srv_serve(store)
+    failed = 'pyoco_runs_total{flow="nightly",status="FAILED"}'
+    with srv_prometheus(tmp_path, server.port) as query:
+        srv_poll(lambda: query(failed), timeout=30, what="Prometheus to scrape " + failed)
+        assert query("increase(%s[1m]) > 0" % failed) == []
+        engine.run(flow, {"fail": True}, raise_on_failure=False)
+        srv_poll(lambda: query("increase(%s[1m]) > 0" % failed), timeout=30,
+                 what="the documented alert expression to fire")
 
 
 # ---------------------------------------------------------------------------
