@@ -2529,6 +2529,7 @@ class RunStore:
     def __init__(self, root):
         self.root = os.path.abspath(os.fspath(root))
         self.runs_dir = os.path.join(self.root, "runs")
+        self.skipped = {}           # path -> (mtime_ns, size) of a record file warned about
 
     def __repr__(self):
         return "RunStore(%r)" % self.root
@@ -2601,22 +2602,44 @@ class RunStore:
                       and os.path.exists(os.path.join(self.runs_dir, n, "run.json")))
 
     def get(self, run_id, events=True):
-        """The run record (a dict), or None when there is no such run."""
+        """The run record (a dict), or None when there is no such run. A
+        run.json that is not a pyoco record is skipped with a warning, so
+        every reader (runs, /runs, /metrics) can trust the record's shape."""
         import json
         folder = self.folder(run_id)
+        path = os.path.join(folder, "run.json")
         try:
-            with open(os.path.join(folder, "run.json"), "rb") as f:
+            with open(path, "rb") as f:
                 record = json.loads(f.read())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            _warn("run %s: unreadable record (%s)" % (run_id, exc))
+        except OSError as exc:
+            _warn("%s: unreadable run record (%s); skipped" % (path, exc))
+            return None
+        except ValueError as exc:
+            self._skip(path, "is not JSON (%s)" % exc)
+            return None
+        problem = _record_problem(record)
+        if problem is not None:
+            self._skip(path, "is not a pyoco run record (%s)" % problem)
             return None
         if record.get("status") in (RunState.RUNNING, RunState.CANCELLING, RunState.PENDING):
             _settle_if_dead(record, folder)
         if not events:
             record.pop("events", None)
         return record
+
+    def _skip(self, path, why):
+        """Warn that a record file is skipped: once for each version of it, so
+        a server that reads it on every request says it once."""
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if self.skipped.get(path, False) != stamp:
+            self.skipped[path] = stamp
+            _warn("%s %s; skipped" % (path, why))
 
     def list(self, status=None, flow=None, limit=None):
         """Records without events, newest first, optionally filtered."""
@@ -2650,9 +2673,11 @@ class RunStore:
                 with open(os.path.join(folder, name), "rb") as f:
                     for raw in f:
                         try:
-                            lines.append(json.loads(raw))
+                            line = json.loads(raw)
                         except ValueError:
                             continue        # a line cut by a crash or by the size cap
+                        if isinstance(line, dict):
+                            lines.append(line)
             except OSError:
                 continue
         lines.sort(key=lambda line: line.get("ts") or "")
@@ -2729,6 +2754,49 @@ class RunStore:
                 for i, name in enumerate(plan.names) if i not in rerun}
 
 
+_RUN_STATES = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETED, RunState.FAILED,
+               RunState.CANCELLING, RunState.CANCELLED)
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "a boolean", type(None): "null"}
+_RECORD_TYPES = {"started_at": str, "ended_at": str, "duration_ms": (int, float),
+                 "events": list}
+_TASK_TYPES = {"state": str, "attempts": int, "started_at": str, "ended_at": str,
+               "duration_ms": (int, float), "error": str, "traceback": str, "reason": str}
+
+
+def _record_problem(record):
+    """What makes decoded run.json data not a pyoco run record, or None. It
+    checks the type of every field that readers index or compute with; null
+    or missing is fine where a record may have no value."""
+    def kind(value):
+        return _JSON_KINDS.get(type(value), "something else")
+
+    def wrong(value, kinds):
+        return value is not None and (isinstance(value, bool) or not isinstance(value, kinds))
+
+    if not isinstance(record, dict):
+        return "it holds %s, not an object" % kind(record)
+    for key, kinds in (("run_id", str), ("flow", str), ("status", str), ("tasks", dict)):
+        if key not in record:
+            return "no %r" % key
+        if not isinstance(record[key], kinds):
+            return "%r is %s" % (key, kind(record[key]))
+    if record["status"] not in _RUN_STATES:
+        return "unknown status %r" % record["status"]
+    for key, kinds in _RECORD_TYPES.items():
+        if wrong(record.get(key), kinds):
+            return "%r is %s" % (key, kind(record[key]))
+    for name, t in record["tasks"].items():
+        if not isinstance(t, dict):
+            return "task %r is %s, not an object" % (name, kind(t))
+        for key, kinds in _TASK_TYPES.items():
+            if wrong(t.get(key), kinds):
+                return "task %r: %r is %s" % (name, key, kind(t[key]))
+    if not all(isinstance(e, dict) for e in record.get("events") or ()):
+        return "an event is not an object"
+    return None
+
+
 def _settle_if_dead(record, folder):
     """Mark a RUNNING record FAILED in place when its process is gone."""
     import json
@@ -2740,6 +2808,8 @@ def _settle_if_dead(record, folder):
         age = time.time() - os.stat(path).st_mtime
     except (OSError, ValueError):
         info, age = {}, None
+    if not isinstance(info, dict):
+        info = {}
     pid, host = info.get("pid"), info.get("host")
     if isinstance(pid, int) and host == _hostname() and not _pid_alive(pid):
         reason = "process %d on %s died before the run finished" % (pid, host)
@@ -3174,7 +3244,8 @@ class MetricsView:
                 record = self.records.get(run_id)
                 if stamp != self.stamps.get(run_id):
                     full = self.store.get(run_id, events=True)
-                    if full is None:
+                    if full is None:        # gone, or not a pyoco record: tried again next time
+                        changed |= self.records.pop(run_id, None) is not None
                         continue
                     self.stamps[run_id] = stamp
                     events = full.pop("events", None) or []
@@ -3834,6 +3905,8 @@ class Server:
         try:
             with open(os.path.join(self.store.folder(run_id), "graph.json"), "rb") as f:
                 graph = json.loads(f.read())
+            if not isinstance(graph, dict):
+                raise ValueError("not a graph")
         except (OSError, ValueError):
             if self.store.get(run_id, events=False) is None:
                 raise HTTPError(404, "no run %r" % run_id)
@@ -3983,10 +4056,6 @@ def _int_param(values, key, default, low, high):
     if not low <= value <= high:
         raise HTTPError(400, "%s must be from %d to %d, not %d" % (key, low, high, value))
     return value
-
-
-_RUN_STATES = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETED, RunState.FAILED,
-               RunState.CANCELLING, RunState.CANCELLED)
 
 
 def _runs_query(query):

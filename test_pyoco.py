@@ -6583,6 +6583,80 @@ def test_stored_record_equals_the_runs_own_record(tmp_path):
     assert RunStore(tmp_path).get(run.run_id) == expected
 
 
+# run.json files that hold valid JSON but no pyoco record, by run id
+STORE_FOREIGN_RECORDS = {
+    "20260101-000000-00001": "{}",
+    "20260101-000000-00002": "[]",
+    "20260101-000000-00003": '"a string"',
+    "20260101-000000-00004": "null",
+    "20260101-000000-00005": "42",
+    "20260101-000000-00006": '{"kind": "something else", "items": [1, 2]}',
+    "20260101-000000-00007": '{"run_id": "x", "flow": "f"}',
+    "20260101-000000-00008": '{"run_id": "x", "flow": "f", "status": "COMPLETED", "tasks": []}',
+    "20260101-000000-00009": '{"run_id": "x", "flow": "f", "status": "DONE", "tasks": {}}',
+    "20260101-000000-0000a": '{"run_id": "x", "flow": "f", "status": "FAILED",'
+                             ' "tasks": {"t": {"state": "FAILED", "attempts": "3"}}}',
+    "20260101-000000-0000b": '{"run_id": "x", "flow": "f", "status": "COMPLETED", "tasks": {},'
+                             ' "started_at": 5, "duration_ms": "1 s"}',
+    "20260101-000000-0000c": '{"run_id": "x", "flow": "f", "status": "COMPLETED", "tasks": {},'
+                             ' "events": [1]}',
+}
+
+
+def test_record_files_that_are_not_pyoco_records_are_skipped_by_every_reader(
+        tmp_path, srv_serve, capsys):
+    store = tmp_path / "store"
+    good = store_quiet(store=store).run(store_failing_flow(), {"n": [1]},
+                                        raise_on_failure=False)
+    for run_id, text in STORE_FOREIGN_RECORDS.items():
+        (store / "runs" / run_id).mkdir()
+        (store / "runs" / run_id / "run.json").write_text(text, encoding="utf-8")
+        (store / "runs" / run_id / "graph.json").write_text("[]", encoding="utf-8")
+    # a real record whose process.json has another shape is read, not skipped
+    running = "20260101-000000-0000d"
+    (store / "runs" / running).mkdir()
+    (store / "runs" / running / "run.json").write_text(json.dumps(
+        {"run_id": running, "flow": "elsewhere", "status": "RUNNING", "tasks": {},
+         "started_at": "2026-01-01T00:00:00.000Z"}), encoding="utf-8")
+    (store / "runs" / running / "process.json").write_text("[]", encoding="utf-8")
+    bad_files = [str(store / "runs" / run_id / "run.json") for run_id in STORE_FOREIGN_RECORDS]
+
+    def warned_once_each(err):
+        assert "Traceback" not in err, err
+        for path in bad_files:
+            assert err.count(path) == 1, (path, err)
+        assert len(err.strip().splitlines()) == len(bad_files), err
+
+    listed = store_cli(tmp_path, "runs", "list", "--store", store)
+    assert listed.returncode == 0, listed.stderr
+    assert good.run_id in listed.stdout and running in listed.stdout
+    warned_once_each(listed.stderr)
+    as_json = store_cli(tmp_path, "runs", "list", "--json", "--store", store)
+    assert [r["run_id"] for r in json.loads(as_json.stdout)] == [good.run_id, running]
+    warned_once_each(as_json.stderr)
+    bad = "20260101-000000-00008"
+    for args in (["runs", "show", bad], ["runs", "show", bad, "--json"]):
+        shown = store_cli(tmp_path, *args, "--store", store)
+        assert shown.returncode == 2 and "no run" in shown.stderr, shown.stderr
+        assert shown.stderr.count(bad_files[7]) == 1 and "Traceback" not in shown.stderr
+
+    capsys.readouterr()
+    server = srv_serve(store)
+    status, records = srv_json(server.url, "GET", "/runs")
+    assert status == 200 and [r["run_id"] for r in records] == [good.run_id, running]
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_store_runs") == 2
+    assert srv_value(samples, "pyoco_runs_in_progress", flow="elsewhere") == 1
+    for run_id in STORE_FOREIGN_RECORDS:
+        for path in ("", "/logs", "/graph", "/artifacts/x"):
+            assert srv_json(server.url, "GET", "/runs/" + run_id + path)[0] == 404, path
+        assert srv_request(server.url, "GET", "/runs/%s/view" % run_id)[0] == 200
+        assert srv_json(server.url, "POST", "/runs/%s/cancel" % run_id)[0] == 404
+    server.view.refresh(force=True)
+    assert srv_metrics(server.url)[0] is not None
+    warned_once_each(capsys.readouterr().err)
+
+
 def test_engine_store_false_writes_nothing_even_with_pyoco_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("PYOCO_HOME", str(home))
