@@ -2389,12 +2389,17 @@ def _json_default(value):
     return repr(value)
 
 
-def _dumps(value, indent=None):
+def _dumps(value, indent=None, ensure_ascii=False):
+    """Strict JSON text (RFC 8259) of any value: every record, answer and
+    webhook body is written here. NaN and infinities become "NaN",
+    "Infinity" and "-Infinity"; what JSON cannot hold becomes its repr()."""
     import json
     try:
-        return json.dumps(value, default=_json_default, ensure_ascii=False, indent=indent)
-    except (TypeError, ValueError):     # e.g. dict keys JSON cannot have: keep a readable form
-        return json.dumps(_jsonable(value), ensure_ascii=False, indent=indent)
+        return json.dumps(value, default=_json_default, ensure_ascii=ensure_ascii,
+                          indent=indent, allow_nan=False)
+    except (TypeError, ValueError):     # NaN, or dict keys JSON cannot have: a readable form
+        return json.dumps(_jsonable(value), ensure_ascii=ensure_ascii, indent=indent,
+                          allow_nan=False)
 
 
 def _jsonable(value):
@@ -2405,8 +2410,19 @@ def _jsonable(value):
     if value is None or isinstance(value, (str, int, bool)):
         return value
     if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else repr(value)
+        if value != value:
+            return "NaN"
+        return value if abs(value) != float("inf") else "Infinity" if value > 0 else "-Infinity"
     return repr(value)
+
+
+def _loads(text):
+    """JSON text as data, refusing NaN and Infinity: RFC 8259 has neither."""
+    import json
+
+    def refuse(name):
+        raise ValueError("%s is not JSON" % name)
+    return json.loads(text, parse_constant=refuse)
 
 
 def _safe_file_name(name):
@@ -2915,7 +2931,7 @@ def _encode_output(value):
     trips exactly, else pickle; None when neither works."""
     import json
     try:
-        text = json.dumps(value)
+        text = json.dumps(value, allow_nan=False)   # NaN and infinities go as pickle
         back = json.loads(text)
         if back == value and type(back) is type(value):
             return {"json": back}
@@ -3965,10 +3981,9 @@ class Server:
         return 202, {"run_id": run_id, "status": RunState.CANCELLING}
 
     def start_run(self, body):
-        import json
         import threading
         try:
-            request = json.loads(body or b"{}")
+            request = _loads(body or b"{}")
         except ValueError as exc:
             raise HTTPError(400, "the body must be JSON: %s" % exc)
         if not isinstance(request, dict) or set(request) - {"flow", "params"}:
@@ -4784,14 +4799,13 @@ def _flow_label(var, flow):
 
 
 def _parse_params(pairs):
-    import json
     params = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError("bad -p %r: expected KEY=VALUE, for example -p day=2026-11-29" % pair)
         try:
-            params[key.strip()] = json.loads(value)
+            params[key.strip()] = _loads(value)     # -p x=NaN is the string "NaN"
         except ValueError:
             params[key.strip()] = value
     return params
@@ -5115,8 +5129,7 @@ def _cmd_plugins(args):
 
 def _print_json(value):
     """JSON on stdout for --json: ASCII escapes keep it valid on any console encoding."""
-    import json
-    print(json.dumps(value, default=_json_default, ensure_ascii=True, indent=2))
+    print(_dumps(value, indent=2, ensure_ascii=True))
 
 
 def _table(rows):

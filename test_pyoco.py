@@ -15,6 +15,7 @@ ever stands for work. Run with ``python -m pytest -q test_pyoco.py``.
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -6581,6 +6582,87 @@ def test_stored_record_equals_the_runs_own_record(tmp_path):
     run = store_quiet(store=tmp_path).run(flow, {"n": [1, 2]}, raise_on_failure=False)
     expected = json.loads(json.dumps(run.to_dict()))
     assert RunStore(tmp_path).get(run.run_id) == expected
+
+
+def store_strict_json(text):
+    """json.loads as RFC 8259 reads it: bare NaN, Infinity and -Infinity are errors."""
+    def refuse(name):
+        raise AssertionError("bare %s in %r" % (name, text[:300]))
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_records_answers_and_webhook_bodies_are_strict_json_whatever_floats_they_hold(
+        tmp_path, srv_serve, srv_receiver, monkeypatch):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    store = tmp_path / "store"
+    nan, inf = float("nan"), float("inf")
+
+    @task
+    def ratio(ctx, threshold):
+        return threshold
+
+    @task
+    def spread(ctx, ratio):
+        return {"low": -inf, "high": inf, "seen": [ratio]}
+
+    @task
+    def report(ctx, spread):
+        raise ValueError("out of range: %r" % spread)
+
+    flow = Flow("floats")
+    flow >> ratio >> spread >> report
+    params = {"threshold": nan, "limits": [inf, -inf], "nested": {"x": (nan, 1.5)}}
+    run = store_quiet(store=store).run(flow, params, raise_on_failure=False)
+    assert run.status == "FAILED"           # a failed run keeps its outputs, for --resume
+    pyoco.drain_webhooks()
+    [(_, _, body)] = receiver.wait_for(1)
+    assert store_strict_json(body.decode("utf-8"))["run_id"] == run.run_id
+
+    folder = store / "runs" / run.run_id
+    record = store_strict_json((folder / "run.json").read_text("utf-8"))
+    assert record["params"] == {"threshold": "NaN", "limits": ["Infinity", "-Infinity"],
+                                "nested": {"x": ["NaN", 1.5]}}
+    for line in (folder / "outputs.jsonl").read_text("utf-8").splitlines():
+        store_strict_json(line)
+    outputs = RunStore(store).load_outputs(run.run_id)      # resume still gets the floats
+    assert math.isnan(outputs["ratio"]) and outputs["spread"]["high"] == inf
+
+    for args in (["runs", "show", run.run_id, "--json"], ["runs", "list", "--json"]):
+        shown = store_cli(tmp_path, *args, "--store", store)
+        assert shown.returncode == 0, shown.stderr
+        store_strict_json(shown.stdout)
+    server = srv_serve(store)
+    for path in ("/runs", "/runs/" + run.run_id):
+        status, _, data = srv_request(server.url, "GET", path)
+        assert status == 200
+        store_strict_json(data.decode("utf-8"))
+
+
+def test_cli_params_nan_and_infinity_are_strings_as_they_are_not_json(tmp_path, srv_serve):
+    flow_file = store_write(tmp_path / "floats.py", """\
+        from pyoco import task, Flow
+
+        @task
+        def show(ctx, threshold, big):
+            print("GOT", repr(threshold), repr(big))
+            return threshold
+
+        flow = Flow("floats")
+        flow >> show
+        """)
+    store = tmp_path / "store"
+    done = store_cli(tmp_path, "run", flow_file, "-p", "threshold=NaN", "-p", "big=-Infinity",
+                     "--store", store)
+    assert done.returncode == 0, done.stderr
+    assert "GOT 'NaN' '-Infinity'" in done.stdout
+    [run_id] = RunStore(store).ids()
+    record = store_strict_json((store / "runs" / run_id / "run.json").read_text("utf-8"))
+    assert record["params"] == {"threshold": "NaN", "big": "-Infinity"}
+    server = srv_serve(store, flows={"floats": pyoco.load_flow(str(flow_file))})
+    status, body = srv_json(server.url, "POST", "/runs",
+                            b'{"flow": "floats", "params": {"threshold": NaN, "big": 1}}')
+    assert status == 400 and "NaN" in body["error"]
 
 
 # run.json files that hold valid JSON but no pyoco record, by run id
