@@ -2624,12 +2624,17 @@ def _json_default(value):
     return repr(value)
 
 
-def _dumps(value, indent=None):
+def _dumps(value, indent=None, ensure_ascii=False):
+    """Strict JSON text (RFC 8259) of any value: every record, answer and
+    webhook body is written here. NaN and infinities become "NaN",
+    "Infinity" and "-Infinity"; what JSON cannot hold becomes its repr()."""
     import json
     try:
-        return json.dumps(value, default=_json_default, ensure_ascii=False, indent=indent)
-    except (TypeError, ValueError):     # e.g. dict keys JSON cannot have: keep a readable form
-        return json.dumps(_jsonable(value), ensure_ascii=False, indent=indent)
+        return json.dumps(value, default=_json_default, ensure_ascii=ensure_ascii,
+                          indent=indent, allow_nan=False)
+    except (TypeError, ValueError):     # NaN, or dict keys JSON cannot have: a readable form
+        return json.dumps(_jsonable(value), ensure_ascii=ensure_ascii, indent=indent,
+                          allow_nan=False)
 
 
 def _jsonable(value):
@@ -2640,8 +2645,19 @@ def _jsonable(value):
     if value is None or isinstance(value, (str, int, bool)):
         return value
     if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else repr(value)
+        if value != value:
+            return "NaN"
+        return value if abs(value) != float("inf") else "Infinity" if value > 0 else "-Infinity"
     return repr(value)
+
+
+def _loads(text):
+    """JSON text as data, refusing NaN and Infinity: RFC 8259 has neither."""
+    import json
+
+    def refuse(name):
+        raise ValueError("%s is not JSON" % name)
+    return json.loads(text, parse_constant=refuse)
 
 
 def _safe_file_name(name):
@@ -2764,6 +2780,7 @@ class RunStore:
     def __init__(self, root):
         self.root = os.path.abspath(os.fspath(root))
         self.runs_dir = os.path.join(self.root, "runs")
+        self.skipped = {}           # path -> (mtime_ns, size) of a record file warned about
 
     def __repr__(self):
         return "RunStore(%r)" % self.root
@@ -2835,22 +2852,44 @@ class RunStore:
                       and os.path.exists(os.path.join(self.runs_dir, n, "run.json")))
 
     def get(self, run_id, events=True):
-        """The run record (a dict), or None when there is no such run."""
+        """The run record (a dict), or None when there is no such run. A
+        run.json that is not a pyoco record is skipped with a warning, so
+        every reader (runs, /runs, /metrics) can trust the record's shape."""
         import json
         folder = self.folder(run_id)
+        path = os.path.join(folder, "run.json")
         try:
-            with open(os.path.join(folder, "run.json"), "rb") as f:
+            with open(path, "rb") as f:
                 record = json.loads(f.read())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            _warn("run %s: unreadable record (%s)" % (run_id, exc))
+        except OSError as exc:
+            _warn("%s: unreadable run record (%s); skipped" % (path, exc))
+            return None
+        except ValueError as exc:
+            self._skip(path, "is not JSON (%s)" % exc)
+            return None
+        problem = _record_problem(record)
+        if problem is not None:
+            self._skip(path, "is not a pyoco run record (%s)" % problem)
             return None
         if record.get("status") in (RunState.RUNNING, RunState.CANCELLING, RunState.PENDING):
             _settle_if_dead(record, folder)
         if not events:
             record.pop("events", None)
         return record
+
+    def _skip(self, path, why):
+        """Warn that a record file is skipped: once for each version of it, so
+        a server that reads it on every request says it once."""
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if self.skipped.get(path, False) != stamp:
+            self.skipped[path] = stamp
+            _warn("%s %s; skipped" % (path, why))
 
     def list(self, status=None, flow=None, limit=None):
         """Records without events, newest first, optionally filtered."""
@@ -2884,9 +2923,11 @@ class RunStore:
                 with open(os.path.join(folder, name), "rb") as f:
                     for raw in f:
                         try:
-                            lines.append(json.loads(raw))
+                            line = json.loads(raw)
                         except ValueError:
                             continue        # a line cut by a crash or by the size cap
+                        if isinstance(line, dict):
+                            lines.append(line)
             except OSError:
                 continue
         lines.sort(key=lambda line: line.get("ts") or "")
@@ -2992,6 +3033,49 @@ def _add_record_events(folder, events):
                   % (", ".join(e["event"] for e in events), folder, exc))
 
 
+_RUN_STATES = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETED, RunState.FAILED,
+               RunState.CANCELLING, RunState.CANCELLED)
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "a boolean", type(None): "null"}
+_RECORD_TYPES = {"started_at": str, "ended_at": str, "duration_ms": (int, float),
+                 "events": list}
+_TASK_TYPES = {"state": str, "attempts": int, "started_at": str, "ended_at": str,
+               "duration_ms": (int, float), "error": str, "traceback": str, "reason": str}
+
+
+def _record_problem(record):
+    """What makes decoded run.json data not a pyoco run record, or None. It
+    checks the type of every field that readers index or compute with; null
+    or missing is fine where a record may have no value."""
+    def kind(value):
+        return _JSON_KINDS.get(type(value), "something else")
+
+    def wrong(value, kinds):
+        return value is not None and (isinstance(value, bool) or not isinstance(value, kinds))
+
+    if not isinstance(record, dict):
+        return "it holds %s, not an object" % kind(record)
+    for key, kinds in (("run_id", str), ("flow", str), ("status", str), ("tasks", dict)):
+        if key not in record:
+            return "no %r" % key
+        if not isinstance(record[key], kinds):
+            return "%r is %s" % (key, kind(record[key]))
+    if record["status"] not in _RUN_STATES:
+        return "unknown status %r" % record["status"]
+    for key, kinds in _RECORD_TYPES.items():
+        if wrong(record.get(key), kinds):
+            return "%r is %s" % (key, kind(record[key]))
+    for name, t in record["tasks"].items():
+        if not isinstance(t, dict):
+            return "task %r is %s, not an object" % (name, kind(t))
+        for key, kinds in _TASK_TYPES.items():
+            if wrong(t.get(key), kinds):
+                return "task %r: %r is %s" % (name, key, kind(t[key]))
+    if not all(isinstance(e, dict) for e in record.get("events") or ()):
+        return "an event is not an object"
+    return None
+
+
 def _settle_if_dead(record, folder):
     """Mark a RUNNING record FAILED in place when its process is gone."""
     import json
@@ -3003,6 +3087,8 @@ def _settle_if_dead(record, folder):
         age = time.time() - os.stat(path).st_mtime
     except (OSError, ValueError):
         info, age = {}, None
+    if not isinstance(info, dict):
+        info = {}
     pid, host = info.get("pid"), info.get("host")
     if isinstance(pid, int) and host == _hostname() and not _pid_alive(pid):
         reason = "process %d on %s died before the run finished" % (pid, host)
@@ -3110,7 +3196,7 @@ def _encode_output(value):
     trips exactly, else pickle; None when neither works."""
     import json
     try:
-        text = json.dumps(value)
+        text = json.dumps(value, allow_nan=False)   # NaN and infinities go as pickle
         back = json.loads(text)
         if back == value and type(back) is type(value):
             return {"json": back}
@@ -3440,7 +3526,8 @@ class MetricsView:
                 record = self.records.get(run_id)
                 if stamp != self.stamps.get(run_id):
                     full = self.store.get(run_id, events=True)
-                    if full is None:
+                    if full is None:        # gone, or not a pyoco record: tried again next time
+                        changed |= self.records.pop(run_id, None) is not None
                         continue
                     self.stamps[run_id] = stamp
                     events = full.pop("events", None) or []
@@ -3523,8 +3610,10 @@ class MetricsView:
             _metric(out, "pyoco_build_info", "gauge", "pyoco version and Python that serve these"
                     " metrics.", [({"version": __version__,
                                     "python": platform.python_version()}, 1)])
+            runs_total = {(f, s): 0 for f in self.flows for s in _FINISHED}  # alerts see 0 -> 1
+            runs_total.update(self.runs_total)
             _metric(out, "pyoco_runs_total", "counter", "Finished runs by flow and final status.",
-                    [({"flow": f, "status": s}, n) for (f, s), n in sorted(self.runs_total.items(),
+                    [({"flow": f, "status": s}, n) for (f, s), n in sorted(runs_total.items(),
                                                                            key=_key_text)])
             _metric(out, "pyoco_runs_in_progress", "gauge", "Runs that are running or cancelling.",
                     [({"flow": f}, n) for f, n in sorted(in_progress.items(), key=_key_text)])
@@ -3596,9 +3685,6 @@ def _histogram(out, name, help_text, samples):
 # ---------------------------------------------------------------------------
 # HTTP server
 # ---------------------------------------------------------------------------
-
-_LOOPBACK = ("127.", "::1", "::ffff:127.")
-
 
 # The page at / and /runs/{id}/view: one self-contained document that only reads
 # the JSON API below (no CDN, no build step).
@@ -3892,8 +3978,41 @@ class HTTPError(PyocoError):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+def _ip_literal(host):
+    """``host`` (an IPv6 one with or without brackets) as an ipaddress object, else None."""
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return None
+
+
 def _is_loopback(host):
-    return host == "localhost" or str(host).startswith(_LOOPBACK)
+    if host == "localhost":
+        return True
+    ip = _ip_literal(str(host))
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped                 # ::ffff:127.0.0.1, a v4 client of a v6 socket
+    return ip is not None and ip.is_loopback
+
+
+def _host_header(value):
+    """The host a Host header names, lower-case and without its port: a name,
+    an IPv4 literal or a bracketed IPv6 literal; None when it is malformed
+    (``::1`` without brackets, a port that is not a number)."""
+    value = value.strip(" \t").lower()
+    if value.startswith("["):
+        end = value.find("]") + 1
+        host, port = value[:end], value[end:]
+        ip = _ip_literal(host) if end else None
+        if ip is None or ip.version != 6:
+            return None
+    else:
+        host, sep, port = value.partition(":")
+        port = sep + port
+    if not host or (port and not (port == ":" or port[1:].isascii() and port[1:].isdigit())):
+        return None
+    return host
 
 
 class Server:
@@ -3913,12 +4032,21 @@ class Server:
         self.flows = dict(flows or {})
         self.engine = engine or Engine(store=self.store)
         self.token = token if token is not None else os.environ.get("PYOCO_API_TOKEN") or None
+        self.allowed_hosts = {name.strip().lower() for name in
+                              os.environ.get("PYOCO_ALLOWED_HOSTS", "").split(",")} - {""}
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         self.host = host
         self.runs = {}              # run id -> thread, for runs started through the API
         self._begun = {}            # run id -> Event set once that run has begun
         self.engine.observers.append(self._observe)
         handler = type("Handler", (_make_handler_class(),), {"app": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        server_class = ThreadingHTTPServer
+        ip = _ip_literal(host)
+        if ip is not None and ip.version == 6:
+            import socket
+            server_class = type("ThreadingHTTPServer6", (ThreadingHTTPServer,),
+                                {"address_family": socket.AF_INET6})
+        self.httpd = server_class((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = None
@@ -3952,6 +4080,7 @@ class Server:
     # -- routes
 
     def route(self, method, path, query, body, client, headers):
+        self.check_host(headers, client)
         parts = [p for p in path.split("/") if p]
         if not parts:
             self.allow(method, "GET")
@@ -4002,12 +4131,41 @@ class Server:
             raise HTTPError(405, "%s is not allowed here; use %s" % (method, " or ".join(methods)),
                             {"Allow": ", ".join(methods)})
 
+    def check_host(self, headers, client):
+        """Refuse (403) a request whose Host is not this server's: an IP
+        literal, localhost or a name in PYOCO_ALLOWED_HOSTS. A page on another
+        site whose name was re-pointed at 127.0.0.1 sends its own name."""
+        given = headers.get_all("Host") or []
+        if len(given) > 1:
+            raise HTTPError(400, "a request may have one Host header, not %d" % len(given))
+        if "*" in self.allowed_hosts:
+            return
+        if not given or not given[0].strip():       # HTTP/1.0: no browser sends that
+            if _is_loopback(client):
+                return
+            raise HTTPError(403, "requests from beyond loopback need a Host header")
+        host = _host_header(given[0])
+        if host is None or not (host == "localhost" or host in self.allowed_hosts
+                                or _ip_literal(host) is not None):
+            raise HTTPError(403, "Host %r is not a name of this server: use an IP address or"
+                                 " localhost, or list the name in PYOCO_ALLOWED_HOSTS"
+                            % given[0])
+
     def authorize(self, client, headers):
         import hmac
         from urllib.parse import urlsplit
-        origin = headers.get("Origin")
-        if origin and urlsplit(origin).netloc != headers.get("Host"):
-            raise HTTPError(403, "cross-site request refused (Origin %s)" % origin)
+        for key in ("Origin", "Referer"):           # set by browsers, Origin on most writes
+            source = headers.get(key)
+            if source:
+                try:
+                    url = urlsplit(source)
+                    same = url.scheme == "http" and url.netloc.lower() == (
+                        headers.get("Host") or "").lower()
+                except ValueError:
+                    same = False
+                if not same:
+                    raise HTTPError(403, "cross-site request refused (%s %s)" % (key, source))
+                break
         if self.token:
             given = headers.get("Authorization") or ""
             if not given.startswith("Bearer ") or not hmac.compare_digest(
@@ -4018,10 +4176,10 @@ class Server:
         if not (_is_loopback(self.host) and _is_loopback(client)):
             raise HTTPError(403, "changes are refused: set PYOCO_API_TOKEN to allow them when"
                                  " the server listens beyond loopback")
-        host = urlsplit("//" + (headers.get("Host") or "localhost")).hostname or ""
-        if not _is_loopback(host):          # a page whose name was rebound to 127.0.0.1
+        host = _host_header(headers.get("Host") or "localhost")
+        if host is None or not _is_loopback(host):      # a PYOCO_ALLOWED_HOSTS name too
             raise HTTPError(403, "changes without PYOCO_API_TOKEN must be addressed to"
-                                 " localhost or 127.0.0.1, not %r" % host)
+                                 " localhost, 127.0.0.1 or [::1], not %r" % headers.get("Host"))
 
     def graph(self, run_id):
         """The run's DAG: task names and [upstream, downstream] edges."""
@@ -4029,6 +4187,8 @@ class Server:
         try:
             with open(os.path.join(self.store.folder(run_id), "graph.json"), "rb") as f:
                 graph = json.loads(f.read())
+            if not isinstance(graph, dict):
+                raise ValueError("not a graph")
         except (OSError, ValueError):
             if self.store.get(run_id, events=False) is None:
                 raise HTTPError(404, "no run %r" % run_id)
@@ -4087,10 +4247,9 @@ class Server:
         return 202, {"run_id": run_id, "status": RunState.CANCELLING}
 
     def start_run(self, body):
-        import json
         import threading
         try:
-            request = json.loads(body or b"{}")
+            request = _loads(body or b"{}")
         except ValueError as exc:
             raise HTTPError(400, "the body must be JSON: %s" % exc)
         if not isinstance(request, dict) or set(request) - {"flow", "params"}:
@@ -4179,10 +4338,6 @@ def _int_param(values, key, default, low, high):
     return value
 
 
-_RUN_STATES = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETED, RunState.FAILED,
-               RunState.CANCELLING, RunState.CANCELLED)
-
-
 def _runs_query(query):
     values = _query_keys(query, ("status", "flow", "limit"))
     status = values.get("status") or None
@@ -4239,17 +4394,18 @@ def _make_handler_class():
                 self.close_connection = True
 
         def read_body(self):
-            length = self.headers.get("Content-Length")
-            if length is None:
+            given = self.headers.get_all("Content-Length") or []
+            if not given:
                 if self.headers.get("Transfer-Encoding"):
                     self.close_connection = True
                     raise HTTPError(411, "send the body with a Content-Length")
                 return b""
-            try:
-                length = int(length)
-            except ValueError:
-                self.close_connection = True
-                raise HTTPError(400, "bad Content-Length %r" % length)
+            length = given[0].strip(" \t")     # only what HTTP calls whitespace around it
+            if len(given) > 1 or not (length.isascii() and length.isdigit()):
+                self.close_connection = True    # int() would take 1_0, +10 or a folded line
+                raise HTTPError(400, "bad Content-Length %s: it must be one number in"
+                                     " ASCII digits" % ", ".join(map(repr, given)))
+            length = int(length)
             if length < 0 or length > self.app.max_body:
                 self.close_connection = True
                 raise HTTPError(413, "the body may be at most %d bytes" % self.app.max_body)
@@ -4364,9 +4520,30 @@ def _webhook_settings():
 
 
 def _redact(url):
-    """scheme://host of a URL: webhook paths often carry secrets (Slack's do)."""
+    """scheme://host of a URL: webhook paths often carry secrets (Slack's do), and
+    user:password@ always does."""
+    import re
     scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.split("/", 1)[0].rsplit("@", 1)[-1] if sep else url[:16]
+    if not sep:                 # no telling a scheme from a user name before an @
+        return "…" if "@" in url else url.split(":", 1)[0][:16] + ":…"
+    return scheme + sep + re.split(r"[/?#]", rest, 1)[0].rsplit("@", 1)[-1]
+
+
+def _without_credentials(url):
+    """(the URL without user:password@, the Basic Authorization header for
+    them or None), percent-decoded as curl does."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+    except ValueError:          # the attempt reports it
+        return url, None
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(("%s:%s" % (unquote(user), unquote(password))).encode("utf-8"))
+    return urlunsplit(parts._replace(netloc=hostport)), "Basic " + token.decode("ascii")
 
 
 def webhook_payload(run):
@@ -4379,12 +4556,18 @@ def webhook_payload(run):
                              "error": t["error"]} for name, t in record["tasks"].items()}}
 
 
+def _slack_escape(text):
+    """Text as Slack shows it literally: ``<!channel>`` in an error must not ping anyone."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _slack_text(run):
     icon = {"COMPLETED": "🥕", "FAILED": "💥", "CANCELLED": "🛑"}.get(run.status, "🐇")
     text = "%s pyoco: flow *%s* %s in %s (run %s)" % (
-        icon, run.flow_name, run.status.lower(), _ms(run.duration or 0), run.run_id)
+        icon, _slack_escape(run.flow_name), run.status.lower(), _ms(run.duration or 0),
+        _slack_escape(run.run_id))
     if run.status == RunState.FAILED:
-        text += "\n%s" % run.failure()
+        text += "\n%s" % _slack_escape(run.failure())
     return text
 
 
@@ -4478,22 +4661,32 @@ def _post(url, body, event, settings, attempts, timeout):
     import hmac
     import urllib.error
     import urllib.request
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None         # a 3xx is the answer: a failed attempt, never followed
+
+    opener = urllib.request.build_opener(NoRedirects)
     headers = {"Content-Type": "application/json", "User-Agent": "pyoco/" + __version__,
                "X-Pyoco-Event": event}
     if settings["secret"]:
         digest = hmac.new(settings["secret"].encode(), body, hashlib.sha256).hexdigest()
         headers["X-Pyoco-Signature"] = "sha256=" + digest
+    target, authorization = _without_credentials(url)
+    if authorization:
+        headers["Authorization"] = authorization
     error, status = None, None
     for attempt in range(1, attempts + 1):
         try:
-            request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            request = urllib.request.Request(target, data=body, headers=headers, method="POST")
+            with opener.open(request, timeout=timeout) as response:
                 status = response.status
                 response.read(65536)
             return {"outcome": "delivered", "url": _redact(url), "attempts": attempt,
                     "status_code": status}
         except urllib.error.HTTPError as exc:
             status, error = exc.code, "HTTP %d" % exc.code
+            exc.close()
         except Exception as exc:
             error = _describe(exc)
         if attempt < attempts:
@@ -4503,12 +4696,20 @@ def _post(url, body, event, settings, attempts, timeout):
 
 
 def _scrub(text, url):
-    """An error message with the URL's path and query (often secret) cut out."""
+    """An error message with the URL's path and query (often secret) and any
+    user:password@ in it cut out."""
+    from urllib.parse import unquote
     rest = url.partition("://")[2]
-    path = rest[len(rest.split("/", 1)[0]):]
+    netloc = rest.split("/", 1)[0]
+    path = rest[len(netloc):]
     for secret in sorted({url, path, path.split("?", 1)[0], path.lstrip("/")} - {"", "/"},
                          key=len, reverse=True):
         text = text.replace(secret, "/…")
+    userinfo = netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    for secret in sorted({userinfo, unquote(userinfo), password, unquote(password)} - {""},
+                         key=len, reverse=True):
+        text = text.replace(secret, "…")
     return text
 
 
@@ -4902,14 +5103,13 @@ def _flow_label(var, flow):
 
 
 def _parse_params(pairs):
-    import json
     params = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError("bad -p %r: expected KEY=VALUE, for example -p day=2026-11-29" % pair)
         try:
-            params[key.strip()] = json.loads(value)
+            params[key.strip()] = _loads(value)     # -p x=NaN is the string "NaN"
         except ValueError:
             params[key.strip()] = value
     return params
@@ -5183,7 +5383,8 @@ def _cmd_serve(args):
         server = Server(store, host=args.host, port=args.port, flows=flows,
                         engine=Engine(store=store))
     except OSError as exc:
-        raise UsageError("cannot listen on %s:%d: %s" % (args.host, args.port, exc.strerror
+        host = "[%s]" % args.host if ":" in args.host and "[" not in args.host else args.host
+        raise UsageError("cannot listen on %s:%d: %s" % (host, args.port, exc.strerror
                                                          or exc)) from None
     if not _is_loopback(args.host) and not server.token:
         _warn("listening beyond loopback without PYOCO_API_TOKEN: POST endpoints are refused")
@@ -5232,8 +5433,7 @@ def _cmd_plugins(args):
 
 def _print_json(value):
     """JSON on stdout for --json: ASCII escapes keep it valid on any console encoding."""
-    import json
-    print(json.dumps(value, default=_json_default, ensure_ascii=True, indent=2))
+    print(_dumps(value, indent=2, ensure_ascii=True))
 
 
 def _table(rows):

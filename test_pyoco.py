@@ -15,6 +15,7 @@ ever stands for work. Run with ``python -m pytest -q test_pyoco.py``.
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -34,6 +35,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import contextlib
+import base64
 import hashlib
 import hmac
 import http.client
@@ -3836,7 +3838,7 @@ class SrvCliServer:
         ready, _, _ = select.select([self.proc.stdout], [], [], 10)
         assert ready, "pyoco serve printed nothing in 10 s; stderr: %s" % self.stderr()
         self.first_line = self.proc.stdout.readline().decode("utf-8")
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", self.first_line)
+        m = re.search(r"http://(?:127\.0\.0\.1|\[[0-9a-f:]+\]):(\d+)", self.first_line)
         assert m, "no URL in %r; stderr: %s" % (self.first_line, self.stderr())
         self.url = m.group(0)
         self.port = int(m.group(1))
@@ -3863,12 +3865,12 @@ class SrvCliServer:
 
 @pytest.fixture
 def srv_cli_serve(tmp_path):
-    """Start ``pyoco serve --port 0 --store DIR FLOW.py ...`` subprocesses."""
+    """Start ``pyoco serve --port 0 --store DIR [OPTION ...] FLOW.py ...`` subprocesses."""
     started = []
 
-    def start(store, *flow_files, **env):
+    def start(store, *flow_files, options=(), **env):
         args = [sys.executable, "-m", "pyoco", "serve", "--port", "0", "--store", str(store)]
-        args += [str(f) for f in flow_files]
+        args += list(options) + [str(f) for f in flow_files]
         server = SrvCliServer(args, srv_child_env(**env),
                               tmp_path / ("serve-%d.log" % len(started)))
         started.append(server)
@@ -3911,9 +3913,10 @@ def srv_free_port():
 
 
 class SrvReceiver:
-    """A webhook receiver on a local http.server thread, answering ``status``."""
+    """A webhook receiver on a local http.server thread, answering ``status``
+    (with ``headers``) to a POST or a GET."""
 
-    def __init__(self, status=200):
+    def __init__(self, status=200, headers=None):
         self.requests = []          # (path, headers with lower-case keys, raw body)
         self.times = []             # time.monotonic() of each request
         self.changed = threading.Condition()
@@ -3929,7 +3932,11 @@ class SrvReceiver:
                     receiver.changed.notify_all()
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.end_headers()
+
+            do_GET = do_POST        # a followed redirect may arrive as a GET
 
             def log_message(self, format, *args):
                 pass
@@ -3988,8 +3995,8 @@ def srv_receiver():
     """Factory of webhook receivers; all are closed at the end of the test."""
     made = []
 
-    def make(status=200):
-        receiver = SrvReceiver(status)
+    def make(status=200, headers=None):
+        receiver = SrvReceiver(status, headers)
         made.append(receiver)
         return receiver
     yield make
@@ -4085,6 +4092,32 @@ def test_cli_serve_takes_pyoco_api_token_from_its_environment(tmp_path, srv_cli_
     assert server.stop() == 0
 
 
+def srv_has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not srv_has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_server_listens_on_ipv6_loopback_in_process_and_as_the_cli(tmp_path, srv_serve,
+                                                                   srv_cli_serve):
+    store = tmp_path / "store"
+    server = srv_serve(store, host="::1")
+    assert server.url == "http://[::1]:%d" % server.port
+    assert srv_json(server.url, "GET", "/healthz")[1]["status"] == "ok"
+    # a write passes the Host and loopback checks over IPv6 too: the run is unknown
+    assert srv_json(server.url, "POST", "/runs/20991231-235959-deadbeef/cancel")[0] == 404
+
+    cli = srv_cli_serve(store, options=["--host", "::1"])
+    assert cli.first_line.startswith("pyoco serve: listening on http://[::1]:")
+    assert cli.url == "http://[::1]:%d" % cli.port
+    assert srv_json(cli.url, "GET", "/healthz")[0] == 200
+    assert cli.stop() == 0
+
+
 # ---------------------------------------------------------------------------
 # /metrics: format, counters, gauges, histograms
 # ---------------------------------------------------------------------------
@@ -4130,12 +4163,27 @@ def test_metrics_declare_every_documented_family_with_its_type(srv_outcomes):
 def test_metrics_count_runs_by_flow_and_final_status(srv_outcomes):
     server, _ = srv_outcomes
     _, _, samples = srv_metrics(server.url)
-    totals = {(l["flow"], l["status"]): v for n, l, v in samples if n == "pyoco_runs_total"}
+    totals = {(l["flow"], l["status"]): v for n, l, v in samples
+              if n == "pyoco_runs_total" and v}
     assert totals == {(SRV_WEIRD, "COMPLETED"): 1, ("fails", "FAILED"): 1,
                       ("twice", "COMPLETED"): 2, ("cancels", "CANCELLED"): 1}
     assert srv_value(samples, "pyoco_store_runs") == 5
     assert srv_value(samples, "pyoco_build_info", version=pyoco.__version__,
                      python="%d.%d.%d" % sys.version_info[:3]) == 1
+
+
+def test_runs_total_has_a_zero_for_every_status_of_each_flow_with_a_run(srv_outcomes):
+    server, _ = srv_outcomes
+    _, _, samples = srv_metrics(server.url)
+    for flow in (SRV_WEIRD, "fails", "twice", "cancels"):
+        counts = {l["status"]: v for n, l, v in samples
+                  if n == "pyoco_runs_total" and l["flow"] == flow}
+        assert set(counts) == {"COMPLETED", "FAILED", "CANCELLED"}, (flow, counts)
+    assert srv_value(samples, "pyoco_runs_total", flow="fails", status="COMPLETED") == 0
+    assert srv_value(samples, "pyoco_runs_total", flow="twice", status="FAILED") == 0
+    # a timestamp of a status never seen has no value: it stays absent
+    assert srv_value(samples, "pyoco_last_run_timestamp_seconds", flow="fails",
+                     status="COMPLETED") is None
 
 
 def test_metrics_count_task_outcomes_and_retries(srv_outcomes):
@@ -4177,8 +4225,8 @@ def test_runs_in_progress_is_one_while_a_run_is_running_then_counted_when_done(
         srv_poll(lambda: srv_value(srv_metrics(server.url)[2], "pyoco_runs_in_progress",
                                    flow="slowpoke") == 1, what="runs_in_progress == 1")
         samples = srv_metrics(server.url)[2]
-        assert srv_value(samples, "pyoco_runs_total", flow="slowpoke",
-                         status="COMPLETED") is None
+        for status in ("COMPLETED", "FAILED", "CANCELLED"):     # 0 from its first run on
+            assert srv_value(samples, "pyoco_runs_total", flow="slowpoke", status=status) == 0
     finally:
         release.set()
         runner.join(SRV_WAIT)
@@ -4701,6 +4749,95 @@ def test_posts_beyond_loopback_are_allowed_with_the_right_token(tmp_path, srv_se
                     headers={"Authorization": "Bearer tok"})[0] == 409
 
 
+# -- the Host header: a page whose name was re-pointed at 127.0.0.1 (DNS rebinding)
+
+SRV_FOREIGN_HOSTS = ["127.0.0.1.attacker.example:{port}", "attacker.example:{port}",
+                     "localhost.attacker.example", "127.1:{port}", "[127.0.0.1]:{port}",
+                     "::1", "127.0.0.1:{port}x", "[::1]x"]
+
+
+@pytest.mark.parametrize("host", SRV_FOREIGN_HOSTS)
+def test_every_request_whose_host_is_not_an_ip_or_localhost_is_403(srv_outcomes, host):
+    server, runs = srv_outcomes
+    headers = {"Host": host.format(port=server.port)}
+    run_id = runs["failed"].run_id
+    for method, path in [("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/runs"),
+                         ("GET", "/runs/" + run_id), ("GET", "/runs/%s/logs" % run_id),
+                         ("GET", "/"), ("GET", "/nope"), ("POST", "/runs/%s/cancel" % run_id)]:
+        status, head, data = srv_request(server.url, method, path, headers=headers)
+        assert status == 403, (method, path, status)
+        assert head["content-type"] == "application/json"
+        assert set(json.loads(data)) == {"error"}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST",
+                                  "[::1]:{port}", "10.20.30.40:9090", "[2001:db8::1]",
+                                  "127.0.0.1:"])
+def test_hosts_that_are_ip_literals_or_localhost_are_served(srv_outcomes, host):
+    server, _ = srv_outcomes
+    headers = {"Host": host.format(port=server.port)}
+    assert srv_request(server.url, "GET", "/healthz", headers=headers)[0] == 200
+    assert srv_request(server.url, "GET", "/metrics", headers=headers)[0] == 200
+
+
+def test_pyoco_allowed_hosts_adds_names_and_star_allows_any(tmp_path, srv_serve, monkeypatch):
+    store = tmp_path / "store"
+    run_id = srv_make_outcomes(store)["weird"].run_id
+    cancel = "/runs/%s/cancel" % run_id
+    monkeypatch.setenv("PYOCO_ALLOWED_HOSTS", "pyoco.internal, Scrape.Example")
+    server = srv_serve(store)
+    for host in ("pyoco.internal:%d" % server.port, "scrape.example", "SCRAPE.example:80"):
+        assert srv_request(server.url, "GET", "/metrics", headers={"Host": host})[0] == 200
+    for host in ("other.example", "pyoco.internal.attacker.example", "internal"):
+        assert srv_request(server.url, "GET", "/runs", headers={"Host": host})[0] == 403
+    # without a token, changes must still be addressed to a loopback name
+    assert srv_request(server.url, "POST", cancel, headers={"Host": "pyoco.internal"})[0] == 403
+    assert srv_request(server.url, "POST", cancel)[0] == 409
+
+    tokened = srv_serve(store, token="tok")
+    headers = {"Host": "pyoco.internal", "Authorization": "Bearer tok"}
+    assert srv_request(tokened.url, "POST", cancel, headers=headers)[0] == 409
+
+    monkeypatch.setenv("PYOCO_ALLOWED_HOSTS", "*")
+    anyhost = srv_serve(store)
+    for host in ("other.example", "127.0.0.1.attacker.example:%d" % anyhost.port):
+        assert srv_request(anyhost.url, "GET", "/runs", headers={"Host": host})[0] == 200
+
+
+def test_request_without_a_host_header_is_served_only_from_loopback(tmp_path, srv_serve):
+    server = srv_serve(tmp_path / "store")
+    answer = srv_raw(server.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
+    # No client beyond loopback can be made here, so the router is asked directly
+    # what it answers to one: the same call the request handler makes.
+    no_host = http.client.parse_headers(io.BytesIO(b"\r\n"))
+    assert server.route("GET", "/healthz", "", b"", "127.0.0.1", no_host)[0] == 200
+    with pytest.raises(pyoco.HTTPError) as refused:
+        server.route("GET", "/healthz", "", b"", "192.0.2.7", no_host)
+    assert refused.value.status == 403 and "Host" in refused.value.message
+    two_hosts = srv_raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                     b"Host: evil.example\r\nConnection: close\r\n\r\n")
+    assert two_hosts.startswith(b"HTTP/1.1 400 "), two_hosts[:80]
+
+
+@pytest.mark.parametrize("header, value, allowed", [
+    ("Origin", "http://evil.example", False),
+    ("Origin", "null", False),
+    ("Origin", "https://127.0.0.1:{port}", False),
+    ("Origin", "http://127.0.0.1:{port}", True),
+    ("Referer", "http://evil.example/page", False),
+    ("Referer", "http://127.0.0.1.attacker.example:{port}/", False),
+    ("Referer", "http://127.0.0.1:{port}/runs/x/view", True),
+])
+def test_writes_from_a_browser_page_must_come_from_the_servers_own_origin(
+        srv_outcomes, header, value, allowed):
+    server, runs = srv_outcomes
+    headers = {header: value.format(port=server.port)}
+    status, body = srv_json(server.url, "POST", "/runs/%s/cancel" % runs["weird"].run_id,
+                            headers=headers)
+    assert status == (409 if allowed else 403), body      # 409: allowed, the run is over
+
+
 # ---------------------------------------------------------------------------
 # Robustness: concurrent clients, half-sent requests, idle connections, junk
 # ---------------------------------------------------------------------------
@@ -4781,7 +4918,7 @@ def test_half_sent_and_idle_connections_do_not_block_other_clients(tmp_path, srv
             status, _, _ = srv_request(server.url, "GET", "/healthz", timeout=1.0)
             assert status == 200
             assert time.monotonic() - began < 1.0
-        half.sendall(b"ics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        half.sendall(b"ics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         half.settimeout(SRV_WAIT)
         answer = b""
         while True:
@@ -4831,6 +4968,19 @@ def test_malformed_request_line_gets_a_400_status_line_and_json_error(tmp_path, 
     assert set(json.loads(body)) == {"error"}
 
 
+@pytest.mark.parametrize("length", [b"1_0", b"+10", b"-1", b"0x10", b"\r\n 10", b"1 0",
+                                    b"10\r\nContent-Length: 10", b"", b"\xb9\xb0"])
+def test_content_length_that_is_not_plain_ascii_digits_is_400(tmp_path, srv_serve, length):
+    server = srv_serve(tmp_path / "store")
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %s\r\n\r\n"
+    answer = srv_raw(server.port, head % length + b"0123456789")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert set(json.loads(answer.partition(b"\r\n\r\n")[2])) == {"error"}
+    plain = srv_raw(server.port, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                    % b"10" + b"0123456789")
+    assert plain.startswith(b"HTTP/1.1 200 "), plain[:200]
+
+
 def test_request_body_over_1_mib_is_413_without_reading_it(tmp_path, srv_serve):
     server = srv_serve(tmp_path / "store", flows={})
     answer = srv_raw(server.port, b"POST /runs HTTP/1.1\r\nHost: x\r\n"
@@ -4844,9 +4994,10 @@ def test_request_body_over_1_mib_is_413_without_reading_it(tmp_path, srv_serve):
 # A real Prometheus scrapes the server
 # ---------------------------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
-def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outcomes):
-    server, _ = srv_outcomes
+@contextlib.contextmanager
+def srv_prometheus(tmp_path, target_port):
+    """A real Prometheus scraping 127.0.0.1:target_port every second; yields
+    ``query(promql)``, the result list of an instant query (None until it answers)."""
     port = srv_free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(textwrap.dedent("""\
@@ -4858,7 +5009,7 @@ def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outco
             scrape_interval: 1s
             static_configs:
               - targets: ["127.0.0.1:%d"]
-        """ % server.port), encoding="utf-8")
+        """ % target_port), encoding="utf-8")
     log = open(str(tmp_path / "prometheus.log"), "wb")
     prom = subprocess.Popen(["prometheus", "--config.file=%s" % config,
                              "--storage.tsdb.path=%s" % (tmp_path / "tsdb"),
@@ -4866,28 +5017,59 @@ def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outco
                             stdout=log, stderr=log, cwd=str(tmp_path))
     api = "http://127.0.0.1:%d" % port
 
-    def scraped():
+    def query(promql):
         assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()
         try:
-            status, _, data = srv_request(api, "GET", "/api/v1/query?query=pyoco_runs_total",
+            status, _, data = srv_request(api, "GET", "/api/v1/query?query=" + quote(promql),
                                           timeout=2)
         except OSError:
             return None
         answer = json.loads(data) if status == 200 else {}
         return answer.get("data", {}).get("result")
     try:
-        result = srv_poll(scraped, timeout=30, what="Prometheus to scrape pyoco_runs_total")
-        seen = {(r["metric"]["flow"], r["metric"]["status"]): float(r["value"][1])
-                for r in result}
-        assert seen == {(SRV_WEIRD, "COMPLETED"): 1, ("fails", "FAILED"): 1,
-                        ("twice", "COMPLETED"): 2, ("cancels", "CANCELLED"): 1}
-        status, _, data = srv_request(api, "GET", "/api/v1/query?query=up", timeout=2)
-        [up] = json.loads(data)["data"]["result"]
-        assert up["value"][1] == "1"
+        yield query
     finally:
         prom.kill()
         prom.wait()
         log.close()
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+def test_real_prometheus_scrapes_runs_total_with_flow_labels(tmp_path, srv_outcomes):
+    server, _ = srv_outcomes
+    with srv_prometheus(tmp_path, server.port) as query:
+        result = srv_poll(lambda: query("pyoco_runs_total"), timeout=30,
+                          what="Prometheus to scrape pyoco_runs_total")
+        seen = {(r["metric"]["flow"], r["metric"]["status"]): float(r["value"][1])
+                for r in result if float(r["value"][1])}
+        assert seen == {(SRV_WEIRD, "COMPLETED"): 1, ("fails", "FAILED"): 1,
+                        ("twice", "COMPLETED"): 2, ("cancels", "CANCELLED"): 1}
+        assert len(result) == 4 * 3             # and a 0 for every other status
+        [up] = query("up")
+        assert up["value"][1] == "1"
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+def test_real_prometheus_alert_expression_fires_on_a_flows_first_failure(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    engine = srv_engine(store)
+
+    @task
+    def load(ctx, fail=False):
+        if fail:
+            raise ValueError("bad row 17")
+
+    flow = Flow("nightly")
+    flow >> load
+    engine.run(flow)
+    server = srv_serve(store)
+    failed = 'pyoco_runs_total{flow="nightly",status="FAILED"}'
+    with srv_prometheus(tmp_path, server.port) as query:
+        srv_poll(lambda: query(failed), timeout=30, what="Prometheus to scrape " + failed)
+        assert query("increase(%s[1m]) > 0" % failed) == []
+        engine.run(flow, {"fail": True}, raise_on_failure=False)
+        srv_poll(lambda: query("increase(%s[1m]) > 0" % failed), timeout=30,
+                 what="the documented alert expression to fire")
 
 
 # ---------------------------------------------------------------------------
@@ -4986,6 +5168,27 @@ def test_webhook_slack_format_posts_only_text(tmp_path, srv_receiver, monkeypatc
     assert "bad row 17" in payload["text"]
 
 
+def test_webhook_slack_text_escapes_what_the_run_wrote(tmp_path, srv_receiver, monkeypatch):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_FORMAT", "slack")
+
+    @task
+    def shout(ctx):
+        raise ValueError("<!channel> see <https://evil.example|here> & <@U123>")
+
+    flow = Flow("a<b>&c")
+    flow >> shout
+    srv_engine(tmp_path / "store").run(flow, raise_on_failure=False)
+    pyoco.drain_webhooks()
+    [(_, _, body)] = receiver.wait_for(1)
+    text = json.loads(body)["text"]
+    assert "<" not in text and ">" not in text, text
+    assert "flow *a&lt;b&gt;&amp;c*" in text
+    assert ("&lt;!channel&gt; see &lt;https://evil.example|here&gt; &amp; &lt;@U123&gt;"
+            in text)
+
+
 @pytest.mark.parametrize("retries", [1, 3])
 def test_webhook_answered_500_is_tried_exactly_retries_times_and_recorded_failed(
         tmp_path, srv_receiver, monkeypatch, capsys, retries):
@@ -5008,6 +5211,47 @@ def test_webhook_answered_500_is_tried_exactly_retries_times_and_recorded_failed
     assert "s3cret-path" not in json.dumps(record)
     assert run.status == record["status"] == "COMPLETED"     # never changes the outcome
     assert "webhook" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_webhook_answered_with_a_redirect_fails_and_is_never_followed(
+        tmp_path, srv_receiver, monkeypatch, code):
+    elsewhere = srv_receiver()
+    redirecting = srv_receiver(status=code, headers={"Location": elsewhere.url})
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", redirecting.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "2")
+    store = tmp_path / "store"
+    run = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    assert len(redirecting.requests) == 2               # retried like any non-2xx answer
+    assert elsewhere.requests == []
+    [event] = srv_webhook_events(store, run.run_id)
+    assert (event["event"], event["attempts"], event["status_code"]) == (
+        "webhook.failed", 2, code)
+
+
+def test_webhook_url_credentials_go_as_basic_auth_and_are_never_recorded(
+        tmp_path, srv_receiver, monkeypatch, capsys):
+    receiver = srv_receiver()
+    port, closed = receiver.httpd.server_address[1], srv_free_port()
+    hook = "http://alice:s3cr%%40t@127.0.0.1:%d/hook"         # the password is s3cr@t
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", "%s,%s" % (hook % port, hook % closed))
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "1")
+    store = tmp_path / "store"
+    run = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    [(path, headers, body)] = receiver.wait_for(1)
+    assert path == "/hook"
+    assert headers["authorization"] == "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+    assert json.loads(body)["run_id"] == run.run_id
+    events = {e["url"]: e["event"] for e in srv_webhook_events(store, run.run_id)}
+    assert events == {"http://127.0.0.1:%d" % port: "webhook.delivered",
+                      "http://127.0.0.1:%d" % closed: "webhook.failed"}
+    written = (store / "runs" / run.run_id / "run.json").read_text("utf-8")
+    err = capsys.readouterr().err
+    assert "webhook to http://127.0.0.1:%d failed" % closed in err
+    for secret in ("alice", "s3cr"):
+        assert secret not in written and secret not in err, secret
 
 
 def test_failing_webhook_does_not_change_a_failed_runs_status(tmp_path, srv_receiver,
@@ -6338,6 +6582,161 @@ def test_stored_record_equals_the_runs_own_record(tmp_path):
     run = store_quiet(store=tmp_path).run(flow, {"n": [1, 2]}, raise_on_failure=False)
     expected = json.loads(json.dumps(run.to_dict()))
     assert RunStore(tmp_path).get(run.run_id) == expected
+
+
+def store_strict_json(text):
+    """json.loads as RFC 8259 reads it: bare NaN, Infinity and -Infinity are errors."""
+    def refuse(name):
+        raise AssertionError("bare %s in %r" % (name, text[:300]))
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_records_answers_and_webhook_bodies_are_strict_json_whatever_floats_they_hold(
+        tmp_path, srv_serve, srv_receiver, monkeypatch):
+    receiver = srv_receiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    store = tmp_path / "store"
+    nan, inf = float("nan"), float("inf")
+
+    @task
+    def ratio(ctx, threshold):
+        return threshold
+
+    @task
+    def spread(ctx, ratio):
+        return {"low": -inf, "high": inf, "seen": [ratio]}
+
+    @task
+    def report(ctx, spread):
+        raise ValueError("out of range: %r" % spread)
+
+    flow = Flow("floats")
+    flow >> ratio >> spread >> report
+    params = {"threshold": nan, "limits": [inf, -inf], "nested": {"x": (nan, 1.5)}}
+    run = store_quiet(store=store).run(flow, params, raise_on_failure=False)
+    assert run.status == "FAILED"           # a failed run keeps its outputs, for --resume
+    pyoco.drain_webhooks()
+    [(_, _, body)] = receiver.wait_for(1)
+    assert store_strict_json(body.decode("utf-8"))["run_id"] == run.run_id
+
+    folder = store / "runs" / run.run_id
+    record = store_strict_json((folder / "run.json").read_text("utf-8"))
+    assert record["params"] == {"threshold": "NaN", "limits": ["Infinity", "-Infinity"],
+                                "nested": {"x": ["NaN", 1.5]}}
+    for line in (folder / "outputs.jsonl").read_text("utf-8").splitlines():
+        store_strict_json(line)
+    outputs = RunStore(store).load_outputs(run.run_id)      # resume still gets the floats
+    assert math.isnan(outputs["ratio"]) and outputs["spread"]["high"] == inf
+
+    for args in (["runs", "show", run.run_id, "--json"], ["runs", "list", "--json"]):
+        shown = store_cli(tmp_path, *args, "--store", store)
+        assert shown.returncode == 0, shown.stderr
+        store_strict_json(shown.stdout)
+    server = srv_serve(store)
+    for path in ("/runs", "/runs/" + run.run_id):
+        status, _, data = srv_request(server.url, "GET", path)
+        assert status == 200
+        store_strict_json(data.decode("utf-8"))
+
+
+def test_cli_params_nan_and_infinity_are_strings_as_they_are_not_json(tmp_path, srv_serve):
+    flow_file = store_write(tmp_path / "floats.py", """\
+        from pyoco import task, Flow
+
+        @task
+        def show(ctx, threshold, big):
+            print("GOT", repr(threshold), repr(big))
+            return threshold
+
+        flow = Flow("floats")
+        flow >> show
+        """)
+    store = tmp_path / "store"
+    done = store_cli(tmp_path, "run", flow_file, "-p", "threshold=NaN", "-p", "big=-Infinity",
+                     "--store", store)
+    assert done.returncode == 0, done.stderr
+    assert "GOT 'NaN' '-Infinity'" in done.stdout
+    [run_id] = RunStore(store).ids()
+    record = store_strict_json((store / "runs" / run_id / "run.json").read_text("utf-8"))
+    assert record["params"] == {"threshold": "NaN", "big": "-Infinity"}
+    server = srv_serve(store, flows={"floats": pyoco.load_flow(str(flow_file))})
+    status, body = srv_json(server.url, "POST", "/runs",
+                            b'{"flow": "floats", "params": {"threshold": NaN, "big": 1}}')
+    assert status == 400 and "NaN" in body["error"]
+
+
+# run.json files that hold valid JSON but no pyoco record, by run id
+STORE_FOREIGN_RECORDS = {
+    "20260101-000000-00001": "{}",
+    "20260101-000000-00002": "[]",
+    "20260101-000000-00003": '"a string"',
+    "20260101-000000-00004": "null",
+    "20260101-000000-00005": "42",
+    "20260101-000000-00006": '{"kind": "something else", "items": [1, 2]}',
+    "20260101-000000-00007": '{"run_id": "x", "flow": "f"}',
+    "20260101-000000-00008": '{"run_id": "x", "flow": "f", "status": "COMPLETED", "tasks": []}',
+    "20260101-000000-00009": '{"run_id": "x", "flow": "f", "status": "DONE", "tasks": {}}',
+    "20260101-000000-0000a": '{"run_id": "x", "flow": "f", "status": "FAILED",'
+                             ' "tasks": {"t": {"state": "FAILED", "attempts": "3"}}}',
+    "20260101-000000-0000b": '{"run_id": "x", "flow": "f", "status": "COMPLETED", "tasks": {},'
+                             ' "started_at": 5, "duration_ms": "1 s"}',
+    "20260101-000000-0000c": '{"run_id": "x", "flow": "f", "status": "COMPLETED", "tasks": {},'
+                             ' "events": [1]}',
+}
+
+
+def test_record_files_that_are_not_pyoco_records_are_skipped_by_every_reader(
+        tmp_path, srv_serve, capsys):
+    store = tmp_path / "store"
+    good = store_quiet(store=store).run(store_failing_flow(), {"n": [1]},
+                                        raise_on_failure=False)
+    for run_id, text in STORE_FOREIGN_RECORDS.items():
+        (store / "runs" / run_id).mkdir()
+        (store / "runs" / run_id / "run.json").write_text(text, encoding="utf-8")
+        (store / "runs" / run_id / "graph.json").write_text("[]", encoding="utf-8")
+    # a real record whose process.json has another shape is read, not skipped
+    running = "20260101-000000-0000d"
+    (store / "runs" / running).mkdir()
+    (store / "runs" / running / "run.json").write_text(json.dumps(
+        {"run_id": running, "flow": "elsewhere", "status": "RUNNING", "tasks": {},
+         "started_at": "2026-01-01T00:00:00.000Z"}), encoding="utf-8")
+    (store / "runs" / running / "process.json").write_text("[]", encoding="utf-8")
+    bad_files = [str(store / "runs" / run_id / "run.json") for run_id in STORE_FOREIGN_RECORDS]
+
+    def warned_once_each(err):
+        assert "Traceback" not in err, err
+        for path in bad_files:
+            assert err.count(path) == 1, (path, err)
+        assert len(err.strip().splitlines()) == len(bad_files), err
+
+    listed = store_cli(tmp_path, "runs", "list", "--store", store)
+    assert listed.returncode == 0, listed.stderr
+    assert good.run_id in listed.stdout and running in listed.stdout
+    warned_once_each(listed.stderr)
+    as_json = store_cli(tmp_path, "runs", "list", "--json", "--store", store)
+    assert [r["run_id"] for r in json.loads(as_json.stdout)] == [good.run_id, running]
+    warned_once_each(as_json.stderr)
+    bad = "20260101-000000-00008"
+    for args in (["runs", "show", bad], ["runs", "show", bad, "--json"]):
+        shown = store_cli(tmp_path, *args, "--store", store)
+        assert shown.returncode == 2 and "no run" in shown.stderr, shown.stderr
+        assert shown.stderr.count(bad_files[7]) == 1 and "Traceback" not in shown.stderr
+
+    capsys.readouterr()
+    server = srv_serve(store)
+    status, records = srv_json(server.url, "GET", "/runs")
+    assert status == 200 and [r["run_id"] for r in records] == [good.run_id, running]
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_store_runs") == 2
+    assert srv_value(samples, "pyoco_runs_in_progress", flow="elsewhere") == 1
+    for run_id in STORE_FOREIGN_RECORDS:
+        for path in ("", "/logs", "/graph", "/artifacts/x"):
+            assert srv_json(server.url, "GET", "/runs/" + run_id + path)[0] == 404, path
+        assert srv_request(server.url, "GET", "/runs/%s/view" % run_id)[0] == 200
+        assert srv_json(server.url, "POST", "/runs/%s/cancel" % run_id)[0] == 404
+    server.view.refresh(force=True)
+    assert srv_metrics(server.url)[0] is not None
+    warned_once_each(capsys.readouterr().err)
 
 
 def test_engine_store_false_writes_nothing_even_with_pyoco_home(tmp_path, monkeypatch):
