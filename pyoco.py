@@ -4509,16 +4509,24 @@ def _load_target(target):
         path = os.path.abspath(target)
         if not os.path.isfile(path):
             raise UsageError("flow file %s: no such file" % target)
-        module_name = "pyoco_flow_" + "".join(
-            c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        folder = os.path.dirname(path)
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        sys.modules[module_name] = module
+        dotted, root = _package_module(path)
+        _add_flow_folder(os.path.dirname(path))     # for its sibling imports
+        if dotted and _on_path(root):       # its relative imports work only as that module
+            module_name = dotted
+
+            def load():
+                return importlib.import_module(dotted)
+        else:
+            module_name = _flow_module_name(path)
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+
+            def load():
+                spec.loader.exec_module(module)
+                return module
         try:
-            spec.loader.exec_module(module)
+            return load()
         except SyntaxError as exc:
             sys.modules.pop(module_name, None)
             raise UsageError("%s:%s: syntax error: %s" % (exc.filename or target, exc.lineno,
@@ -4530,12 +4538,14 @@ def _load_target(target):
             sys.modules.pop(module_name, None)
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise UsageError("%s:%s: loading the flow file raised %s"
-                             % (target, _failing_line(exc, path), _describe(exc))) from None
-        return module
-    import importlib
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())     # as python -m does: `pyoco run pkg.mod:flow` finds pkg here
+            hint = ""
+            if isinstance(exc, ImportError) and "relative import" in str(exc):
+                hint = ("; run it as a module of its package instead: `pyoco run %s:flow`"
+                        " in %s" % (dotted, root) if dotted else
+                        "; its folder is not a package (no __init__.py): use absolute imports")
+            raise UsageError("%s:%s: loading the flow file raised %s%s"
+                             % (target, _failing_line(exc, path), _describe(exc), hint)) from None
+    _cwd_on_path()
     try:
         return importlib.import_module(target)
 
@@ -4546,6 +4556,58 @@ def _load_target(target):
         raise UsageError("%s:%s: syntax error: %s" % (exc.filename, exc.lineno, exc.msg)) from None
     except (Exception, SystemExit) as exc:
         raise UsageError("importing %r raised %s" % (target, _describe(exc))) from None
+
+
+def _cwd_on_path():
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())     # as python -m does: `pyoco run pkg.mod:flow` finds pkg here
+
+
+def _package_module(path):
+    """(dotted module name, folder it is found from) for a .py file inside a
+    package (folders with __init__.py), else (None, None)."""
+    folder, parts = os.path.dirname(path), [os.path.splitext(os.path.basename(path))[0]]
+    while os.path.isfile(os.path.join(folder, "__init__.py")):
+        folder, name = os.path.split(folder)
+        parts.insert(0, name)
+    if len(parts) == 1 or not all(part.isidentifier() for part in parts):
+        return None, None
+    return ".".join(parts), folder
+
+
+def _on_path(folder):
+    """Whether modules in ``folder`` are importable: it is the working
+    directory (which then goes on sys.path, as python -m puts it) or on sys.path."""
+    real = os.path.realpath(folder)
+    if real == os.path.realpath(os.getcwd()):
+        _cwd_on_path()
+        return True
+    return any(os.path.realpath(entry or os.curdir) == real for entry in sys.path)
+
+
+def _flow_module_name(path):
+    """A module name for a flow file that shadows nothing and no other flow file."""
+    stem = "".join(c if c.isalnum() else "_"
+                   for c in os.path.splitext(os.path.basename(path))[0])
+    name, n = "pyoco_flow_" + stem, 1
+    while getattr(sys.modules.get(name), "__file__", path) != path:
+        n += 1
+        name = "pyoco_flow_%s_%d" % (stem, n)
+    return name
+
+
+def _add_flow_folder(folder):
+    """Put a flow file's folder on sys.path for its sibling imports, after the
+    standard library: a flows/queue.py must not replace the queue module."""
+    if folder in sys.path:
+        return
+    stdlib = os.path.dirname(os.__file__)
+    at = len(sys.path)
+    for n, entry in enumerate(sys.path):
+        full = os.path.abspath(entry or os.curdir)
+        if full == stdlib or (full.startswith(stdlib + os.sep) and "-packages" not in full):
+            at = n + 1
+    sys.path.insert(at, folder)
 
 
 def _failing_line(exc, path):

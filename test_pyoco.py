@@ -2406,6 +2406,93 @@ def test_cli_unknown_module_target_exits_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+SIBLING_FLOW = """\
+    from pyoco import task, Flow
+    import garden_helpers
+
+    @task
+    def count(ctx):
+        print("counted", garden_helpers.CARROTS)
+        return garden_helpers.CARROTS
+
+    flow = Flow(name="shadowing")
+    flow >> count
+"""
+
+
+@pytest.mark.parametrize("stem", ["queue", "json", "logging"])
+def test_cli_flow_file_named_like_a_stdlib_module_runs_and_imports_its_siblings(tmp_path, stem):
+    (tmp_path / "flows").mkdir()
+    write(tmp_path / "flows" / ("%s.py" % stem), SIBLING_FLOW)
+    write(tmp_path / "flows" / "garden_helpers.py", "CARROTS = 12\n")
+    proc = cli(tmp_path, "run", "flows/%s.py" % stem)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "counted 12"
+    assert "Traceback" not in proc.stderr
+
+
+def test_flow_file_named_queue_runs_on_fresh_worker_processes(tmp_path):
+    # spawn: the workers import nothing from the parent, so they load the
+    # tasks from the flow file by its path and need the stdlib queue too.
+    (tmp_path / "flows").mkdir()
+    write(tmp_path / "flows" / "queue.py", SIBLING_FLOW)
+    write(tmp_path / "flows" / "garden_helpers.py", "CARROTS = 12\n")
+    write(tmp_path / "run_it.py", """\
+        import multiprocessing
+        from pyoco import Engine, load_flow
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("spawn")
+            flow = load_flow("flows/queue.py")
+            run = Engine(executor="process", workers=1, trace=False, store=False).run(flow)
+            print("RESULT", run.results["count"])
+        """)
+    proc = subprocess.run([sys.executable, "run_it.py"], cwd=str(tmp_path), env=child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["counted 12", "RESULT 12"]
+
+
+def _relative_package(tmp_path):
+    sub = tmp_path / "pkg" / "sub"
+    sub.mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("", encoding="utf-8")
+    (sub / "__init__.py").write_text("", encoding="utf-8")
+    write(sub / "helpers.py", "CARROTS = 5\n")
+    write(sub / "flows.py", """\
+        from pyoco import task, Flow
+        from .helpers import CARROTS
+
+        @task
+        def count(ctx):
+            print("counted", CARROTS)
+
+        flow = Flow(name="relative")
+        flow >> count
+        """)
+
+
+@pytest.mark.parametrize("main_py", [False, True])
+def test_cli_flow_file_with_relative_imports_runs_as_its_package_module(tmp_path, main_py):
+    _relative_package(tmp_path)
+    proc = cli(tmp_path, "run", os.path.join("pkg", "sub", "flows.py"), main_py=main_py)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "counted 5"
+
+
+def test_cli_relative_imports_out_of_reach_exit_2_naming_the_module(tmp_path):
+    _relative_package(tmp_path)
+    proc = cli(tmp_path / "pkg", "run", os.path.join("sub", "flows.py"))
+    assert proc.returncode == 2
+    assert "pyoco run pkg.sub.flows:flow" in proc.stderr and str(tmp_path) in proc.stderr
+    assert "flows.py:2" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "pkg" / "sub" / "__init__.py").unlink()
+    proc = cli(tmp_path, "run", os.path.join("pkg", "sub", "flows.py"))
+    assert proc.returncode == 2
+    assert "not a package" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("how", ["--non-cute", "PYOCO_CUTE=0"])
 def test_cli_non_cute_prints_plain_lines(tmp_path, how):
     write(tmp_path / "ok.py", OK_FLOW)
