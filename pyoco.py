@@ -2409,15 +2409,32 @@ def _jsonable(value):
     return repr(value)
 
 
+_FILE_NAME_BYTES = 200      # room for ".jsonl" and a temporary suffix within 255 bytes
+
+
 def _safe_file_name(name):
-    """A task name as a file name: unusual characters %-escaped, nothing can escape."""
+    """A task name as a file name: unusual characters %-escaped, nothing can
+    escape, and at most _FILE_NAME_BYTES bytes. A longer one is cut and ends
+    in ``~`` and a hash of the whole name (``~`` is escaped anywhere else), so
+    two long names never share a file."""
     out = []
     for c in name:
         if c.isalnum() or c in "-_[]":
             out.append(c)
         else:
             out.append("".join("%%%02X" % b for b in c.encode("utf-8")))
-    return "".join(out) or "%00"
+    text = "".join(out) or "%00"
+    if len(text.encode("utf-8")) <= _FILE_NAME_BYTES:
+        return text
+    import hashlib
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+    kept, size = [], 0
+    for piece in out:               # whole characters and escapes only
+        size += len(piece.encode("utf-8"))
+        if size > _FILE_NAME_BYTES - 17:
+            break
+        kept.append(piece)
+    return "".join(kept) + "~" + digest
 
 
 def _valid_run_id(run_id):

@@ -6777,6 +6777,47 @@ def test_task_name_with_slashes_is_logged_inside_the_logs_folder(tmp_path):
     assert [(l["task"], l["text"]) for l in lines] == [("../../sneaky", "sneaky line")]
 
 
+STORE_LONG_NAMES_FLOW = """\
+    from pyoco import task, Flow
+
+    URL = "https://bucket.example.com/carrots.csv?" + "&".join(
+        "X-Amz-Part%d=%s" % (n, "a1b2c3d4" * 4) for n in range(10))
+
+    @task(name="fetch " + URL + "&v=1")
+    def first(ctx):
+        print("first fetched")
+        return 1
+
+    @task(name="fetch " + URL + "&v=2")
+    def second(ctx):
+        print("second fetched")
+        return 2
+
+    flow = Flow(name="long-names")
+    flow >> [first, second]
+"""
+
+
+def test_task_names_too_long_for_a_file_name_are_recorded_and_their_logs_found(tmp_path):
+    store_write(tmp_path / "long_names.py", STORE_LONG_NAMES_FLOW)
+    result = store_cli(tmp_path, "run", "long_names.py")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    run_id = store_run_id(result.stderr)
+    record = json.loads(store_cli(tmp_path, "runs", "show", run_id, "--json").stdout)
+    assert record["status"] == "COMPLETED" and record["reason"] is None
+    names = sorted(record["tasks"])
+    assert len(names) == 2 and all(len(name) > 400 for name in names)
+    assert all(task["state"] == "SUCCEEDED" for task in record["tasks"].values())
+    logs = sorted(os.listdir(tmp_path / ".pyoco" / "runs" / run_id / "logs"))
+    assert len(logs) == 2 and all(len(name.encode()) <= 255 for name in logs)
+    assert all(name.startswith("fetch%20https%3A%2F%2Fbucket%2Eexample%2Ecom") for name in logs)
+    for name, text in zip(names, ["first fetched", "second fetched"]):
+        shown = store_cli(tmp_path, "runs", "logs", run_id, "--task", name)
+        assert shown.returncode == 0, shown.stderr
+        assert [line.rsplit(" | ", 1)[-1] for line in shown.stdout.splitlines()] == [text]
+
+
 # ---------------------------------------------------------------------------
 # Run store: artifacts
 # ---------------------------------------------------------------------------
