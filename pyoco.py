@@ -2911,9 +2911,11 @@ class _RunRecorder:
         self.partial = {}               # (thread, task, stream) -> text without its newline
         try:
             self.max_log = int(os.environ.get("PYOCO_MAX_LOG_BYTES") or 0)
+            if self.max_log < 0:
+                raise ValueError("negative")
         except ValueError:
-            _warn("PYOCO_MAX_LOG_BYTES must be a whole number of bytes, not %r"
-                  % os.environ["PYOCO_MAX_LOG_BYTES"])
+            _warn("PYOCO_MAX_LOG_BYTES must be a whole number of bytes, not %r; task logs"
+                  " are kept whole" % os.environ["PYOCO_MAX_LOG_BYTES"])
             self.max_log = 0
         self.keeper = None
         self.cancel_asked = False       # `pyoco runs cancel` asked, from another process

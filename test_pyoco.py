@@ -6647,6 +6647,29 @@ def test_max_log_bytes_keeps_the_end_of_a_last_line_longer_than_the_cap(tmp_path
     assert texts and texts[-1].endswith(" END")
 
 
+@pytest.mark.parametrize("value", ["-1", "-5000", "abc"])
+def test_bad_max_log_bytes_warns_once_and_keeps_the_whole_log(tmp_path, value):
+    store_write(tmp_path / "loud.py", """\
+        from pyoco import task, Flow
+
+        @task
+        def loud(ctx):
+            for i in range(50):
+                print("line %02d" % i)
+
+        flow = Flow(name="loud")
+        flow >> loud
+        """)
+    result = store_cli(tmp_path, "run", "loud.py", env=store_env(PYOCO_MAX_LOG_BYTES=value))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "PYOCO_MAX_LOG_BYTES" in warnings[0], result.stderr
+    assert repr(value) in warnings[0]
+    shown = store_cli(tmp_path, "runs", "logs", store_run_id(result.stderr), "--tail", "500")
+    assert [line.rsplit(" | ", 1)[-1] for line in shown.stdout.splitlines()] == [
+        "line %02d" % i for i in range(50)]
+
+
 def test_lines_of_every_attempt_and_a_last_line_without_newline_are_kept(tmp_path):
     @task(retries=1)
     def flaky(ctx):
