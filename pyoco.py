@@ -855,8 +855,9 @@ class Context:
     def save_artifact(self, name, data):
         """Store ``data`` as artifact ``name`` of this run and return its path (a str).
 
-        ``str`` is written as UTF-8 text, ``bytes`` as they are, and a
-        ``pathlib.Path`` (or ``os.PathLike``) is copied. ``name`` may contain
+        ``str`` is written as UTF-8 text, ``bytes`` as they are, a
+        ``pathlib.Path`` (or ``os.PathLike``) is copied, a dict or list is
+        saved as JSON and any other object as ``str(obj)``. ``name`` may contain
         ``/`` for sub-folders but must stay inside the run's artifact folder.
         Artifacts live in the run store, or in a temporary folder per run
         (``run.artifacts_dir``) when the run is not recorded.
@@ -892,7 +893,11 @@ class _PathOf:
 
 
 def _save_artifact_file(folder, name, data):
-    """Write one artifact under ``folder`` atomically; return its path."""
+    """Write one artifact under ``folder`` atomically; return its path.
+
+    ``str`` as UTF-8 text, bytes as they are, a path is copied, a dict or
+    list as JSON (UTF-8, indented) and anything else as ``str(data)``.
+    """
     if not isinstance(name, str) or not name or "\0" in name:
         raise ValueError("artifact name must be a non-empty string, not %r" % (name,))
     parts = name.replace("\\", "/").split("/")
@@ -906,9 +911,10 @@ def _save_artifact_file(folder, name, data):
         payload = bytes(data)
     elif isinstance(data, os.PathLike):
         payload = None
+    elif isinstance(data, (dict, list)):
+        payload = (_dumps(data, indent=2) + "\n").encode("utf-8")
     else:
-        raise TypeError("save_artifact(%r): data must be str, bytes or a path, not %s"
-                        % (name, type(data).__name__))
+        payload = str(data).encode("utf-8")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, *[p for p in parts if p not in ("", ".")]))
     if not path.startswith(root + os.sep):

@@ -6869,6 +6869,54 @@ def test_save_artifact_stores_text_bytes_and_copies_of_paths_in_the_run_folder(t
     assert source.read_bytes() == b"\x00copied\xff"         # copied, not moved
 
 
+STORE_OBJECT_ARTIFACTS_FLOW = """\
+    import sys
+    from pyoco import Engine, Flow, task
+
+    class Harvest:
+        def __str__(self):
+            return "3 carrots"
+
+    @task
+    def make(ctx):
+        return [ctx.save_artifact("m.json", {"a": 1, "r\u00fcbe": [1.5, None, "\u00e9"]}),
+                ctx.save_artifact("rows.json", [{"row": 1}, {"row": 2}]),
+                ctx.save_artifact("harvest.txt", Harvest()),
+                ctx.save_artifact("count.txt", 42)]
+
+    flow = Flow(name="objects")
+    flow >> make
+
+    if __name__ == "__main__":
+        Engine(executor="process", workers=1, trace=False, store=sys.argv[1]).run(flow)
+"""
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_save_artifact_saves_dicts_and_lists_as_json_and_other_objects_as_text(tmp_path,
+                                                                               executor):
+    store_write(tmp_path / "objects.py", STORE_OBJECT_ARTIFACTS_FLOW)
+    if executor == "thread":
+        result = store_cli(tmp_path, "run", "objects.py", "--store", "store")
+    else:
+        result = subprocess.run([sys.executable, "objects.py", "store"], cwd=str(tmp_path),
+                                env=store_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, encoding="utf-8", timeout=60)
+    assert result.returncode == 0, result.stderr
+    [run_id] = RunStore(tmp_path / "store").ids()
+    folder = tmp_path / "store" / "runs" / run_id / "artifacts"
+    text = (folder / "m.json").read_bytes().decode("utf-8")
+    assert json.loads(text) == {"a": 1, "r\u00fcbe": [1.5, None, "\u00e9"]}
+    assert "r\u00fcbe" in text and text.endswith("\n")
+    assert json.loads((folder / "rows.json").read_text("utf-8")) == [{"row": 1}, {"row": 2}]
+    assert (folder / "harvest.txt").read_text("utf-8") == "3 carrots"
+    assert (folder / "count.txt").read_text("utf-8") == "42"
+    record = RunStore(tmp_path / "store").get(run_id)
+    assert record["tasks"]["make"]["state"] == "SUCCEEDED"
+    assert sorted(record["tasks"]["make"]["artifacts"]) == [
+        "count.txt", "harvest.txt", "m.json", "rows.json"]
+
+
 def test_artifacts_are_listed_in_ctx_for_downstream_tasks_and_in_the_task_record(tmp_path):
     @task
     def make(ctx):
