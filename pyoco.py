@@ -2910,7 +2910,11 @@ class _RunRecorder:
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.dirty = True
-        self.broken = False             # a write failed: warned once, recording stops
+        self.failing = False            # a write failed since the last heartbeat: wait for it
+        self.warned = False             # the store's trouble was reported (once per run)
+        self.error = None               # the last write's failure
+        self.process_saved = False      # process.json written (the heartbeat touches it)
+        self.graph_saved = False
         self.succeeded = []             # task numbers in the order they succeeded
         self.saved_outputs = 0          # how many of those are in outputs.jsonl
         self.log_files = {}             # task number -> [fd, bytes written]
@@ -2930,9 +2934,7 @@ class _RunRecorder:
 
     def start(self):
         import threading
-        self.guarded(_atomic_write, os.path.join(self.folder, "process.json"),
-                     _dumps({"pid": os.getpid(), "host": _hostname(),
-                             "started_at": _iso(time.time())}).encode())
+        self.save_process()
         self.save_graph()
         _tee_install()
 
@@ -2940,16 +2942,22 @@ class _RunRecorder:
         self.keeper.start()
 
     def guarded(self, fn, *args):
-        """Run a write; on the first failure warn once and stop recording."""
-        if self.broken:
+        """Run a write and return its result (True for None), or None when it
+        fails. After a failure (warned once) writes wait for the keeper's
+        next heartbeat, which tries again: a full disk costs one attempt a beat."""
+        if self.failing:
             return None
         try:
-            return fn(*args)
+            result = fn(*args)
         except OSError as exc:
-            self.broken = True
-            _warn("cannot write to run store %s (%s); run %s goes on, but is no longer"
-                  " recorded" % (self.store.root, exc, self.run.run_id))
+            self.failing, self.error = True, exc
+            if not self.warned:
+                self.warned = True
+                _warn("cannot write to run store %s (%s); run %s goes on, and its record is"
+                      " tried again every %g s" % (self.store.root, exc, self.run.run_id,
+                                                   _HEARTBEAT_S))
             return None
+        return True if result is None else result
 
     def observe(self, run, ev):
         self.dirty = True
@@ -2978,8 +2986,8 @@ class _RunRecorder:
             self.log_line(i, stream, line)
 
     def log_line(self, i, stream, text, ts=None):
-        if self.broken or self.closed:      # e.g. a thread abandoned at its timeout
-            return
+        if self.closed or self.failing:     # closed: e.g. a thread abandoned at its timeout
+            return                          # failing: lines wait for no one, they are dropped
         entry = (_dumps({"ts": _iso(ts or time.time()), "task": self.run._plan.names[i],
 
                          "stream": stream, "text": text}) + "\n").encode("utf-8")
@@ -3032,25 +3040,36 @@ class _RunRecorder:
     # -- the record
 
     def save(self):
+        """Write the record; True when it was written."""
         with self.lock:         # snapshot and write together: an older one never wins
             self.dirty = False
             self.run._touched = False
             data = _record_json(self.run).encode("utf-8")
-            self.guarded(_atomic_write, os.path.join(self.folder, "run.json"), data)
+            if self.guarded(_atomic_write, os.path.join(self.folder, "run.json"), data):
+                return True
+            self.dirty = True   # the next heartbeat tries again
+            return False
+
+    def save_process(self):
+        """process.json: who runs the run; its mtime is the heartbeat."""
+        self.process_saved = bool(self.guarded(
+            _atomic_write, os.path.join(self.folder, "process.json"),
+            _dumps({"pid": os.getpid(), "host": _hostname(),
+                    "started_at": _iso(self.run.started_at or time.time())}).encode()))
 
     def save_graph(self):
         """graph.json: the DAG as `pyoco graph` sees it, for the browser page."""
         plan = self.run._plan
         edges = [[plan.names[p], name] for name, preds in zip(plan.names, plan.preds)
                  for p in preds]
-        self.guarded(_atomic_write, os.path.join(self.folder, "graph.json"),
-                     _dumps({"nodes": plan.names, "edges": edges}).encode("utf-8"))
+        self.graph_saved = bool(self.guarded(
+            _atomic_write, os.path.join(self.folder, "graph.json"),
+            _dumps({"nodes": plan.names, "edges": edges}).encode("utf-8")))
 
     def save_outputs(self):
         new = self.succeeded[self.saved_outputs:]
-        if not new or self.broken:
+        if not new or self.failing:
             return
-        self.saved_outputs += len(new)
         names, outputs = self.run._plan.names, self.run._outputs
         lines = []
         for i in new:
@@ -3061,10 +3080,16 @@ class _RunRecorder:
         path = os.path.join(self.folder, "outputs.jsonl")
 
         def append():
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-        if lines:
-            self.guarded(append)
+            with open(path, "ab") as f:
+                end = f.seek(0, os.SEEK_END)
+                try:
+                    f.write(("\n".join(lines) + "\n").encode("utf-8"))
+                    f.flush()
+                except OSError:
+                    f.truncate(end)     # no cut line for the retry to append to
+                    raise
+        if not lines or self.guarded(append):
+            self.saved_outputs += len(new)
 
     def keep(self):
         """The keeper thread: heartbeat, periodic record, and noticing a cancel
@@ -3078,7 +3103,11 @@ class _RunRecorder:
                     self.cancel_asked = True
                 if time.time() >= next_beat:
                     next_beat = time.time() + _HEARTBEAT_S
-                    self.guarded(os.utime, process_path, None)
+                    self.failing = False        # one more try each beat
+                    if self.process_saved:
+                        self.guarded(os.utime, process_path, None)
+                    else:
+                        self.save_process()
                     if self.dirty or self.run._touched:
                         self.save_outputs()
                         self.save()
@@ -3094,11 +3123,15 @@ class _RunRecorder:
         for i in list(self.log_files) + [k[1] for k in list(self.partial)]:
             self.end_log(i)
         self.closed = True
+        self.failing = False            # whatever failed before, the end is tried
         if self.run.status != RunState.COMPLETED:
             self.save_outputs()
-        if self.run._plan.maps:
+        if self.run._plan.maps or not self.graph_saved:
             self.save_graph()           # with the map instances the run added
-        self.save()
+        self.failing, self.warned = False, True     # if this fails, the message below says it
+        if not self.save():
+            _warn("cannot write the final record of run %s to run store %s (%s); the record"
+                  " there is not final" % (self.run.run_id, self.store.root, self.error))
 
 
 

@@ -7671,6 +7671,123 @@ def test_read_only_store_folder_warns_once_and_the_run_completes(tmp_path, capfd
         store_dir.chmod(0o700)
 
 
+# Each task waits for a gate file the test creates; `second` then waits until
+# the record, written at a heartbeat, shows `first` done: the store is written
+# again while the run goes on, not only at its end.
+STORE_GATED_FLOW = """\
+    import json, os, time
+    from pyoco import task, Flow
+
+    HERE = os.path.dirname(os.path.abspath(__file__))
+
+    def wait_for(what, ready):
+        deadline = time.monotonic() + 20
+        while not ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError("waited 20 s for " + what)
+            time.sleep(0.02)
+
+    def record_shows_first_done(run_id):
+        try:
+            with open(os.path.join(os.environ["GATED_STORE"], "runs", run_id, "run.json")) as f:
+                return json.load(f)["tasks"]["first"]["state"] == "SUCCEEDED"
+        except (OSError, ValueError):
+            return False
+
+    @task
+    def first(ctx):
+        print("FIRST RAN")
+        wait_for("disk-full", lambda: os.path.exists(os.path.join(HERE, "disk-full")))
+        return 1
+
+    @task
+    def second(ctx, first):
+        wait_for("disk-free", lambda: os.path.exists(os.path.join(HERE, "disk-free")))
+        wait_for("the record", lambda: record_shows_first_done(ctx.run_id))
+        print("SECOND SAW THE RECORD")
+        return first + 1
+
+    flow = Flow(name="gated")
+    flow >> first >> second
+"""
+
+
+@contextlib.contextmanager
+def store_small_disk(folder):
+    """A 64 KiB tmpfs at ``folder`` (as root), or None when none can be mounted."""
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    try:
+        yield folder if mounted else None
+    finally:
+        if mounted and subprocess.run(["umount", str(folder)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)])
+
+
+def store_fill(folder):
+    """Fill the disk under ``folder`` to the last byte; returns the filler file."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"x")
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="needs a POSIX system")
+def test_store_that_fails_for_a_while_is_written_again_and_ends_with_the_final_status(
+        tmp_path):
+    store_write(tmp_path / "gated.py", STORE_GATED_FLOW)
+    with store_small_disk(tmp_path / "disk") as disk:
+        if disk is None and os.geteuid() == 0:
+            pytest.skip("cannot mount a small tmpfs, and root writes to read-only folders")
+        store = tmp_path / "disk" / "store"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyoco", "run", "gated.py", "--store", str(store)],
+            cwd=str(tmp_path), env=store_env(GATED_STORE=str(store)), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, encoding="utf-8")
+        output, restore = [], None
+        try:
+            for line in proc.stdout:
+                output.append(line)
+                if line.startswith("FIRST RAN"):
+                    if disk is not None:                # a full disk
+                        filler = store_fill(disk)
+                        restore = filler.unlink
+                    else:                               # a folder that refuses new files
+                        folder = store / "runs" / store_run_id("".join(output))
+                        folder.chmod(0o500)
+                        restore = lambda: folder.chmod(0o700)    # noqa: E731
+                    (tmp_path / "disk-full").touch()
+                elif "cannot write to run store" in line:
+                    restore()
+                    (tmp_path / "disk-free").touch()
+            assert proc.wait(timeout=STORE_WAIT) == 0, "".join(output)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        text = "".join(output)
+        assert "SECOND SAW THE RECORD" in text, text
+        warnings = [line for line in output if "warning" in line]
+        assert len(warnings) == 1 and str(store) in warnings[0], text
+        run_id = store_run_id(text)
+        record = RunStore(store).get(run_id)
+        assert record["status"] == "COMPLETED" and record["reason"] is None, record
+        assert [t["state"] for t in record["tasks"].values()] == ["SUCCEEDED"] * 2
+        assert RunStore(store).load_outputs(run_id)["first"] == 1     # saved for --resume
+
+
 # ---------------------------------------------------------------------------
 # CLI: pyoco runs list / show / logs
 # ---------------------------------------------------------------------------
