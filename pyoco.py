@@ -40,7 +40,7 @@ __all__ = [
 import os
 import sys
 import time
-from _thread import get_ident as _get_ident    # built in, already loaded
+from _thread import allocate_lock as _allocate_lock, get_ident as _get_ident   # built in
 from itertools import count as _count
 
 _MISSING = object()         # "no value": a parameter without default, and so on
@@ -1184,6 +1184,9 @@ class Engine:
         runner = _Runner(self, run, binds, observers, reused, recorder)
         self._active[run.run_id] = runner
         guard = _SignalGuard(runner)
+        tee = self.trace is True or self.trace is sys.stderr    # task prints: whole lines
+        if tee:
+            _tee_install()
         try:
             if recorder is not None:
                 recorder.start()
@@ -1192,6 +1195,8 @@ class Engine:
             guard.restore()
             if recorder is not None:
                 recorder.close()
+            if tee:
+                _tee_remove()
             self._active.pop(run.run_id, None)      # after the record is final
             if run.status in _FINISHED:
                 _send_webhooks(run, recorder)
@@ -1861,6 +1866,7 @@ def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
             return _run_coroutine(out, timeout, name) if is_async else out
         finally:
             _print_owners.pop(owner, None)
+            _end_printed_lines()
     import threading
     box = []
     finished = threading.Event()
@@ -1876,6 +1882,7 @@ def _call(fn, args, kwargs, timeout, name, recorder, i, is_async=False):
             box.append((False, exc))
         finally:
             _print_owners.pop(owner, None)
+            _end_printed_lines()
         finished.set()
 
     threading.Thread(target=target, name="pyoco-" + name, daemon=True).start()
@@ -2043,6 +2050,7 @@ def _remote_task(node, args, kwargs, state):
         result = ("error", exc)
     finally:
         _print_owners.pop(me, None)
+        _end_printed_lines()
         _tee_remove()
     return result + ({} if ctx is None else ctx.saved, lines.close(), tb)
 
@@ -2170,19 +2178,18 @@ def _cute_default():
     return os.environ.get("PYOCO_CUTE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-_write_lock = None
+_write_lock = _allocate_lock()     # held for each trace line and each whole line a task prints
 
 
 def _write_line(stream, line):
     """Write one whole line; lines from many threads never interleave."""
-    global _write_lock
-    if _write_lock is None:
-        import threading
-        _write_lock = threading.Lock()
     if stream is None:
-        stream = getattr(sys.stderr, "_pyoco_original", sys.stderr)    # not into task logs
+        stream = sys.stderr
+    stream = getattr(stream, "_pyoco_original", stream)     # not into task logs
     if stream is None:
         return
+    if _tees:
+        _end_printed_lines()    # what this thread printed without newline ends first
     with _write_lock:
         try:
             stream.write(line)
@@ -2363,7 +2370,7 @@ _print_owners = {}      # thread id -> (recorder, task number) while that thread
 _tees = {}
 _retired_tees = []
 
-_tee_lock = None
+_tee_lock = _allocate_lock()
 _tee_users = 0
 
 _HEARTBEAT_S = 1.0      # how often a running process refreshes its heartbeat and record
@@ -2475,29 +2482,73 @@ def _pid_alive(pid):
 
 
 class _Tee:
-    """Stands in for sys.stdout/sys.stderr during recorded runs: writes go to
-    the real stream and, from a thread running a task, to that task's log."""
+    """Stands in for sys.stdout/sys.stderr during runs: writes go to the real
+    stream and, from a thread running a task, to that task's log.
+
+    The real stream gets whole lines only, under the trace's lock: print()
+    writes its text and its newline separately, and a trace line written in
+    between would share the line. Each thread's unfinished line waits here
+    until its newline, the end of the task's attempt, or the tee's removal.
+    """
 
     def __init__(self, original, stream_name):
         self._pyoco_original = original
         self._pyoco_stream = stream_name
+        self._pyoco_partial = {}        # thread id -> its line so far, without newline
 
     def write(self, text):
-        result = self._pyoco_original.write(text)
-        owner = _print_owners.get(_get_ident())
+        me = _get_ident()
+        owner = _print_owners.get(me)
         if owner is not None and text:
             owner[0].feed(owner[1], self._pyoco_stream, text)
-        return result
+        partial = self._pyoco_partial
+        if "\n" not in text:
+            if text:
+                held = partial.get(me, "") + text
+                if "\r" in held:       # a progress bar redrawn in place: its last state will do
+                    held = held.rpartition("\r")[2] or held
+                partial[me] = held
+            return len(text)
+        whole, _, rest = (partial.pop(me, "") + text).rpartition("\n")
+        if rest:
+            partial[me] = rest
+        with _write_lock:
+            self._pyoco_original.write(whole + "\n")
+        return len(text)
+
+    def flush(self):
+        with _write_lock:
+            self._pyoco_original.flush()
+
+    def _pyoco_end_lines(self, thread=None):
+        """Write out the unfinished line of ``thread`` (None: of every thread),
+        ended with a newline so that what comes next starts a line of its own."""
+        if thread is None:
+            rests = [self._pyoco_partial.pop(t, "") for t in list(self._pyoco_partial)]
+        else:
+            rests = [self._pyoco_partial.pop(thread, "")]
+        rests = [rest for rest in rests if rest]
+        if rests:
+            with _write_lock:
+                try:
+                    self._pyoco_original.write("".join(rest + "\n" for rest in rests))
+                except (OSError, ValueError):
+                    pass            # a closed stream: nothing to finish
 
     def __getattr__(self, name):
         return getattr(self._pyoco_original, name)
 
 
+def _end_printed_lines():
+    """A task's attempt is over: what its thread printed without newline goes out."""
+    me = _get_ident()
+    for tee in list(_tees.values()):
+        if tee._pyoco_partial:
+            tee._pyoco_end_lines(me)
+
+
 def _tee_install():
-    global _tee_users, _tee_lock
-    if _tee_lock is None:
-        import threading
-        _tee_lock = threading.Lock()
+    global _tee_users
     with _tee_lock:
         _tee_users += 1
         for name in ("stdout", "stderr"):
@@ -2521,6 +2572,8 @@ def _tee_remove():
             current = getattr(sys, name)
             if isinstance(current, _Tee):       # leave alone what someone else put there
                 setattr(sys, name, current._pyoco_original)
+        for tee in list(_tees.values()):
+            tee._pyoco_end_lines()
 
 
 def _task_logger(task_name):

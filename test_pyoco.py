@@ -1895,6 +1895,62 @@ def test_64_parallel_tasks_never_mix_trace_lines(cute):
         _assert_plain(lines, run)
 
 
+HARVEST_FLOW = """\
+    import sys
+    from pyoco import Engine, Flow, task
+
+    @task
+    def rows(ctx):
+        return list(range(60))
+
+    @task
+    def harvest_row(ctx, row):
+        print("\U0001f955 row %d gave %d carrots" % (row, row * 5))
+        print("   washed row", row)
+        print("   boxed row %d" % row, file=sys.stderr)
+        sys.stdout.write("   shed row %d" % row)      # no newline: ends with the attempt
+        return row * 5
+
+    @task
+    def total(ctx, harvest_row):
+        print("total", sum(harvest_row))
+
+    flow = Flow(name="harvest")
+    flow >> rows >> harvest_row.map("$node.rows.output") >> total
+
+    if __name__ == "__main__":
+        Engine(store=False).run(flow)       # not recorded, still traced to stderr
+"""
+
+HARVEST_TASK_LINE = re.compile(r"(\U0001f955 row (\d+) gave \d+ carrots|   washed row (\d+)"
+                               r"|   boxed row (\d+)|   shed row (\d+)|total 8850)")
+HARVEST_TRACE_LINE = re.compile(r"\U0001f407 pyoco > start flow=harvest run_id=\S+"
+                                r"|\U0001f955 done flow=harvest"
+                                r"|\U0001f3c3 start node=(rows|harvest_row(\[\d+\])?|total)"
+                                r"|\u2705 done node=(rows|harvest_row(\[\d+\])?|total)"
+                                r" \([\d.]+ m?s\)")
+
+
+@pytest.mark.parametrize("how", ["cli", "script"])
+def test_trace_lines_and_task_output_on_one_pipe_never_share_a_line(tmp_path, how):
+    write(tmp_path / "harvest.py", HARVEST_FLOW)
+    command = ["-m", "pyoco", "run", "harvest.py", "--workers", "8"] if how == "cli" else [
+        "harvest.py"]
+    for attempt in range(5):
+        proc = subprocess.run([sys.executable] + command, cwd=str(tmp_path), env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              encoding="utf-8", timeout=60)
+        assert proc.returncode == 0, proc.stdout
+        lines = proc.stdout.splitlines()
+        mixed = [line for line in lines
+                 if not (HARVEST_TASK_LINE.fullmatch(line) or HARVEST_TRACE_LINE.fullmatch(line))]
+        assert mixed == [], "run %d: lines shared by trace and task output:\n%s" % (
+            attempt, "\n".join(mixed[:10]))
+        task_lines = [line for line in lines if HARVEST_TASK_LINE.fullmatch(line)]
+        assert len(task_lines) == 60 * 4 + 1
+        assert len(lines) - len(task_lines) == 2 + 63 * 2       # the flow's, each task's
+
+
 def test_pyoco_logger_receives_events_when_a_handler_is_attached():
     records = []
     handler = logging.Handler()
@@ -7169,7 +7225,8 @@ def test_second_sigint_stops_a_stubborn_task_at_once_and_saves_cancelled(
 
 # The trace of the first Ctrl+C can block: stderr is a pipe nobody reads at
 # the moment (a pager, a full CI log pipe). The second Ctrl+C must still stop
-# the run. The test sees, in /proc, when a thread is blocked writing to fd 2.
+# the run. The test sees, in /proc, when a thread is blocked writing to fd 2,
+# or waiting (with no timeout) for the output lock such a thread holds.
 STORE_BLOCKED_FLOW = """\
     import sys
     import time
@@ -7188,6 +7245,8 @@ STORE_BLOCKED_FLOW = """\
 
 STORE_WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}.get(os.uname().machine if hasattr(
     os, "uname") else None)
+STORE_FUTEX_SYSCALL = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine if hasattr(
+    os, "uname") else None)
 
 
 def store_writing_to_stderr(syscall_file):
@@ -7199,6 +7258,19 @@ def store_writing_to_stderr(syscall_file):
         return False
     return (len(fields) > 1 and fields[0] == str(STORE_WRITE_SYSCALL)
             and int(fields[1], 16) == 2)
+
+
+def store_blocked_behind_stderr(syscall_file):
+    """True when that thread writes to fd 2, or waits for a lock with no timeout:
+    task output and trace lines are written under one lock, so a trace line
+    waits there while a task's write to the full pipe holds it."""
+    try:
+        with open(syscall_file) as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    return store_writing_to_stderr(syscall_file) or (
+        len(fields) > 4 and fields[0] == str(STORE_FUTEX_SYSCALL) and int(fields[4], 16) == 0)
 
 
 def store_can_see_syscalls():
@@ -7216,7 +7288,7 @@ def test_second_sigint_while_the_first_ones_trace_line_is_blocked_still_exits_13
     store_poll(lambda: any(store_writing_to_stderr(f) for f in Path(
         "/proc/%d/task" % pid).glob("*/syscall") if f.parent.name != str(pid)))
     proc.proc.send_signal(signal.SIGINT)       # its trace line now waits on the full pipe
-    store_poll(lambda: store_writing_to_stderr("/proc/%d/syscall" % pid))
+    store_poll(lambda: store_blocked_behind_stderr("/proc/%d/syscall" % pid))
     proc.proc.send_signal(signal.SIGINT)
     threading.Thread(target=proc.proc.stderr.read, daemon=True).start()    # unblock it
     try:
