@@ -5582,6 +5582,24 @@ def test_tut_every_example_is_shown_and_tested():
         assert callable(globals().get(test_name)), "%s is not a test here" % test_name
 
 
+def test_tut_files_and_tests_the_pages_name_exist():
+    """A file named in backticks (`test_pyoco.py`, `python examples/...py`) is
+    in the tree, and a test named there (`test_tut_s01_hello`) is a test here."""
+    named = 0
+    for page in TUT_DOCS.glob("*.md"):
+        for span in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8")):
+            for word in span.split():
+                if word.endswith(".py") and not os.path.splitext(word)[0].isupper():
+                    assert (TUT_HERE / word).is_file(), "%s names %s, which is not in the" \
+                                                         " tree" % (page.name, word)
+                    named += 1
+                elif re.fullmatch(r"test_\w+", word):
+                    assert callable(globals().get(word)), "%s names %s, which is not a test" \
+                                                          " in test_pyoco.py" % (page.name, word)
+                    named += 1
+    assert named >= 10
+
+
 def test_tut_relative_links_resolve():
     pages = list(TUT_DOCS.glob("*.md")) + [TUT_HERE / "docs" / "roadmap.md"]
     for page in pages:
@@ -6065,6 +6083,35 @@ def test_resume_gives_reused_tasks_artifacts_and_the_old_params(tmp_path, monkey
     assert seen == {"text": "carrots 3", "n": 3}
     copied = second.tasks["make"].artifacts["data.txt"]
     assert second.run_id in copied and os.path.exists(copied)
+
+
+def test_resume_with_a_new_param_reuses_outputs_computed_with_the_old_value(tmp_path):
+    # What docs/tutorial/08-runs-and-resume.md and the README say: a resume
+    # does not compare values; only the tasks that run again see the new one.
+    write(tmp_path / "rows.py", """\
+        import os
+        from pyoco import task, Flow
+
+        @task
+        def count(ctx, rows):
+            return rows * 10
+
+        @task
+        def report(ctx, count, rows):
+            if os.environ.get("ROWS_BROKEN"):
+                raise ValueError("printer jammed")
+            print("REPORT count=%d rows=%d" % (count, rows))
+
+        flow = Flow(name="rows")
+        flow >> count >> report
+        """)
+    failed = cli(tmp_path, "run", "rows.py", "-p", "rows=1",
+                 env=child_env(PYOCO_CUTE="0", ROWS_BROKEN="1"))
+    assert failed.returncode == 1, failed.stderr
+    run_id = re.search(r"run_id=(\S+)", failed.stderr).group(1)
+    resumed = cli(tmp_path, "run", "rows.py", "--resume", run_id, "-p", "rows=2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == "REPORT count=10 rows=2"
 
 
 def test_retention_keeps_the_newest_runs_even_within_one_second(tmp_path, monkeypatch):
