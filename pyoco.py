@@ -2372,6 +2372,7 @@ _retired_tees = []
 
 _tee_lock = _allocate_lock()
 _tee_users = 0
+_fork_hooked = False
 
 _HEARTBEAT_S = 1.0      # how often a running process refreshes its heartbeat and record
 _DEAD_AFTER_S = 30.0    # a heartbeat older than this means the process is gone
@@ -2547,9 +2548,21 @@ def _end_printed_lines():
             tee._pyoco_end_lines(me)
 
 
+def _after_fork():
+    """In a forked child (a process pool's worker): a lock some other thread
+    held at the fork would stay taken for good, so both start free."""
+    global _write_lock, _tee_lock
+    _write_lock, _tee_lock = _allocate_lock(), _allocate_lock()
+    for tee in list(_tees.values()):
+        tee._pyoco_partial.clear()      # the parent's unfinished lines are the parent's
+
+
 def _tee_install():
-    global _tee_users
+    global _tee_users, _fork_hooked
     with _tee_lock:
+        if not _fork_hooked and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork)
+            _fork_hooked = True
         _tee_users += 1
         for name in ("stdout", "stderr"):
             current = getattr(sys, name)

@@ -1951,6 +1951,45 @@ def test_trace_lines_and_task_output_on_one_pipe_never_share_a_line(tmp_path, ho
         assert len(lines) - len(task_lines) == 2 + 63 * 2       # the flow's, each task's
 
 
+FORK_WHILE_WRITING_SCRIPT = """\
+    import os, select, signal, sys, threading
+    import pyoco
+
+    r, w = os.pipe()
+    sys.stdout = os.fdopen(w, "w", buffering=1)
+    pyoco._tee_install()                # as during a traced run
+    held, release = threading.Event(), threading.Event()
+
+    def write_a_long_line():            # a thread inside a write, holding the output lock
+        with pyoco._write_lock:
+            held.set()
+            release.wait()
+
+    threading.Thread(target=write_a_long_line, daemon=True).start()
+    held.wait()
+    pid = os.fork()                     # as a process pool starts a worker
+    if pid == 0:
+        print("the worker printed")
+        os._exit(0)
+    os.close(w)
+    release.set()
+    ready, _, _ = select.select([r], [], [], 10)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    sys.stderr.write(os.read(r, 100).decode() if ready else "the worker hung\\n")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_worker_forked_while_another_thread_writes_can_still_print(tmp_path):
+    write(tmp_path / "fork.py", FORK_WHILE_WRITING_SCRIPT)
+    proc = subprocess.run([sys.executable, "fork.py"], cwd=str(tmp_path), env=child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                          timeout=60)
+    assert proc.stderr == "the worker printed\n"
+
+
 def test_pyoco_logger_receives_events_when_a_handler_is_attached():
     records = []
     handler = logging.Handler()
