@@ -927,8 +927,9 @@ class Context:
     def save_artifact(self, name, data):
         """Store ``data`` as artifact ``name`` of this run and return its path (a str).
 
-        ``str`` is written as UTF-8 text, ``bytes`` as they are, and a
-        ``pathlib.Path`` (or ``os.PathLike``) is copied. ``name`` may contain
+        ``str`` is written as UTF-8 text, ``bytes`` as they are, a
+        ``pathlib.Path`` (or ``os.PathLike``) is copied, a dict or list is
+        saved as JSON and any other object as ``str(obj)``. ``name`` may contain
         ``/`` for sub-folders but must stay inside the run's artifact folder.
         Artifacts live in the run store, or in a temporary folder per run
         (``run.artifacts_dir``) when the run is not recorded.
@@ -963,7 +964,11 @@ class _PathOf:
 
 
 def _save_artifact_file(folder, name, data):
-    """Write one artifact under ``folder`` atomically; return its path."""
+    """Write one artifact under ``folder`` atomically; return its path.
+
+    ``str`` as UTF-8 text, bytes as they are, a path is copied, a dict or
+    list as JSON (UTF-8, indented) and anything else as ``str(data)``.
+    """
     if not isinstance(name, str) or not name or "\0" in name:
         raise ValueError("artifact name must be a non-empty string, not %r" % (name,))
     parts = name.replace("\\", "/").split("/")
@@ -977,9 +982,10 @@ def _save_artifact_file(folder, name, data):
         payload = bytes(data)
     elif isinstance(data, os.PathLike):
         payload = None
+    elif isinstance(data, (dict, list)):
+        payload = (_dumps(data, indent=2) + "\n").encode("utf-8")
     else:
-        raise TypeError("save_artifact(%r): data must be str, bytes or a path, not %s"
-                        % (name, type(data).__name__))
+        payload = str(data).encode("utf-8")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, *[p for p in parts if p not in ("", ".")]))
     if not path.startswith(root + os.sep):
@@ -1973,6 +1979,9 @@ class Engine:
             core.cancel_file = recorder.cancel_file
         self._active[run.run_id] = core
         guard = _SignalGuard(core)
+        tee = self.trace is True or self.trace is sys.stderr    # task prints: whole lines
+        if tee:
+            _tee_install()
         try:
             if recorder is not None:
                 recorder.start()
@@ -1987,6 +1996,8 @@ class Engine:
             guard.restore()
             if recorder is not None:
                 recorder.close()
+            if tee:
+                _tee_remove()
             self._active.pop(run.run_id, None)      # after the record is final
         if store is not None:
             store.prune()
@@ -2175,6 +2186,7 @@ def _call(fn, args, kwargs, timeout, name, sink, is_async=False):
             return kind, value
         finally:
             _print_owners.pop(owner, None)
+            _end_printed_lines()
     import threading
     box = []                # the outcome, once the attempt ends
     finished = threading.Event()
@@ -2187,6 +2199,7 @@ def _call(fn, args, kwargs, timeout, name, sink, is_async=False):
             box.append(_attempt(fn, args, kwargs))
         finally:
             _print_owners.pop(owner, None)
+            _end_printed_lines()
             with _abandon_lock:
                 _abandoned.discard(owner)
                 finished.set()
@@ -2225,6 +2238,7 @@ def _remote_attempt(node, args, kwargs, state):
         kind, value = _attempt(_invoke, (node._callable(), args, kwargs, None, node.name), {})
     finally:
         _print_owners.pop(me, None)
+        _end_printed_lines()
         _tee_remove()
     tb = None
     if kind in (_ERROR, _FATAL):
@@ -2361,19 +2375,18 @@ def _cute_default():
     return os.environ.get("PYOCO_CUTE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-_write_lock = None
+_write_lock = _allocate_lock()     # held for each trace line and each whole line a task prints
 
 
 def _write_line(stream, line):
     """Write one whole line; lines from many threads never interleave."""
-    global _write_lock
-    if _write_lock is None:
-        import threading
-        _write_lock = threading.Lock()
     if stream is None:
-        stream = getattr(sys.stderr, "_pyoco_original", sys.stderr)    # not into task logs
+        stream = sys.stderr
+    stream = getattr(stream, "_pyoco_original", stream)     # not into task logs
     if stream is None:
         return
+    if _tees:
+        _end_printed_lines()    # what this thread printed without newline ends first
     with _write_lock:
         try:
             stream.write(line)
@@ -2592,8 +2605,9 @@ _print_owners = {}      # thread id -> (recorder, task number) while that thread
 _tees = {}
 _retired_tees = []
 
-_tee_lock = None
+_tee_lock = _allocate_lock()
 _tee_users = 0
+_fork_hooked = False
 
 _HEARTBEAT_S = 1.0      # how often a running process refreshes its heartbeat and record
 _DEAD_AFTER_S = 30.0    # a heartbeat older than this means the process is gone
@@ -2660,15 +2674,32 @@ def _loads(text):
     return json.loads(text, parse_constant=refuse)
 
 
+_FILE_NAME_BYTES = 200      # room for ".jsonl" and a temporary suffix within 255 bytes
+
+
 def _safe_file_name(name):
-    """A task name as a file name: unusual characters %-escaped, nothing can escape."""
+    """A task name as a file name: unusual characters %-escaped, nothing can
+    escape, and at most _FILE_NAME_BYTES bytes. A longer one is cut and ends
+    in ``~`` and a hash of the whole name (``~`` is escaped anywhere else), so
+    two long names never share a file."""
     out = []
     for c in name:
         if c.isalnum() or c in "-_[]":
             out.append(c)
         else:
             out.append("".join("%%%02X" % b for b in c.encode("utf-8")))
-    return "".join(out) or "%00"
+    text = "".join(out) or "%00"
+    if len(text.encode("utf-8")) <= _FILE_NAME_BYTES:
+        return text
+    import hashlib
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+    kept, size = [], 0
+    for piece in out:               # whole characters and escapes only
+        size += len(piece.encode("utf-8"))
+        if size > _FILE_NAME_BYTES - 17:
+            break
+        kept.append(piece)
+    return "".join(kept) + "~" + digest
 
 
 def _valid_run_id(run_id):
@@ -2703,30 +2734,86 @@ def _pid_alive(pid):
 
 
 class _Tee:
-    """Stands in for sys.stdout/sys.stderr during recorded runs: writes go to
-    the real stream and, from a thread running a task, to that task's log."""
+    """Stands in for sys.stdout/sys.stderr during runs: writes go to the real
+    stream and, from a thread running a task, to that task's log.
+
+    The real stream gets whole lines only, under the trace's lock: print()
+    writes its text and its newline separately, and a trace line written in
+    between would share the line. Each thread's unfinished line waits here
+    until its newline, the end of the task's attempt, or the tee's removal.
+    """
 
     def __init__(self, original, stream_name):
         self._pyoco_original = original
         self._pyoco_stream = stream_name
+        self._pyoco_partial = {}        # thread id -> its line so far, without newline
 
     def write(self, text):
-        result = self._pyoco_original.write(text)
-        owner = _print_owners.get(_get_ident())
+        me = _get_ident()
+        owner = _print_owners.get(me)
         if owner is not None and text:
             owner[0].feed(owner[1], self._pyoco_stream, text)
-        return result
+        partial = self._pyoco_partial
+        if "\n" not in text:
+            if text:
+                held = partial.get(me, "") + text
+                if "\r" in held:       # a progress bar redrawn in place: its last state will do
+                    held = held.rpartition("\r")[2] or held
+                partial[me] = held
+            return len(text)
+        whole, _, rest = (partial.pop(me, "") + text).rpartition("\n")
+        if rest:
+            partial[me] = rest
+        with _write_lock:
+            self._pyoco_original.write(whole + "\n")
+        return len(text)
+
+    def flush(self):
+        with _write_lock:
+            self._pyoco_original.flush()
+
+    def _pyoco_end_lines(self, thread=None):
+        """Write out the unfinished line of ``thread`` (None: of every thread),
+        ended with a newline so that what comes next starts a line of its own."""
+        if thread is None:
+            rests = [self._pyoco_partial.pop(t, "") for t in list(self._pyoco_partial)]
+        else:
+            rests = [self._pyoco_partial.pop(thread, "")]
+        rests = [rest for rest in rests if rest]
+        if rests:
+            with _write_lock:
+                try:
+                    self._pyoco_original.write("".join(rest + "\n" for rest in rests))
+                except (OSError, ValueError):
+                    pass            # a closed stream: nothing to finish
 
     def __getattr__(self, name):
         return getattr(self._pyoco_original, name)
 
 
+def _end_printed_lines():
+    """A task's attempt is over: what its thread printed without newline goes out."""
+    me = _get_ident()
+    for tee in list(_tees.values()):
+        if tee._pyoco_partial:
+            tee._pyoco_end_lines(me)
+
+
+def _after_fork():
+    """In a forked child (a process pool's worker): a lock some other thread
+    held at the fork would stay taken for good, so both start free."""
+    global _write_lock, _tee_lock
+    _write_lock, _tee_lock = _allocate_lock(), _allocate_lock()
+    for tee in list(_tees.values()):
+        tee._pyoco_partial.clear()      # the parent's unfinished lines are the parent's
+
+
 def _tee_install():
-    global _tee_users, _tee_lock
-    if _tee_lock is None:
-        import threading
-        _tee_lock = threading.Lock()
+    global _tee_users, _fork_hooked
     with _tee_lock:
+        if not _fork_hooked and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork)
+            _fork_hooked = True
         _tee_users += 1
         for name in ("stdout", "stderr"):
             current = getattr(sys, name)
@@ -2749,6 +2836,8 @@ def _tee_remove():
             current = getattr(sys, name)
             if isinstance(current, _Tee):       # leave alone what someone else put there
                 setattr(sys, name, current._pyoco_original)
+        for tee in list(_tees.values()):
+            tee._pyoco_end_lines()
 
 
 def _task_logger(task_name):
@@ -3240,26 +3329,31 @@ class _RunRecorder:
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.dirty = True
-        self.broken = False             # a write failed: warned once, recording stops
+        self.failing = False            # a write failed since the last heartbeat: wait for it
+        self.warned = False             # the store's trouble was reported (once per run)
+        self.error = None               # the last write's failure
+        self.process_saved = False      # process.json written (the heartbeat touches it)
+        self.graph_saved = False
         self.succeeded = []             # task names in the order they succeeded
         self.saved_outputs = 0          # how many of those are in outputs.jsonl
         self.log_files = {}             # task name -> [fd, bytes written]
         self.partial = {}               # (thread, task, stream) -> text without its newline
         try:
             self.max_log = int(os.environ.get("PYOCO_MAX_LOG_BYTES") or 0)
+            if self.max_log < 0:
+                raise ValueError("negative")
         except ValueError:
-            _warn("PYOCO_MAX_LOG_BYTES must be a whole number of bytes, not %r"
-                  % os.environ["PYOCO_MAX_LOG_BYTES"])
+            _warn("PYOCO_MAX_LOG_BYTES must be a whole number of bytes, not %r; task logs"
+                  " are kept whole" % os.environ["PYOCO_MAX_LOG_BYTES"])
             self.max_log = 0
         self.keeper = None
-        self.closed = False             # the final record is saved: late lines are dropped
+        self.closed = False             # the final record is written: late lines are dropped
+        self.final_saved = False
         self.artifacts_seen = 0         # run.artifact_changes when the record was last saved
 
     def start(self):
         import threading
-        self.guarded(_atomic_write, os.path.join(self.folder, "process.json"),
-                     _dumps({"pid": os.getpid(), "host": _hostname(),
-                             "started_at": _iso(time.time())}).encode())
+        self.save_process()
         self.save_graph()
         _tee_install()
 
@@ -3267,16 +3361,22 @@ class _RunRecorder:
         self.keeper.start()
 
     def guarded(self, fn, *args):
-        """Run a write; on the first failure warn once and stop recording."""
-        if self.broken:
+        """Run a write and return its result (True for None), or None when it
+        fails. After a failure (warned once) writes wait for the keeper's
+        next heartbeat, which tries again: a full disk costs one attempt a beat."""
+        if self.failing:
             return None
         try:
-            return fn(*args)
+            result = fn(*args)
         except OSError as exc:
-            self.broken = True
-            _warn("cannot write to run store %s (%s); run %s goes on, but is no longer"
-                  " recorded" % (self.store.root, exc, self.run.run_id))
+            self.failing, self.error = True, exc
+            if not self.warned:
+                self.warned = True
+                _warn("cannot write to run store %s (%s); run %s goes on, and its record is"
+                      " tried again every %g s" % (self.store.root, exc, self.run.run_id,
+                                                   _HEARTBEAT_S))
             return None
+        return True if result is None else result
 
     def observe(self, run, ev):
         self.dirty = True
@@ -3306,8 +3406,8 @@ class _RunRecorder:
             self.log_line(name, stream, line)
 
     def log_line(self, name, stream, text, ts=None):
-        if self.broken or self.closed:      # e.g. a thread abandoned at its timeout
-            return
+        if self.closed or self.failing:     # closed: e.g. a thread abandoned at its timeout
+            return                          # failing: lines wait for no one, they are dropped
         entry = (_dumps({"ts": _iso(ts or time.time()), "task": name,
                          "stream": stream, "text": text}) + "\n").encode("utf-8")
         with self.lock:
@@ -3359,25 +3459,36 @@ class _RunRecorder:
     # -- the record
 
     def save(self):
+        """Write the record; True when it was written."""
         with self.lock:         # snapshot and write together: an older one never wins
             self.dirty = False
             self.artifacts_seen = self.run.artifact_changes
             data = _record_json(self.run).encode("utf-8")
-            self.guarded(_atomic_write, os.path.join(self.folder, "run.json"), data)
+            if self.guarded(_atomic_write, os.path.join(self.folder, "run.json"), data):
+                return True
+            self.dirty = True   # the next heartbeat tries again
+            return False
+
+    def save_process(self):
+        """process.json: who runs the run; its mtime is the heartbeat."""
+        self.process_saved = bool(self.guarded(
+            _atomic_write, os.path.join(self.folder, "process.json"),
+            _dumps({"pid": os.getpid(), "host": _hostname(),
+                    "started_at": _iso(self.run.started_at or time.time())}).encode()))
 
     def save_graph(self):
         """graph.json: the DAG as `pyoco graph` sees it, for the browser page."""
         plan = self.run._plan
         edges = [[plan.names[p], name] for name, preds in zip(plan.names, plan.preds)
                  for p in preds]
-        self.guarded(_atomic_write, os.path.join(self.folder, "graph.json"),
-                     _dumps({"nodes": plan.names, "edges": edges}).encode("utf-8"))
+        self.graph_saved = bool(self.guarded(
+            _atomic_write, os.path.join(self.folder, "graph.json"),
+            _dumps({"nodes": plan.names, "edges": edges}).encode("utf-8")))
 
     def save_outputs(self):
         new = self.succeeded[self.saved_outputs:]
-        if not new or self.broken:
+        if not new or self.failing:
             return
-        self.saved_outputs += len(new)
         results = self.run.results
         lines = []
         for name in new:
@@ -3388,21 +3499,34 @@ class _RunRecorder:
         path = os.path.join(self.folder, "outputs.jsonl")
 
         def append():
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-        if lines:
-            self.guarded(append)
+            with open(path, "ab") as f:
+                end = f.seek(0, os.SEEK_END)
+                try:
+                    f.write(("\n".join(lines) + "\n").encode("utf-8"))
+                    f.flush()
+                except OSError:
+                    f.truncate(end)     # no cut line for the retry to append to
+                    raise
+        if not lines or self.guarded(append):
+            self.saved_outputs += len(new)
 
     def keep(self):
-        """The keeper thread: the heartbeat, and the record saved while it changes."""
+        """The keeper thread: the heartbeat, and the record saved while it changes;
+        after a failed write, one more try each beat."""
         process_path = os.path.join(self.folder, "process.json")
         while not self.stop_event.wait(_HEARTBEAT_S):
             try:
-                self.guarded(os.utime, process_path, None)
+                self.failing = False
+                if self.process_saved:
+                    self.guarded(os.utime, process_path, None)
+                else:
+                    self.save_process()
                 if not self.closed and (
                         self.dirty or self.run.artifact_changes != self.artifacts_seen):
                     self.save_outputs()
                     self.save()
+                elif self.closed and not self.final_saved:
+                    self.final_saved = self.save()
             except Exception as exc:        # the heartbeat must outlive any one bad write
                 _warn("run %s: recording failed: %s" % (self.run.run_id, _describe(exc)))
 
@@ -3410,22 +3534,32 @@ class _RunRecorder:
         """The run's last event: write everything one last time."""
         for name in list(self.log_files) + [k[1] for k in list(self.partial)]:
             self.end_log(name)
+        self.failing = False            # whatever failed before, the end is tried
         if self.run.status != RunState.COMPLETED:
             self.save_outputs()
-        if self.run._plan.maps:
+        if self.run._plan.maps or not self.graph_saved:
             self.save_graph()           # with the map instances the run added
         with self.lock:
             self.closed = True
-        self.save()
+        self.failing = False
+        self.final_saved = self.save()
 
     def close(self):
-        """The run is over (or abandoned): stop the keeper thread."""
+        """The run is over (or abandoned): stop the keeper, and make sure the
+        final record was written."""
         self.stop_event.set()
         if self.keeper is not None:
             self.keeper.join()
             _tee_remove()
         if not self.closed:             # the run never got to its last event
             self.finish()
+        if not self.final_saved:
+            self.failing, self.warned = False, True     # if this fails, the message says it
+            self.final_saved = self.save()
+            if not self.final_saved:
+                _warn("cannot write the final record of run %s to run store %s (%s); the"
+                      " record there is not final" % (self.run.run_id, self.store.root,
+                                                       self.error))
 
 
 
@@ -5014,16 +5148,24 @@ def _load_target(target):
         path = os.path.abspath(target)
         if not os.path.isfile(path):
             raise UsageError("flow file %s: no such file" % target)
-        module_name = "pyoco_flow_" + "".join(
-            c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        folder = os.path.dirname(path)
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        sys.modules[module_name] = module
+        dotted, root = _package_module(path)
+        _add_flow_folder(os.path.dirname(path))     # for its sibling imports
+        if dotted and _on_path(root):       # its relative imports work only as that module
+            module_name = dotted
+
+            def load():
+                return importlib.import_module(dotted)
+        else:
+            module_name = _flow_module_name(path)
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+
+            def load():
+                spec.loader.exec_module(module)
+                return module
         try:
-            spec.loader.exec_module(module)
+            return load()
         except SyntaxError as exc:
             sys.modules.pop(module_name, None)
             raise UsageError("%s:%s: syntax error: %s" % (exc.filename or target, exc.lineno,
@@ -5035,12 +5177,14 @@ def _load_target(target):
             sys.modules.pop(module_name, None)
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise UsageError("%s:%s: loading the flow file raised %s"
-                             % (target, _failing_line(exc, path), _describe(exc))) from None
-        return module
-    import importlib
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())     # as python -m does: `pyoco run pkg.mod:flow` finds pkg here
+            hint = ""
+            if isinstance(exc, ImportError) and "relative import" in str(exc):
+                hint = ("; run it as a module of its package instead: `pyoco run %s:flow`"
+                        " in %s" % (dotted, root) if dotted else
+                        "; its folder is not a package (no __init__.py): use absolute imports")
+            raise UsageError("%s:%s: loading the flow file raised %s%s"
+                             % (target, _failing_line(exc, path), _describe(exc), hint)) from None
+    _cwd_on_path()
     try:
         return importlib.import_module(target)
 
@@ -5051,6 +5195,58 @@ def _load_target(target):
         raise UsageError("%s:%s: syntax error: %s" % (exc.filename, exc.lineno, exc.msg)) from None
     except (Exception, SystemExit) as exc:
         raise UsageError("importing %r raised %s" % (target, _describe(exc))) from None
+
+
+def _cwd_on_path():
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())     # as python -m does: `pyoco run pkg.mod:flow` finds pkg here
+
+
+def _package_module(path):
+    """(dotted module name, folder it is found from) for a .py file inside a
+    package (folders with __init__.py), else (None, None)."""
+    folder, parts = os.path.dirname(path), [os.path.splitext(os.path.basename(path))[0]]
+    while os.path.isfile(os.path.join(folder, "__init__.py")):
+        folder, name = os.path.split(folder)
+        parts.insert(0, name)
+    if len(parts) == 1 or not all(part.isidentifier() for part in parts):
+        return None, None
+    return ".".join(parts), folder
+
+
+def _on_path(folder):
+    """Whether modules in ``folder`` are importable: it is the working
+    directory (which then goes on sys.path, as python -m puts it) or on sys.path."""
+    real = os.path.realpath(folder)
+    if real == os.path.realpath(os.getcwd()):
+        _cwd_on_path()
+        return True
+    return any(os.path.realpath(entry or os.curdir) == real for entry in sys.path)
+
+
+def _flow_module_name(path):
+    """A module name for a flow file that shadows nothing and no other flow file."""
+    stem = "".join(c if c.isalnum() else "_"
+                   for c in os.path.splitext(os.path.basename(path))[0])
+    name, n = "pyoco_flow_" + stem, 1
+    while getattr(sys.modules.get(name), "__file__", path) != path:
+        n += 1
+        name = "pyoco_flow_%s_%d" % (stem, n)
+    return name
+
+
+def _add_flow_folder(folder):
+    """Put a flow file's folder on sys.path for its sibling imports, after the
+    standard library: a flows/queue.py must not replace the queue module."""
+    if folder in sys.path:
+        return
+    stdlib = os.path.dirname(os.__file__)
+    at = len(sys.path)
+    for n, entry in enumerate(sys.path):
+        full = os.path.abspath(entry or os.curdir)
+        if full == stdlib or (full.startswith(stdlib + os.sep) and "-packages" not in full):
+            at = n + 1
+    sys.path.insert(at, folder)
 
 
 def _failing_line(exc, path):

@@ -1897,6 +1897,101 @@ def test_64_parallel_tasks_never_mix_trace_lines(cute):
         _assert_plain(lines, run)
 
 
+HARVEST_FLOW = """\
+    import sys
+    from pyoco import Engine, Flow, task
+
+    @task
+    def rows(ctx):
+        return list(range(60))
+
+    @task
+    def harvest_row(ctx, row):
+        print("\U0001f955 row %d gave %d carrots" % (row, row * 5))
+        print("   washed row", row)
+        print("   boxed row %d" % row, file=sys.stderr)
+        sys.stdout.write("   shed row %d" % row)      # no newline: ends with the attempt
+        return row * 5
+
+    @task
+    def total(ctx, harvest_row):
+        print("total", sum(harvest_row))
+
+    flow = Flow(name="harvest")
+    flow >> rows >> harvest_row.map("$node.rows.output") >> total
+
+    if __name__ == "__main__":
+        Engine(store=False).run(flow)       # not recorded, still traced to stderr
+"""
+
+HARVEST_TASK_LINE = re.compile(r"(\U0001f955 row (\d+) gave \d+ carrots|   washed row (\d+)"
+                               r"|   boxed row (\d+)|   shed row (\d+)|total 8850)")
+HARVEST_TRACE_LINE = re.compile(r"\U0001f407 pyoco > start flow=harvest run_id=\S+"
+                                r"|\U0001f955 done flow=harvest"
+                                r"|\U0001f3c3 start node=(rows|harvest_row(\[\d+\])?|total)"
+                                r"|\u2705 done node=(rows|harvest_row(\[\d+\])?|total)"
+                                r" \([\d.]+ m?s\)")
+
+
+@pytest.mark.parametrize("how", ["cli", "script"])
+def test_trace_lines_and_task_output_on_one_pipe_never_share_a_line(tmp_path, how):
+    write(tmp_path / "harvest.py", HARVEST_FLOW)
+    command = ["-m", "pyoco", "run", "harvest.py", "--workers", "8"] if how == "cli" else [
+        "harvest.py"]
+    for attempt in range(5):
+        proc = subprocess.run([sys.executable] + command, cwd=str(tmp_path), env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              encoding="utf-8", timeout=60)
+        assert proc.returncode == 0, proc.stdout
+        lines = proc.stdout.splitlines()
+        mixed = [line for line in lines
+                 if not (HARVEST_TASK_LINE.fullmatch(line) or HARVEST_TRACE_LINE.fullmatch(line))]
+        assert mixed == [], "run %d: lines shared by trace and task output:\n%s" % (
+            attempt, "\n".join(mixed[:10]))
+        task_lines = [line for line in lines if HARVEST_TASK_LINE.fullmatch(line)]
+        assert len(task_lines) == 60 * 4 + 1
+        assert len(lines) - len(task_lines) == 2 + 63 * 2       # the flow's, each task's
+
+
+FORK_WHILE_WRITING_SCRIPT = """\
+    import os, select, signal, sys, threading
+    import pyoco
+
+    r, w = os.pipe()
+    sys.stdout = os.fdopen(w, "w", buffering=1)
+    pyoco._tee_install()                # as during a traced run
+    held, release = threading.Event(), threading.Event()
+
+    def write_a_long_line():            # a thread inside a write, holding the output lock
+        with pyoco._write_lock:
+            held.set()
+            release.wait()
+
+    threading.Thread(target=write_a_long_line, daemon=True).start()
+    held.wait()
+    pid = os.fork()                     # as a process pool starts a worker
+    if pid == 0:
+        print("the worker printed")
+        os._exit(0)
+    os.close(w)
+    release.set()
+    ready, _, _ = select.select([r], [], [], 10)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    sys.stderr.write(os.read(r, 100).decode() if ready else "the worker hung\\n")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_worker_forked_while_another_thread_writes_can_still_print(tmp_path):
+    write(tmp_path / "fork.py", FORK_WHILE_WRITING_SCRIPT)
+    proc = subprocess.run([sys.executable, "fork.py"], cwd=str(tmp_path), env=child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                          timeout=60)
+    assert proc.stderr == "the worker printed\n"
+
+
 def test_pyoco_logger_receives_events_when_a_handler_is_attached():
     records = []
     handler = logging.Handler()
@@ -2406,6 +2501,93 @@ def test_cli_unknown_module_target_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "no_such_pkg" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+SIBLING_FLOW = """\
+    from pyoco import task, Flow
+    import garden_helpers
+
+    @task
+    def count(ctx):
+        print("counted", garden_helpers.CARROTS)
+        return garden_helpers.CARROTS
+
+    flow = Flow(name="shadowing")
+    flow >> count
+"""
+
+
+@pytest.mark.parametrize("stem", ["queue", "json", "logging"])
+def test_cli_flow_file_named_like_a_stdlib_module_runs_and_imports_its_siblings(tmp_path, stem):
+    (tmp_path / "flows").mkdir()
+    write(tmp_path / "flows" / ("%s.py" % stem), SIBLING_FLOW)
+    write(tmp_path / "flows" / "garden_helpers.py", "CARROTS = 12\n")
+    proc = cli(tmp_path, "run", "flows/%s.py" % stem)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "counted 12"
+    assert "Traceback" not in proc.stderr
+
+
+def test_flow_file_named_queue_runs_on_fresh_worker_processes(tmp_path):
+    # spawn: the workers import nothing from the parent, so they load the
+    # tasks from the flow file by its path and need the stdlib queue too.
+    (tmp_path / "flows").mkdir()
+    write(tmp_path / "flows" / "queue.py", SIBLING_FLOW)
+    write(tmp_path / "flows" / "garden_helpers.py", "CARROTS = 12\n")
+    write(tmp_path / "run_it.py", """\
+        import multiprocessing
+        from pyoco import Engine, load_flow
+
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("spawn")
+            flow = load_flow("flows/queue.py")
+            run = Engine(executor="process", workers=1, trace=False, store=False).run(flow)
+            print("RESULT", run.results["count"])
+        """)
+    proc = subprocess.run([sys.executable, "run_it.py"], cwd=str(tmp_path), env=child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["counted 12", "RESULT 12"]
+
+
+def _relative_package(tmp_path):
+    sub = tmp_path / "pkg" / "sub"
+    sub.mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("", encoding="utf-8")
+    (sub / "__init__.py").write_text("", encoding="utf-8")
+    write(sub / "helpers.py", "CARROTS = 5\n")
+    write(sub / "flows.py", """\
+        from pyoco import task, Flow
+        from .helpers import CARROTS
+
+        @task
+        def count(ctx):
+            print("counted", CARROTS)
+
+        flow = Flow(name="relative")
+        flow >> count
+        """)
+
+
+@pytest.mark.parametrize("main_py", [False, True])
+def test_cli_flow_file_with_relative_imports_runs_as_its_package_module(tmp_path, main_py):
+    _relative_package(tmp_path)
+    proc = cli(tmp_path, "run", os.path.join("pkg", "sub", "flows.py"), main_py=main_py)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "counted 5"
+
+
+def test_cli_relative_imports_out_of_reach_exit_2_naming_the_module(tmp_path):
+    _relative_package(tmp_path)
+    proc = cli(tmp_path / "pkg", "run", os.path.join("sub", "flows.py"))
+    assert proc.returncode == 2
+    assert "pyoco run pkg.sub.flows:flow" in proc.stderr and str(tmp_path) in proc.stderr
+    assert "flows.py:2" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "pkg" / "sub" / "__init__.py").unlink()
+    proc = cli(tmp_path, "run", os.path.join("pkg", "sub", "flows.py"))
+    assert proc.returncode == 2
+    assert "not a package" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("how", ["--non-cute", "PYOCO_CUTE=0"])
@@ -5683,6 +5865,24 @@ def test_tut_every_example_is_shown_and_tested():
         assert callable(globals().get(test_name)), "%s is not a test here" % test_name
 
 
+def test_tut_files_and_tests_the_pages_name_exist():
+    """A file named in backticks (`test_pyoco.py`, `python examples/...py`) is
+    in the tree, and a test named there (`test_tut_s01_hello`) is a test here."""
+    named = 0
+    for page in TUT_DOCS.glob("*.md"):
+        for span in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8")):
+            for word in span.split():
+                if word.endswith(".py") and not os.path.splitext(word)[0].isupper():
+                    assert (TUT_HERE / word).is_file(), "%s names %s, which is not in the" \
+                                                         " tree" % (page.name, word)
+                    named += 1
+                elif re.fullmatch(r"test_\w+", word):
+                    assert callable(globals().get(word)), "%s names %s, which is not a test" \
+                                                          " in test_pyoco.py" % (page.name, word)
+                    named += 1
+    assert named >= 10
+
+
 def test_tut_relative_links_resolve():
     pages = list(TUT_DOCS.glob("*.md")) + [TUT_HERE / "docs" / "roadmap.md"]
     for page in pages:
@@ -6166,6 +6366,35 @@ def test_resume_gives_reused_tasks_artifacts_and_the_old_params(tmp_path, monkey
     assert seen == {"text": "carrots 3", "n": 3}
     copied = second.tasks["make"].artifacts["data.txt"]
     assert second.run_id in copied and os.path.exists(copied)
+
+
+def test_resume_with_a_new_param_reuses_outputs_computed_with_the_old_value(tmp_path):
+    # What docs/tutorial/08-runs-and-resume.md and the README say: a resume
+    # does not compare values; only the tasks that run again see the new one.
+    write(tmp_path / "rows.py", """\
+        import os
+        from pyoco import task, Flow
+
+        @task
+        def count(ctx, rows):
+            return rows * 10
+
+        @task
+        def report(ctx, count, rows):
+            if os.environ.get("ROWS_BROKEN"):
+                raise ValueError("printer jammed")
+            print("REPORT count=%d rows=%d" % (count, rows))
+
+        flow = Flow(name="rows")
+        flow >> count >> report
+        """)
+    failed = cli(tmp_path, "run", "rows.py", "-p", "rows=1",
+                 env=child_env(PYOCO_CUTE="0", ROWS_BROKEN="1"))
+    assert failed.returncode == 1, failed.stderr
+    run_id = re.search(r"run_id=(\S+)", failed.stderr).group(1)
+    resumed = cli(tmp_path, "run", "rows.py", "--resume", run_id, "-p", "rows=2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == "REPORT count=10 rows=2"
 
 
 def test_retention_keeps_the_newest_runs_even_within_one_second(tmp_path, monkeypatch):
@@ -6959,6 +7188,29 @@ def test_max_log_bytes_keeps_the_end_of_a_last_line_longer_than_the_cap(tmp_path
     assert texts and texts[-1].endswith(" END")
 
 
+@pytest.mark.parametrize("value", ["-1", "-5000", "abc"])
+def test_bad_max_log_bytes_warns_once_and_keeps_the_whole_log(tmp_path, value):
+    store_write(tmp_path / "loud.py", """\
+        from pyoco import task, Flow
+
+        @task
+        def loud(ctx):
+            for i in range(50):
+                print("line %02d" % i)
+
+        flow = Flow(name="loud")
+        flow >> loud
+        """)
+    result = store_cli(tmp_path, "run", "loud.py", env=store_env(PYOCO_MAX_LOG_BYTES=value))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "PYOCO_MAX_LOG_BYTES" in warnings[0], result.stderr
+    assert repr(value) in warnings[0]
+    shown = store_cli(tmp_path, "runs", "logs", store_run_id(result.stderr), "--tail", "500")
+    assert [line.rsplit(" | ", 1)[-1] for line in shown.stdout.splitlines()] == [
+        "line %02d" % i for i in range(50)]
+
+
 def test_lines_of_every_attempt_and_a_last_line_without_newline_are_kept(tmp_path):
     @task(retries=1)
     def flaky(ctx):
@@ -7089,6 +7341,47 @@ def test_task_name_with_slashes_is_logged_inside_the_logs_folder(tmp_path):
     assert [(l["task"], l["text"]) for l in lines] == [("../../sneaky", "sneaky line")]
 
 
+STORE_LONG_NAMES_FLOW = """\
+    from pyoco import task, Flow
+
+    URL = "https://bucket.example.com/carrots.csv?" + "&".join(
+        "X-Amz-Part%d=%s" % (n, "a1b2c3d4" * 4) for n in range(10))
+
+    @task(name="fetch " + URL + "&v=1")
+    def first(ctx):
+        print("first fetched")
+        return 1
+
+    @task(name="fetch " + URL + "&v=2")
+    def second(ctx):
+        print("second fetched")
+        return 2
+
+    flow = Flow(name="long-names")
+    flow >> [first, second]
+"""
+
+
+def test_task_names_too_long_for_a_file_name_are_recorded_and_their_logs_found(tmp_path):
+    store_write(tmp_path / "long_names.py", STORE_LONG_NAMES_FLOW)
+    result = store_cli(tmp_path, "run", "long_names.py")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    run_id = store_run_id(result.stderr)
+    record = json.loads(store_cli(tmp_path, "runs", "show", run_id, "--json").stdout)
+    assert record["status"] == "COMPLETED" and record["reason"] is None
+    names = sorted(record["tasks"])
+    assert len(names) == 2 and all(len(name) > 400 for name in names)
+    assert all(task["state"] == "SUCCEEDED" for task in record["tasks"].values())
+    logs = sorted(os.listdir(tmp_path / ".pyoco" / "runs" / run_id / "logs"))
+    assert len(logs) == 2 and all(len(name.encode()) <= 255 for name in logs)
+    assert all(name.startswith("fetch%20https%3A%2F%2Fbucket%2Eexample%2Ecom") for name in logs)
+    for name, text in zip(names, ["first fetched", "second fetched"]):
+        shown = store_cli(tmp_path, "runs", "logs", run_id, "--task", name)
+        assert shown.returncode == 0, shown.stderr
+        assert [line.rsplit(" | ", 1)[-1] for line in shown.stdout.splitlines()] == [text]
+
+
 # ---------------------------------------------------------------------------
 # Run store: artifacts
 # ---------------------------------------------------------------------------
@@ -7115,6 +7408,54 @@ def test_save_artifact_stores_text_bytes_and_copies_of_paths_in_the_run_folder(t
     assert Path(paths["bytes"]).read_bytes() == b"\xff\x00\x01"
     assert Path(paths["copy"]).read_bytes() == b"\x00copied\xff"
     assert source.read_bytes() == b"\x00copied\xff"         # copied, not moved
+
+
+STORE_OBJECT_ARTIFACTS_FLOW = """\
+    import sys
+    from pyoco import Engine, Flow, task
+
+    class Harvest:
+        def __str__(self):
+            return "3 carrots"
+
+    @task
+    def make(ctx):
+        return [ctx.save_artifact("m.json", {"a": 1, "r\u00fcbe": [1.5, None, "\u00e9"]}),
+                ctx.save_artifact("rows.json", [{"row": 1}, {"row": 2}]),
+                ctx.save_artifact("harvest.txt", Harvest()),
+                ctx.save_artifact("count.txt", 42)]
+
+    flow = Flow(name="objects")
+    flow >> make
+
+    if __name__ == "__main__":
+        Engine(executor="process", workers=1, trace=False, store=sys.argv[1]).run(flow)
+"""
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_save_artifact_saves_dicts_and_lists_as_json_and_other_objects_as_text(tmp_path,
+                                                                               executor):
+    store_write(tmp_path / "objects.py", STORE_OBJECT_ARTIFACTS_FLOW)
+    if executor == "thread":
+        result = store_cli(tmp_path, "run", "objects.py", "--store", "store")
+    else:
+        result = subprocess.run([sys.executable, "objects.py", "store"], cwd=str(tmp_path),
+                                env=store_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, encoding="utf-8", timeout=60)
+    assert result.returncode == 0, result.stderr
+    [run_id] = RunStore(tmp_path / "store").ids()
+    folder = tmp_path / "store" / "runs" / run_id / "artifacts"
+    text = (folder / "m.json").read_bytes().decode("utf-8")
+    assert json.loads(text) == {"a": 1, "r\u00fcbe": [1.5, None, "\u00e9"]}
+    assert "r\u00fcbe" in text and text.endswith("\n")
+    assert json.loads((folder / "rows.json").read_text("utf-8")) == [{"row": 1}, {"row": 2}]
+    assert (folder / "harvest.txt").read_text("utf-8") == "3 carrots"
+    assert (folder / "count.txt").read_text("utf-8") == "42"
+    record = RunStore(tmp_path / "store").get(run_id)
+    assert record["tasks"]["make"]["state"] == "SUCCEEDED"
+    assert sorted(record["tasks"]["make"]["artifacts"]) == [
+        "count.txt", "harvest.txt", "m.json", "rows.json"]
 
 
 def test_artifacts_are_listed_in_ctx_for_downstream_tasks_and_in_the_task_record(tmp_path):
@@ -7369,7 +7710,8 @@ def test_second_sigint_stops_a_stubborn_task_at_once_and_saves_cancelled(
 
 # The trace of the first Ctrl+C can block: stderr is a pipe nobody reads at
 # the moment (a pager, a full CI log pipe). The second Ctrl+C must still stop
-# the run. The test sees, in /proc, when a thread is blocked writing to fd 2.
+# the run. The test sees, in /proc, when a thread is blocked writing to fd 2,
+# or waiting (with no timeout) for the output lock such a thread holds.
 STORE_BLOCKED_FLOW = """\
     import sys
     import time
@@ -7388,6 +7730,8 @@ STORE_BLOCKED_FLOW = """\
 
 STORE_WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}.get(os.uname().machine if hasattr(
     os, "uname") else None)
+STORE_FUTEX_SYSCALL = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine if hasattr(
+    os, "uname") else None)
 
 
 def store_writing_to_stderr(syscall_file):
@@ -7399,6 +7743,19 @@ def store_writing_to_stderr(syscall_file):
         return False
     return (len(fields) > 1 and fields[0] == str(STORE_WRITE_SYSCALL)
             and int(fields[1], 16) == 2)
+
+
+def store_blocked_behind_stderr(syscall_file):
+    """True when that thread writes to fd 2, or waits for a lock with no timeout:
+    task output and trace lines are written under one lock, so a trace line
+    waits there while a task's write to the full pipe holds it."""
+    try:
+        with open(syscall_file) as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    return store_writing_to_stderr(syscall_file) or (
+        len(fields) > 4 and fields[0] == str(STORE_FUTEX_SYSCALL) and int(fields[4], 16) == 0)
 
 
 def store_can_see_syscalls():
@@ -7416,7 +7773,7 @@ def test_second_sigint_while_the_first_ones_trace_line_is_blocked_still_exits_13
     store_poll(lambda: any(store_writing_to_stderr(f) for f in Path(
         "/proc/%d/task" % pid).glob("*/syscall") if f.parent.name != str(pid)))
     proc.proc.send_signal(signal.SIGINT)       # its trace line now waits on the full pipe
-    store_poll(lambda: store_writing_to_stderr("/proc/%d/syscall" % pid))
+    store_poll(lambda: store_blocked_behind_stderr("/proc/%d/syscall" % pid))
     proc.proc.send_signal(signal.SIGINT)
     threading.Thread(target=proc.proc.stderr.read, daemon=True).start()    # unblock it
     try:
@@ -7869,6 +8226,123 @@ def test_read_only_store_folder_warns_once_and_the_run_completes(tmp_path, capfd
         shutil.rmtree(run.artifacts_dir, ignore_errors=True)
     finally:
         store_dir.chmod(0o700)
+
+
+# Each task waits for a gate file the test creates; `second` then waits until
+# the record, written at a heartbeat, shows `first` done: the store is written
+# again while the run goes on, not only at its end.
+STORE_GATED_FLOW = """\
+    import json, os, time
+    from pyoco import task, Flow
+
+    HERE = os.path.dirname(os.path.abspath(__file__))
+
+    def wait_for(what, ready):
+        deadline = time.monotonic() + 20
+        while not ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError("waited 20 s for " + what)
+            time.sleep(0.02)
+
+    def record_shows_first_done(run_id):
+        try:
+            with open(os.path.join(os.environ["GATED_STORE"], "runs", run_id, "run.json")) as f:
+                return json.load(f)["tasks"]["first"]["state"] == "SUCCEEDED"
+        except (OSError, ValueError):
+            return False
+
+    @task
+    def first(ctx):
+        print("FIRST RAN")
+        wait_for("disk-full", lambda: os.path.exists(os.path.join(HERE, "disk-full")))
+        return 1
+
+    @task
+    def second(ctx, first):
+        wait_for("disk-free", lambda: os.path.exists(os.path.join(HERE, "disk-free")))
+        wait_for("the record", lambda: record_shows_first_done(ctx.run_id))
+        print("SECOND SAW THE RECORD")
+        return first + 1
+
+    flow = Flow(name="gated")
+    flow >> first >> second
+"""
+
+
+@contextlib.contextmanager
+def store_small_disk(folder):
+    """A 64 KiB tmpfs at ``folder`` (as root), or None when none can be mounted."""
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    try:
+        yield folder if mounted else None
+    finally:
+        if mounted and subprocess.run(["umount", str(folder)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)])
+
+
+def store_fill(folder):
+    """Fill the disk under ``folder`` to the last byte; returns the filler file."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"x")
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="needs a POSIX system")
+def test_store_that_fails_for_a_while_is_written_again_and_ends_with_the_final_status(
+        tmp_path):
+    store_write(tmp_path / "gated.py", STORE_GATED_FLOW)
+    with store_small_disk(tmp_path / "disk") as disk:
+        if disk is None and os.geteuid() == 0:
+            pytest.skip("cannot mount a small tmpfs, and root writes to read-only folders")
+        store = tmp_path / "disk" / "store"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyoco", "run", "gated.py", "--store", str(store)],
+            cwd=str(tmp_path), env=store_env(GATED_STORE=str(store)), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, encoding="utf-8")
+        output, restore = [], None
+        try:
+            for line in proc.stdout:
+                output.append(line)
+                if line.startswith("FIRST RAN"):
+                    if disk is not None:                # a full disk
+                        filler = store_fill(disk)
+                        restore = filler.unlink
+                    else:                               # a folder that refuses new files
+                        folder = store / "runs" / store_run_id("".join(output))
+                        folder.chmod(0o500)
+                        restore = lambda: folder.chmod(0o700)    # noqa: E731
+                    (tmp_path / "disk-full").touch()
+                elif "cannot write to run store" in line:
+                    restore()
+                    (tmp_path / "disk-free").touch()
+            assert proc.wait(timeout=STORE_WAIT) == 0, "".join(output)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        text = "".join(output)
+        assert "SECOND SAW THE RECORD" in text, text
+        warnings = [line for line in output if "warning" in line]
+        assert len(warnings) == 1 and str(store) in warnings[0], text
+        run_id = store_run_id(text)
+        record = RunStore(store).get(run_id)
+        assert record["status"] == "COMPLETED" and record["reason"] is None, record
+        assert [t["state"] for t in record["tasks"].values()] == ["SUCCEEDED"] * 2
+        assert RunStore(store).load_outputs(run_id)["first"] == 1     # saved for --resume
 
 
 # ---------------------------------------------------------------------------
