@@ -415,6 +415,12 @@ class MapTask(Task):
     def _callable(self):
         return self.base._callable()
 
+    def map(self, over, name=None):
+        raise FlowError("task %r is already a map; a map of a map is not supported: have the"
+                        " upstream task return one flat list of items (pairs, for two levels)"
+                        " and map over that, or map a task that loops over its item"
+                        % (self.name,))
+
     def __repr__(self):
         return "<map of %r over %r>" % (self.base.name, self.over)
 
