@@ -44,6 +44,7 @@ from _thread import allocate_lock as _allocate_lock, get_ident as _get_ident   #
 from itertools import count as _count
 
 _MISSING = object()         # "no value": a parameter without default, and so on
+_FUNCTION = type(lambda: None)
 
 # Module state. Each holds one thing, and the comment says what keeps it right.
 _iso_second = (None, None)  # (whole second, its ISO text) last formatted: replaced whole, atomically
@@ -649,8 +650,15 @@ class Flow:
         """The flow as a compact, index-based plan; cached until anything changes."""
         if self._plan is not None and self._plan_generation == _generation:
             return self._plan
+        import gc
         generation = _generation
-        self._plan = _Plan(self)
+        collecting = gc.isenabled()
+        gc.disable()            # compiling makes many small lists that never form cycles
+        try:
+            self._plan = _Plan(self)
+        finally:
+            if collecting:
+                gc.enable()
         self._plan_generation = generation
         return self._plan
 
@@ -695,25 +703,28 @@ class _Plan:
         self.flow_name = flow.name
         nodes = self.nodes = list(flow._upstream)
         names = self.names = [node.name for node in nodes]
-        index = self.index = {}
-        for i, (node, name) in enumerate(zip(nodes, names)):
-            if not isinstance(name, str) or not name:
-                raise FlowError("flow %r: task %r needs a non-empty string name" % (flow.name, node))
-            other = index.setdefault(name, i)
-            if other != i:
-                raise FlowError("flow %r: two different tasks are named %r (%r and %r);"
-                                " give one a name=..." % (flow.name, name, nodes[other], node))
-        node_index = {node: i for i, node in enumerate(nodes)}
+        index = self.index = dict(zip(names, range(len(names))))
+        if len(index) != len(nodes) or not all(type(n) is str and n for n in names):
+            self._name_problem(flow.name)
+        node_index = dict(zip(nodes, range(len(nodes))))
         preds = self.preds = [[node_index[up] for up in flow._upstream[node]] for node in nodes]
 
-        self.funcs, self.ctx, self.binds, self.varkw, self.is_async = [], [], [], [], []
+        sources = [node.base if isinstance(node, MapTask) else node for node in nodes]
+        self.funcs = [source._callable() for source in sources]
+        self.retries = [source.retries for source in sources]
+        self.timeouts = [source.timeout for source in sources]
+        self.isolate = [source.fail_policy == "isolate" for source in sources]
+        self.ctx, self.binds, self.varkw, self.is_async = [], [], [], []
         self.maps = {}              # map node -> (its "over" binding, item parameter, kw-only?)
         self.param_refs = []
-        self.flowparams, self.retries, self.timeouts, self.isolate = [], [], [], []
+        self.flowparams = []
         for i, node in enumerate(nodes):
-            self._compile_node(i, node)
+            self._compile_node(i, node, sources[i], self.funcs[i])
 
-        _check_acyclic(flow.name, names, preds)
+        # Nodes are usually added after their upstream tasks: then the order they
+        # were added in is a topological order and there can be no cycle.
+        if not all(p < i for i, ups in enumerate(preds) for p in ups):
+            _check_acyclic(flow.name, names, preds)
         n = len(nodes)
         self.npred = [len(p) for p in preds]
         self.free = [[] for _ in range(n)]
@@ -726,6 +737,18 @@ class _Plan:
         self.param_refs += [(i, b) for i, bs in enumerate(self.binds) for b in bs
                             if b[0] == _B_PARAM]
         self.json_names = None      # the names as JSON strings, made by the run store
+
+    def _name_problem(self, flow_name):
+        index = {}
+        for i, (node, name) in enumerate(zip(self.nodes, self.names)):
+            if not isinstance(name, str) or not name:
+                raise FlowError("flow %r: task %r needs a non-empty string name"
+                                % (flow_name, node))
+            other = index.setdefault(name, i)
+            if other != i:
+                raise FlowError("flow %r: two different tasks are named %r (%r and %r);"
+                                " give one a name=..." % (flow_name, name, self.nodes[other],
+                                                          node))
 
     def copy(self):
         """A copy whose lists a run may extend (map nodes add their instances)."""
@@ -740,41 +763,38 @@ class _Plan:
         return other
 
 
-    def _compile_node(self, i, node):
+    def _compile_node(self, i, node, source, fn):
+        code = getattr(fn, "__code__", None)
+        if code is not None and source is node and not source.inputs and type(fn) is _FUNCTION \
+                and code.co_argcount <= 1 and not code.co_kwonlyargcount \
+                and not code.co_flags & 0x0C:           # no *args, no **kwargs
+            # The common task: (ctx) or () and nothing to wire; no signature to read.
+            takes_ctx, binds, varkw = code.co_argcount == 1, (), False
+            if takes_ctx and code.co_varnames[0] != "ctx":
+                takes_ctx, binds = False, self._bindings(i, node, source, fn)[1]
+            is_async = bool(code.co_flags & 0x80)       # CO_COROUTINE
+        else:
+            if not callable(fn):
+                raise FlowError("task %r: %r is not callable" % (node.name, fn))
+            takes_ctx, binds, varkw = self._bindings(i, node, source, fn)
+            is_async = _is_coroutine_function(fn)
+        self.is_async.append(is_async)
+        self.ctx.append(takes_ctx)
+        self.binds.append(binds)
+        self.varkw.append(varkw)
+
+    def _bindings(self, i, node, source, fn):
+        """How task i's parameters get their values: (takes ctx, bindings, **kwargs?)."""
         where = "task %r" % node.name
-        mapped = isinstance(node, MapTask)
-        source = node.base if mapped else node
-        fn = source._callable()
-        if not callable(fn):
-            raise FlowError("%s: %r is not callable" % (where, fn))
         params, varkw = _parameters(fn)
         takes_ctx = bool(params) and params[0][0] == "ctx"
         if takes_ctx:
             params = params[1:]
         inputs = dict(source.inputs or {})
-        extra_preds = []
-        if mapped:
-            if not params:
-                raise FlowError("%s: .map() needs a function that takes the item as its first"
-                                " parameter after ctx" % where)
-            (item, kind, _), params = params[0], params[1:]
-            over = node.over
-            if isinstance(over, str) and over.startswith("$"):
-                over = self._input_binding(over, "%s .map() over" % where)
-            elif isinstance(over, (list, tuple)):
-                over = (_B_CONST, list(over), (), None)
-            else:
-                raise FlowError("%s: .map() takes a $ expression or a list, not %r"
-                                % (where, node.over))
-            if over[0] == _B_NODE and over[1] not in self.preds[i]:
-                extra_preds.append(over[1])
-            self.maps[i] = (over + ("over", False), item, kind == "kwonly")
-            if over[0] == _B_PARAM:
-                self.param_refs.append((i, over + ("over", False)))
-            inputs.pop(item, None)
+        if isinstance(node, MapTask):
+            params = self._map_binding(i, node, params, inputs, where)
         upstream_names = {self.names[p]: p for p in self.preds[i]}
         binds = []
-        needs_flowparams = False
         for pname, kind, default in params:
             if pname in inputs:
                 binding = self._input_binding(inputs.pop(pname), "%s input %r" % (where, pname))
@@ -782,12 +802,11 @@ class _Plan:
                 binding = (_B_NODE, upstream_names[pname], (), "$node.%s.output" % pname)
             else:
                 binding = (_B_FLOWPARAM, pname, default, None)
-                needs_flowparams = True
-            if binding[0] == _B_NODE and binding[1] not in self.preds[i]:
-                if binding[1] == i:
-                    raise FlowError("%s: input %r refers to the task itself" % (where, pname),
-                                    cycle=[node.name, node.name])
-                extra_preds.append(binding[1])
+                if not self.flowparams or self.flowparams[-1] != i:
+                    self.flowparams.append(i)
+            if binding[0] == _B_NODE and binding[1] == i:
+                raise FlowError("%s: input %r refers to the task itself" % (where, pname),
+                                cycle=[node.name, node.name])
             binds.append(binding + (pname, kind == "kwonly"))
         for pname, value in inputs.items():
             if not varkw:
@@ -795,23 +814,35 @@ class _Plan:
                 raise FlowError("%s has input %r but %s takes no parameter %r (parameters: %s)"
                                 % (where, pname, getattr(fn, "__name__", "its function"),
                                    pname, accepted))
-            binding = self._input_binding(value, "%s input %r" % (where, pname))
-            if binding[0] == _B_NODE and binding[1] not in self.preds[i]:
-                extra_preds.append(binding[1])
-            binds.append(binding + (pname, True))
-        for p in extra_preds:
-            if p not in self.preds[i]:
-                self.preds[i].append(p)
-        self.funcs.append(fn)
-        self.is_async.append(_is_coroutine_function(fn))
-        self.ctx.append(takes_ctx)
-        self.binds.append(tuple(binds))
-        self.varkw.append(varkw)
-        if needs_flowparams:
-            self.flowparams.append(i)
-        self.retries.append(source.retries)
-        self.timeouts.append(source.timeout)
-        self.isolate.append(source.fail_policy == "isolate")
+            binds.append(self._input_binding(value, "%s input %r" % (where, pname))
+                         + (pname, True))
+        preds = self.preds[i]
+        for b in binds:
+            if b[0] == _B_NODE and b[1] not in preds:
+                preds.append(b[1])
+        return takes_ctx, tuple(binds), varkw
+
+    def _map_binding(self, i, node, params, inputs, where):
+        """A map node's ``over`` and item parameter; returns the other parameters."""
+        if not params:
+            raise FlowError("%s: .map() needs a function that takes the item as its first"
+                            " parameter after ctx" % where)
+        (item, kind, _), params = params[0], params[1:]
+        over = node.over
+        if isinstance(over, str) and over.startswith("$"):
+            over = self._input_binding(over, "%s .map() over" % where)
+        elif isinstance(over, (list, tuple)):
+            over = (_B_CONST, list(over), (), None)
+        else:
+            raise FlowError("%s: .map() takes a $ expression or a list, not %r"
+                            % (where, node.over))
+        if over[0] == _B_NODE and over[1] not in self.preds[i]:
+            self.preds[i].append(over[1])
+        self.maps[i] = (over + ("over", False), item, kind == "kwonly")
+        if over[0] == _B_PARAM:
+            self.param_refs.append((i, over + ("over", False)))
+        inputs.pop(item, None)
+        return params
 
     def _input_binding(self, value, where):
         if isinstance(value, str) and value.startswith("$"):
