@@ -1247,45 +1247,56 @@ def _attempt(fn, args, kwargs):
         return _FATAL, exc
 
 
-class _Scheduler:
-    """The decisions of one run, shared by every way of executing it.
+def _arguments(run, binds):
+    """The (args, kwargs) a task is called with, from its bindings."""
+    args, kwargs = [], {}
+    if not binds:
+        return args, kwargs
+    outputs = run._outputs
+    for kind, key, path, text, pname, kwonly in binds:
+        if kind == _B_CONST:
+            value = key
+        elif kind == _B_NODE:
+            value = outputs[key]
+            if path:
+                value = _step(value, path, text)
+        elif kind == _B_PARAM:
+            value = _step(run.params[key], path, text) if path else run.params[key]
+        elif kind == _B_SCRATCH:
+            try:
+                value = run.scratch[key]
+            except KeyError:
+                raise LookupError("%s: ctx.scratch has no key %r yet" % (text, key)) from None
+            if path:
+                value = _step(value, path, text)
+        else:
+            try:
+                value = os.environ[key]
+            except KeyError:
+                raise LookupError("%s: environment variable %r is not set"
+                                  % (text, key)) from None
+        if kwonly:
+            kwargs[pname] = value
+        else:
+            args.append(value)
+    return args, kwargs
 
-    A driver (``_ThreadDriver`` or ``_FutureDriver``) asks ``admit(i)`` once
-    all of task i's upstream tasks are done, runs the attempts it is told to
-    run, hands each attempt's outcome to ``ended``, and takes the tasks that
-    became ready from ``released``. Whether a task may start, whether it is
-    retried and how the run ends are decided here and nowhere else.
-    """
 
-    def __init__(self, run, binds, observers, reused, sink):
+class _RunLedger:
+    """The one writer of a run's state: every change to a task or to the run is
+    made here and announced as an Event to the run's observers, in order."""
+
+    def __init__(self, run, binds, observers):
         import threading
         self.run = run
         self.plan = run._plan
-        self.binds = binds
+        self.binds = binds          # per task: how its parameters get their values
         self.observers = observers
-        self.reused = reused        # task name -> (output, artifacts) taken over from a resumed run
-        self.sink = sink            # where printed lines go (the run store's recorder), or None
-        self.lock = threading.Lock()    # guards the counters and flags below
-        self.done = threading.Event()   # set once the outcome is settled
-        self.halt = threading.Event()   # set when the run starts stopping: ends retry waits
-        self.pending = list(self.plan.npred)     # upstream tasks each task waits for
-        self.arrived = [_count(1) if n > 1 else None for n in self.pending]
-        self.doomed = {}            # task number -> why it must be skipped (upstream failed)
-        self.stopping = False       # nothing new starts (a failure with "stop", or a cancel)
-        self.stop_state = None
-        self.stop_reason = None
+        self.lock = threading.RLock()   # guards the plan's columns and the flags of a run
         self.closed = False         # the run's outcome is settled; late results are ignored
-        self.expanded = {}          # map node -> its instances, until they are collected
-        self.signals = []           # names of SIGINT/SIGTERM received, noted by _SignalGuard
-        self.signals_seen = 0
-        self.requests = 0           # stop requests acted on: the second one is the hard stop
-        self.cancel_file = None     # the store's cancel request file for this run, if recorded
-        self.on_abandon = None      # what a driver must do at a hard stop (kill processes)
         if self.plan.maps:          # map nodes add tasks while the run goes: extend copies
             self.plan = run._plan = self.plan.copy()
             self.binds = list(binds)
-
-    # -- events
 
     def emit(self, ts, kind, i, state, data=None):
         ev = tuple.__new__(Event, (ts, kind, self.plan.names[i] if i >= 0 else None, state,
@@ -1304,6 +1315,126 @@ class _Scheduler:
         run.status = RunState.RUNNING
         self.emit(run.started_at, "run.started", -1, RunState.RUNNING,
                   {"resumed_from": run.resumed_from} if run.resumed_from else None)
+
+    def begin(self, i):
+        t0 = time.time()
+        self.run._started[i] = t0
+        self.run._state[i] = TaskState.RUNNING
+        self.emit(t0, "task.started", i, TaskState.RUNNING)
+
+    def succeed(self, i, out, data=None):
+        if self.closed:
+            return False
+        run = self.run
+        t1 = time.time()
+        run._ended[i] = t1
+        run._state[i] = TaskState.SUCCEEDED
+        run.results[self.plan.names[i]] = out
+        run._outputs[i] = out
+        self.emit(t1, "task.succeeded", i, TaskState.SUCCEEDED, data)
+        return True
+
+    def reuse(self, i):
+        """Take task i's output over from the run being resumed instead of running it."""
+        run = self.run
+        out, artifacts = self.reused[self.plan.names[i]]
+        for name, path in artifacts.items():    # the new run gets copies of its files
+            try:
+                copied = _save_artifact_file(_artifact_root(run), name, _PathOf(path))
+            except OSError as exc:
+                _warn("run %s: artifact %r of reused task %r is gone (%s)"
+                      % (run.run_id, name, self.plan.names[i], exc))
+                continue
+            run._add_artifact(i, name, copied)
+        run._started[i] = time.time()
+        run._reasons[i] = "output reused from run %s" % run.resumed_from
+        return self.succeed(i, out, {"reused_from": run.resumed_from})
+
+    def fail(self, i, exc, tb=None):
+        import traceback
+        run = self.run
+        if self.closed:
+            return
+        run._ended[i] = time.time()
+        run._state[i] = TaskState.FAILED
+        run._errors[i] = exc
+        frames = exc.__traceback__
+        while frames is not None and frames.tb_next is not None and \
+                frames.tb_frame.f_code.co_filename == __file__:
+            frames = frames.tb_next         # start the traceback at the task's own code
+        run._tracebacks[i] = tb or "".join(traceback.format_exception(type(exc), exc, frames))
+        if run.error is None:
+            run.error = exc
+        self.emit(run._ended[i], "task.failed", i, TaskState.FAILED, {"error": _describe(exc)})
+        if not self.plan.isolate[i]:
+            self.stop(TaskState.SKIPPED, "run stopped after %r failed" % self.plan.names[i])
+
+    def expand(self, m, items):
+        """Add map node m's instances, one per item, to the run; their numbers."""
+        run, plan = self.run, self.plan
+        over, item_name, kwonly = plan.maps[m]
+        template = self.binds[m]
+        k = len(items)
+        names = ["%s[%d]" % (plan.names[m], j) for j in range(k)]
+        binds = [((_B_CONST, item, (), None, item_name, kwonly),) + template for item in items]
+        after_m, nothing = [m], []      # shared: these lists are only ever read
+        with self.lock:                 # two map nodes may expand at once: keep columns aligned
+            first = len(plan.names)
+            instances = list(range(first, first + k))
+            for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
+                           plan.retries, plan.timeouts, plan.isolate):
+                column.extend([column[m]] * k)
+            plan.npred.extend([1] * k)
+            plan.preds.extend([after_m] * k)
+            plan.free.extend([nothing] * k)
+            plan.joins.extend([after_m] * k)
+            self.binds.extend(binds)
+            run._extend(k)
+            # Names last: a reader (the store, the API) sizes the run by its names.
+            plan.names.extend(names)
+            plan.index.update(zip(names, instances))
+        return instances
+
+    def mark(self, i, state, reason):
+        """End task i without running it (SKIPPED or CANCELLED), or after Skip."""
+        run = self.run
+        ts = time.time()
+        run._ended[i] = ts if run._started[i] is not None else None
+        run._state[i] = state
+        run._reasons[i] = reason
+        self.emit(ts, "task.skipped" if state == TaskState.SKIPPED else "task.cancelled",
+                  i, state, {"reason": reason})
+
+
+class _Scheduler(_RunLedger):
+    """The decisions of one run, shared by every way of executing it.
+
+    A driver (``_ThreadDriver`` or ``_FutureDriver``) asks ``admit(i)`` once
+    all of task i's upstream tasks are done, runs the attempts it is told to
+    run, hands each attempt's outcome to ``ended``, and takes the tasks that
+    became ready from ``released``. Whether a task may start, whether it is
+    retried and how the run ends are decided here and nowhere else.
+    """
+
+    def __init__(self, run, binds, observers, reused, sink):
+        import threading
+        super().__init__(run, binds, observers)
+        self.reused = reused        # task name -> (output, artifacts) taken over from a resumed run
+        self.sink = sink            # where printed lines go (the run store's recorder), or None
+        self.done = threading.Event()   # set once the outcome is settled
+        self.halt = threading.Event()   # set when the run starts stopping: ends retry waits
+        self.pending = list(self.plan.npred)     # upstream tasks each task waits for
+        self.arrived = [_count(1) if n > 1 else None for n in self.pending]
+        self.doomed = {}            # task number -> why it must be skipped (upstream failed)
+        self.stopping = False       # nothing new starts (a failure with "stop", or a cancel)
+        self.stop_state = None
+        self.stop_reason = None
+        self.expanded = {}          # map node -> its instances, until they are collected
+        self.signals = []           # names of SIGINT/SIGTERM received, noted by _SignalGuard
+        self.signals_seen = 0
+        self.requests = 0           # stop requests acted on: the second one is the hard stop
+        self.cancel_file = None     # the store's cancel request file for this run, if recorded
+        self.on_abandon = None      # what a driver must do at a hard stop (kill processes)
 
     # -- whether a task may start
 
@@ -1360,47 +1491,6 @@ class _Scheduler:
 
     # -- attempts and their outcomes
 
-    def arguments(self, binds):
-        """The (args, kwargs) a task is called with, from its bindings."""
-        args, kwargs = [], {}
-        if not binds:
-            return args, kwargs
-        run = self.run
-        outputs = run._outputs
-        for kind, key, path, text, pname, kwonly in binds:
-            if kind == _B_CONST:
-                value = key
-            elif kind == _B_NODE:
-                value = outputs[key]
-                if path:
-                    value = _step(value, path, text)
-            elif kind == _B_PARAM:
-                value = _step(run.params[key], path, text) if path else run.params[key]
-            elif kind == _B_SCRATCH:
-                try:
-                    value = run.scratch[key]
-                except KeyError:
-                    raise LookupError("%s: ctx.scratch has no key %r yet" % (text, key)) from None
-                if path:
-                    value = _step(value, path, text)
-            else:
-                try:
-                    value = os.environ[key]
-                except KeyError:
-                    raise LookupError("%s: environment variable %r is not set"
-                                      % (text, key)) from None
-            if kwonly:
-                kwargs[pname] = value
-            else:
-                args.append(value)
-        return args, kwargs
-
-    def begin(self, i):
-        t0 = time.time()
-        self.run._started[i] = t0
-        self.run._state[i] = TaskState.RUNNING
-        self.emit(t0, "task.started", i, TaskState.RUNNING)
-
     def ended(self, i, attempt, kind, value, tb=None):
         """Take one attempt's outcome. Returns True (succeeded), False (ended
         otherwise) or, when another attempt follows, the delay before it."""
@@ -1428,63 +1518,6 @@ class _Scheduler:
             self.fail(i, exc)
         return False
 
-    def succeed(self, i, out, data=None):
-        if self.closed:
-            return False
-        run = self.run
-        t1 = time.time()
-        run._ended[i] = t1
-        run._state[i] = TaskState.SUCCEEDED
-        run.results[self.plan.names[i]] = out
-        run._outputs[i] = out
-        self.emit(t1, "task.succeeded", i, TaskState.SUCCEEDED, data)
-        return True
-
-    def reuse(self, i):
-        """Take task i's output over from the run being resumed instead of running it."""
-        run = self.run
-        out, artifacts = self.reused[self.plan.names[i]]
-        for name, path in artifacts.items():    # the new run gets copies of its files
-            try:
-                copied = _save_artifact_file(_artifact_root(run), name, _PathOf(path))
-            except OSError as exc:
-                _warn("run %s: artifact %r of reused task %r is gone (%s)"
-                      % (run.run_id, name, self.plan.names[i], exc))
-                continue
-            run._add_artifact(i, name, copied)
-        run._started[i] = time.time()
-        run._reasons[i] = "output reused from run %s" % run.resumed_from
-        return self.succeed(i, out, {"reused_from": run.resumed_from})
-
-    def fail(self, i, exc, tb=None):
-        import traceback
-        run = self.run
-        if self.closed:
-            return
-        run._ended[i] = time.time()
-        run._state[i] = TaskState.FAILED
-        run._errors[i] = exc
-        frames = exc.__traceback__
-        while frames is not None and frames.tb_next is not None and \
-                frames.tb_frame.f_code.co_filename == __file__:
-            frames = frames.tb_next         # start the traceback at the task's own code
-        run._tracebacks[i] = tb or "".join(traceback.format_exception(type(exc), exc, frames))
-        if run.error is None:
-            run.error = exc
-        self.emit(run._ended[i], "task.failed", i, TaskState.FAILED, {"error": _describe(exc)})
-        if not self.plan.isolate[i]:
-            self.stop(TaskState.SKIPPED, "run stopped after %r failed" % self.plan.names[i])
-
-    def mark(self, i, state, reason):
-        """End task i without running it (SKIPPED or CANCELLED), or after Skip."""
-        run = self.run
-        ts = time.time()
-        run._ended[i] = ts if run._started[i] is not None else None
-        run._state[i] = state
-        run._reasons[i] = reason
-        self.emit(ts, "task.skipped" if state == TaskState.SKIPPED else "task.cancelled",
-                  i, state, {"reason": reason})
-
     # -- maps
 
     def map_step(self, m):
@@ -1501,35 +1534,17 @@ class _Scheduler:
         run._attempts[m] = 1
         if not items:
             return self.succeed(m, [])
-        template = self.binds[m]
-        k = len(items)
-        names = ["%s[%d]" % (plan.names[m], j) for j in range(k)]
-        binds = [((_B_CONST, item, (), None, item_name, kwonly),) + template for item in items]
-        after_m, nothing = [m], []      # shared: these lists are only ever read
-        with self.lock:                 # two map nodes may expand at once: keep columns aligned
-            first = len(plan.names)
-            instances = list(range(first, first + k))
-            for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
-                           plan.retries, plan.timeouts, plan.isolate):
-                column.extend([column[m]] * k)
-            plan.npred.extend([1] * k)
-            plan.preds.extend([after_m] * k)
-            plan.free.extend([nothing] * k)
-            plan.joins.extend([after_m] * k)
-            self.binds.extend(binds)
-            self.pending.extend([0] * k)
-            self.arrived.extend([None] * k)
-            run._extend(k)
-            # Names last: a reader (the store, the API) sizes the run by its names.
-            plan.names.extend(names)
-            plan.index.update(zip(names, instances))
-            self.pending[m] = k
+        with self.lock:
+            instances = self.expand(m, items)
+            self.pending.extend([0] * len(items))
+            self.arrived.extend([None] * len(items))
+            self.pending[m] = len(items)
             self.arrived[m] = _count(1)
             self.expanded[m] = instances
         return instances
 
     def items_of(self, over):
-        items = self.arguments((over,))[0][0]
+        items = _arguments(self.run, (over,))[0][0]
         if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
             raise TypeError("%s gave a %s; .map() needs a list of items"
                             % (over[3] or "the map's input", type(items).__name__))
@@ -1773,7 +1788,7 @@ class _ThreadDriver:
             attempt += 1
             run._attempts[i] = attempt
             try:
-                args, kwargs = core.arguments(core.binds[i])
+                args, kwargs = _arguments(core.run, core.binds[i])
             except Exception as exc:
                 kind, value = _ERROR, exc
             else:
@@ -1858,7 +1873,7 @@ class _FutureDriver:
         run, plan = core.run, core.plan
         run._attempts[i] = attempt
         try:
-            args, kwargs = core.arguments(core.binds[i])
+            args, kwargs = _arguments(core.run, core.binds[i])
             state = self.remote_context(i, attempt) if plan.ctx[i] else None
             future = self.pool.submit(_remote_attempt, plan.nodes[i], args, kwargs, state)
         except Exception as exc:
