@@ -4532,6 +4532,44 @@ def _runs_query(query):
     return status, values.get("flow") or None, _int_param(values, "limit", 50, 1, 1000)
 
 
+def _answer_body(payload, headers):
+    """(bytes, content type, headers) of an answer: _Raw as it is, text for
+    /metrics, anything else as JSON."""
+    if isinstance(payload, _Raw):
+        return payload.data, payload.content_type, dict(payload.headers, **headers)
+    if isinstance(payload, str):
+        return payload.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8", headers
+    return (_dumps(payload, indent=None) + "\n").encode("utf-8"), "application/json", headers
+
+
+def _request_body(handler):
+    """The request's body, read by its Content-Length; HTTPError when it is bad."""
+    given = handler.headers.get_all("Content-Length") or []
+    if not given:
+        if handler.headers.get("Transfer-Encoding"):
+            handler.close_connection = True
+            raise HTTPError(411, "send the body with a Content-Length")
+        return b""
+    length = given[0].strip(" \t")     # only what HTTP calls whitespace around it
+    if len(given) > 1 or not (length.isascii() and length.isdigit()):
+        handler.close_connection = True    # int() would take 1_0, +10 or a folded line
+        raise HTTPError(400, "bad Content-Length %s: it must be one number in"
+                             " ASCII digits" % ", ".join(map(repr, given)))
+    length = int(length)
+    if length < 0 or length > handler.app.max_body:
+        handler.close_connection = True
+        raise HTTPError(413, "the body may be at most %d bytes" % handler.app.max_body)
+    try:
+        body = handler.rfile.read(length)
+    except OSError:                 # a timeout: the client sent less than it said
+        body = b""
+    if len(body) < length:
+        handler.close_connection = True
+        raise HTTPError(408, "the body was cut short: %d of %d bytes arrived"
+                        % (len(body), length))
+    return body
+
+
 def _make_handler_class():
     from http.server import BaseHTTPRequestHandler
 
@@ -4557,15 +4595,7 @@ def _make_handler_class():
             except Exception as exc:        # a bug: answer 500, keep serving
                 status, payload, headers = 500, {"error": "internal error: %s"
                                                  % _describe(exc)}, {}
-            if isinstance(payload, _Raw):
-                data, kind = payload.data, payload.content_type
-                headers = dict(payload.headers, **headers)
-            elif isinstance(payload, str):
-                data = payload.encode("utf-8")
-                kind = "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                data = (_dumps(payload, indent=None) + "\n").encode("utf-8")
-                kind = "application/json"
+            data, kind, headers = _answer_body(payload, headers)
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
@@ -4580,30 +4610,7 @@ def _make_handler_class():
                 self.close_connection = True
 
         def read_body(self):
-            given = self.headers.get_all("Content-Length") or []
-            if not given:
-                if self.headers.get("Transfer-Encoding"):
-                    self.close_connection = True
-                    raise HTTPError(411, "send the body with a Content-Length")
-                return b""
-            length = given[0].strip(" \t")     # only what HTTP calls whitespace around it
-            if len(given) > 1 or not (length.isascii() and length.isdigit()):
-                self.close_connection = True    # int() would take 1_0, +10 or a folded line
-                raise HTTPError(400, "bad Content-Length %s: it must be one number in"
-                                     " ASCII digits" % ", ".join(map(repr, given)))
-            length = int(length)
-            if length < 0 or length > self.app.max_body:
-                self.close_connection = True
-                raise HTTPError(413, "the body may be at most %d bytes" % self.app.max_body)
-            try:
-                body = self.rfile.read(length)
-            except OSError:                 # a timeout: the client sent less than it said
-                body = b""
-            if len(body) < length:
-                self.close_connection = True
-                raise HTTPError(408, "the body was cut short: %d of %d bytes arrived"
-                                % (len(body), length))
-            return body
+            return _request_body(self)
 
         def handle(self):
             try:
@@ -4611,26 +4618,8 @@ def _make_handler_class():
             except OSError:                 # a client that vanished mid-request
                 self.close_connection = True
 
-        def do_GET(self):
-            self.handle_one("GET")
-
         def do_HEAD(self):
             self.handle_one("GET", head=True)
-
-        def do_POST(self):
-            self.handle_one("POST")
-
-        def do_PUT(self):
-            self.handle_one("PUT")
-
-        def do_DELETE(self):
-            self.handle_one("DELETE")
-
-        def do_PATCH(self):
-            self.handle_one("PATCH")
-
-        def do_OPTIONS(self):
-            self.handle_one("OPTIONS")
 
         def send_error(self, code, message=None, explain=None):
             """Errors http.server finds itself (a bad request line, an unknown
@@ -4657,6 +4646,8 @@ def _make_handler_class():
         def log_message(self, format, *args):
             pass            # quiet: errors reach the client as JSON
 
+    for method in ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):    # routed alike
+        setattr(Handler, "do_" + method, lambda self, method=method: self.handle_one(method))
     return Handler
 
 # ---------------------------------------------------------------------------
