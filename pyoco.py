@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "task", "Task", "Flow", "Engine", "Run", "TaskRecord", "Context",
-    "TaskState", "RunState",
+    "TaskState", "RunState", "Event", "EVENT_KINDS",
     "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip",
     "main", "plugin_task", "load_plugins", "RunStore", "StoreError", "Server", "PluginWarning",
 ]
@@ -46,11 +46,25 @@ from itertools import count as _count
 _MISSING = object()         # "no value": a parameter without default, and so on
 _FUNCTION = type(lambda: None)
 
-# Module state. Each holds one thing, and the comment says what keeps it right.
+# Module state: every global that pyoco changes, each with what keeps it right.
+_generation = 0             # bumped by every change to a task or flow; compiled plans compare it
 _iso_second = (None, None)  # (whole second, its ISO text) last formatted: replaced whole, atomically
 _abandoned = set()          # threads running an attempt given up at its timeout: under _abandon_lock
 _abandon_lock = _allocate_lock()
-_record_lock = _allocate_lock()     # held while a finished run's record is rewritten (add_events)
+_record_lock = _allocate_lock()     # held while a finished run's record is rewritten
+_write_lock = _allocate_lock()      # held for each trace line and each whole line a task prints
+_print_owners = {}          # thread id -> (log sink, task name) while that thread runs an attempt
+# print() holds no reference to sys.stdout while it writes: a tee swapped out and
+# freed under a thread still printing would crash the interpreter. So tees are
+# reused, and the last few stay referenced in _retired_tees.
+_tees = {}                  # "stdout"/"stderr" -> its _Tee: under _tee_lock
+_retired_tees = []
+_tee_lock = _allocate_lock()
+_tee_users = 0              # runs and remote attempts that need the tees in place: under _tee_lock
+_fork_hooked = False        # os.register_at_fork done (once, under _tee_lock)
+_pending_webhooks = []      # _Delivery objects still delivering; drained at exit
+_webhooks_drained_at_exit = False   # drain_webhooks registered with atexit
+_registry = None            # the plugin registry, loaded on first use
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +135,6 @@ class RunState:
     CANCELLED = "CANCELLED"
 
 
-
 _FINISHED = (RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED)
 
 
@@ -170,7 +183,11 @@ EVENT_KINDS = {
     "task.skipped": ("WARNING", "skip"), "task.cancelled": ("WARNING", "cancelled"),
     "webhook.delivered": ("INFO", "webhook"), "webhook.failed": ("WARNING", "webhook"),
 }
+
+
 _TASK_ENDS = ("task.succeeded", "task.failed", "task.skipped", "task.cancelled")
+
+
 _RUN_ENDS = ("run.completed", "run.failed", "run.cancelled")
 
 
@@ -194,15 +211,251 @@ def _describe(exc):
         text = "<str() of %s failed>" % type(exc).__name__
     return "%s: %s" % (type(exc).__name__, text) if text else type(exc).__name__
 
+
+def _parse_iso(text):
+    """An ISO 8601 UTC string as written by _iso, back to a Unix time; None stays None."""
+    if not text:
+        return None
+    import calendar
+    try:
+        whole, _, frac = text.rstrip("Z").partition(".")
+        seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
+        return seconds + (int(frac) / 10 ** len(frac) if frac.isdigit() else 0.0)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Console lines, files and JSON
+# ---------------------------------------------------------------------------
+
+def _write_line(stream, line):
+    """Write one whole line; lines from many threads never interleave."""
+    if stream is None:
+        stream = sys.stderr
+    stream = getattr(stream, "_pyoco_original", stream)     # not into task logs
+    if stream is None:
+        return
+    if _tees:
+        _end_printed_lines()    # what this thread printed without newline ends first
+    with _write_lock:
+        try:
+            stream.write(line)
+            stream.flush()
+        except UnicodeEncodeError:
+            encoding = getattr(stream, "encoding", None) or "ascii"
+            stream.write(line.encode(encoding, "backslashreplace").decode(encoding))
+            stream.flush()
+        except (OSError, ValueError):
+            pass        # a closed or broken stream must not fail the run
+
+
+def _flush_stdout():
+    try:
+        sys.stdout.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _warn(message):
+
+    _write_line(None, "pyoco: warning: %s\n" % message)
+
+
+def _temp_name(path):
+    return "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(3).hex())
+
+
+def _atomic_write(path, data):
+    """Write bytes so that readers see the old file or the new one, never half."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _json_default(value):
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def _dumps(value, indent=None, ensure_ascii=False):
+    """Strict JSON text (RFC 8259) of any value: every record, answer and
+    webhook body is written here. NaN and infinities become "NaN",
+    "Infinity" and "-Infinity"; what JSON cannot hold becomes its repr()."""
+    import json
+    try:
+        return json.dumps(value, default=_json_default, ensure_ascii=ensure_ascii,
+                          indent=indent, allow_nan=False)
+    except (TypeError, ValueError):     # NaN, or dict keys JSON cannot have: a readable form
+        return json.dumps(_jsonable(value), ensure_ascii=ensure_ascii, indent=indent,
+                          allow_nan=False)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else repr(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        return value if abs(value) != float("inf") else "Infinity" if value > 0 else "-Infinity"
+    return repr(value)
+
+
+def _loads(text):
+    """JSON text as data, refusing NaN and Infinity: RFC 8259 has neither."""
+    import json
+
+    def refuse(name):
+        raise ValueError("%s is not JSON" % name)
+    return json.loads(text, parse_constant=refuse)
+
+
+# ---------------------------------------------------------------------------
+# Output capture
+# ---------------------------------------------------------------------------
+
+
+class _Tee:
+    """Stands in for sys.stdout/sys.stderr during runs: writes go to the real
+    stream and, from a thread running a task, to that task's log.
+
+    The real stream gets whole lines only, under the trace's lock: print()
+    writes its text and its newline separately, and a trace line written in
+    between would share the line. Each thread's unfinished line waits here
+    until its newline, the end of the task's attempt, or the tee's removal.
+    """
+
+    def __init__(self, original, stream_name):
+        self._pyoco_original = original
+        self._pyoco_stream = stream_name
+        self._pyoco_partial = {}        # thread id -> its line so far, without newline
+
+    def write(self, text):
+        me = _get_ident()
+        owner = _print_owners.get(me)
+        if owner is not None and text:
+            owner[0].feed(owner[1], self._pyoco_stream, text)
+        partial = self._pyoco_partial
+        if "\n" not in text:
+            if text:
+                held = partial.get(me, "") + text
+                if "\r" in held:       # a progress bar redrawn in place: its last state will do
+                    held = held.rpartition("\r")[2] or held
+                partial[me] = held
+            return len(text)
+        whole, _, rest = (partial.pop(me, "") + text).rpartition("\n")
+        if rest:
+            partial[me] = rest
+        with _write_lock:
+            self._pyoco_original.write(whole + "\n")
+        return len(text)
+
+    def flush(self):
+        with _write_lock:
+            self._pyoco_original.flush()
+
+    def _pyoco_end_lines(self, thread=None):
+        """Write out the unfinished line of ``thread`` (None: of every thread),
+        ended with a newline so that what comes next starts a line of its own."""
+        if thread is None:
+            rests = [self._pyoco_partial.pop(t, "") for t in list(self._pyoco_partial)]
+        else:
+            rests = [self._pyoco_partial.pop(thread, "")]
+        rests = [rest for rest in rests if rest]
+        if rests:
+            with _write_lock:
+                try:
+                    self._pyoco_original.write("".join(rest + "\n" for rest in rests))
+                except (OSError, ValueError):
+                    pass            # a closed stream: nothing to finish
+
+    def __getattr__(self, name):
+        return getattr(self._pyoco_original, name)
+
+
+def _end_printed_lines():
+    """A task's attempt is over: what its thread printed without newline goes out."""
+    me = _get_ident()
+    for tee in list(_tees.values()):
+        if tee._pyoco_partial:
+            tee._pyoco_end_lines(me)
+
+
+def _after_fork():
+    """In a forked child (a process pool's worker): a lock some other thread
+    held at the fork would stay taken for good, so both start free."""
+    global _write_lock, _tee_lock
+    _write_lock, _tee_lock = _allocate_lock(), _allocate_lock()
+    for tee in list(_tees.values()):
+        tee._pyoco_partial.clear()      # the parent's unfinished lines are the parent's
+
+
+def _tee_install():
+    global _tee_users, _fork_hooked
+    with _tee_lock:
+        if not _fork_hooked and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork)
+            _fork_hooked = True
+        _tee_users += 1
+        for name in ("stdout", "stderr"):
+            current = getattr(sys, name)
+            if current is not None and not isinstance(current, _Tee):
+                tee = _tees.get(name)
+                if tee is None or tee._pyoco_original is not current:
+                    tee = _tees[name] = _Tee(current, name)
+                    _retired_tees.append(tee)
+                    del _retired_tees[:-8]
+                setattr(sys, name, tee)
+
+
+def _tee_remove():
+    global _tee_users
+    with _tee_lock:
+        _tee_users -= 1
+        if _tee_users:
+            return
+        for name in ("stdout", "stderr"):
+            current = getattr(sys, name)
+            if isinstance(current, _Tee):       # leave alone what someone else put there
+                setattr(sys, name, current._pyoco_original)
+        for tee in list(_tees.values()):
+            tee._pyoco_end_lines()
+
+
+def _task_logger(task_name):
+    """The logger behind ctx.log; INFO and up also land in the running task's log."""
+    import logging
+    parent = logging.getLogger("pyoco.task")
+    if not getattr(parent, "_pyoco_ready", False):
+        class TaskLogHandler(logging.Handler):
+            def emit(self, record):
+                owner = _print_owners.get(_get_ident())
+                if owner is not None:
+                    owner[0].feed(owner[1], "log", "%s %s\n" % (record.levelname,
+                                                                 self.format(record)))
+        parent.addHandler(TaskLogHandler(logging.INFO))
+        if parent.level == logging.NOTSET:
+            parent.setLevel(logging.INFO)
+        parent._pyoco_ready = True
+    return logging.getLogger("pyoco.task." + task_name)
+
+
 # ---------------------------------------------------------------------------
 # Model: tasks
 # ---------------------------------------------------------------------------
-
-# Bumped by every change to a task or a flow, so a flow knows when the plan it
-# compiled (see Flow._compile) is stale. One global counter keeps the check a
-# single comparison.
-_generation = 0
-
 
 def _touch():
     global _generation
@@ -255,6 +508,8 @@ class _Inputs(_WatchedDict):
 
 
 _FAIL_POLICIES = ("stop", "isolate")
+
+
 _OPTIONS = ("name", "inputs", "retries", "retry_delay", "timeout",
             "fail_policy", "cache")
 
@@ -426,7 +681,6 @@ class MapTask(Task):
         return "<map of %r over %r>" % (self.base.name, self.over)
 
 
-
 def task(func=None, **options):
 
     """Make a function a task: ``@task`` or ``@task(name=..., retries=...)``.
@@ -453,12 +707,46 @@ def _as_node(obj, where="flow"):
                     % (where, obj))
 
 
+def _load_module(module_name, filename):
+    """The module a pickled task came from, loaded from its file if need be
+    (a flow file run by the CLI is not importable by name in a new process)."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        import importlib
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            if not filename:
+                raise
+            import importlib.util
+            spec = importlib.util.spec_from_file_location(module_name, filename)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+    return module
+
+
+def _find_object(module_name, qualname, filename):
+    obj = _load_module(module_name, filename)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _rebuild_task(module_name, qualname, filename, state):
+    cls = _find_object(module_name, qualname, filename)
+    node = cls.__new__(cls)
+    node.__dict__.update(state)
+    return node
+
+
 # ---------------------------------------------------------------------------
 # Model: expressions
 # ---------------------------------------------------------------------------
 
 # Binding kinds: how the engine finds a parameter's value when a task starts.
 _B_CONST, _B_NODE, _B_PARAM, _B_SCRATCH, _B_ENV, _B_FLOWPARAM = range(6)
+
 
 _EXPRESSION_FORMS = "$node.NAME.output, $ctx.params.KEY, $ctx.scratch.KEY or $env.NAME"
 
@@ -680,6 +968,10 @@ class _Chain:
     def __repr__(self):
         return "<chain of flow %r at %s>" % (self.flow.name, ", ".join(n.name for n in self.tails))
 
+
+# ---------------------------------------------------------------------------
+# Compile
+# ---------------------------------------------------------------------------
 
 class _Plan:
     """A flow compiled for running: parallel lists indexed by task number.
@@ -917,8 +1209,14 @@ def _check_acyclic(flow_name, names, preds):
 
 
 # ---------------------------------------------------------------------------
-# Engine
+# Run state
 # ---------------------------------------------------------------------------
+
+def _refuse_if_abandoned(what):
+    if _abandoned and _get_ident() in _abandoned:
+        raise RuntimeError("%s refused: this attempt was given up at its timeout, and"
+                           " what it does no longer counts" % what)
+
 
 def _new_run_id():
     """Like 20261129-051011-f423f1a2: UTC time, then microseconds (5 hex digits) and
@@ -1225,9 +1523,12 @@ class Run:
         return "<Run %s flow=%r %s>" % (self.run_id, self.flow_name, self.status)
 
 
+# ---------------------------------------------------------------------------
+# Scheduling
+# ---------------------------------------------------------------------------
+
 # What one attempt of a task came to (see _attempt).
 _OK, _SKIPPED, _ERROR, _FATAL = "ok", "skip", "error", "fatal"
-_STOP = None        # put on the ready queue to let a worker thread go
 
 
 def _attempt(fn, args, kwargs):
@@ -1692,6 +1993,13 @@ class _Scheduler(_RunLedger):
                           if state == TaskState.RUNNING else self.stop_reason)
 
 
+# ---------------------------------------------------------------------------
+# Calling a task: threads, process pools and other executors
+# ---------------------------------------------------------------------------
+
+_STOP = None        # put on the ready queue to let a worker thread go
+
+
 class _ThreadDriver:
     """Executes a run on threads.
 
@@ -1952,151 +2260,6 @@ class _FutureDriver:
         self.outcome(i, attempt, kind, value, tb)
 
 
-class Engine:
-    """Runs flows: independent tasks in parallel on up to ``workers`` threads.
-
-    ``trace``: True (to stderr), False (silent) or a text stream.
-    ``cute``: emoji trace (default, unless PYOCO_CUTE=0) or plain ASCII lines.
-    ``store``: a folder to record runs in (``RunStore`` or path), False for
-    none; by default runs are recorded only when PYOCO_HOME is set.
-    ``observers``: callables ``observer(run, event)`` that see every ``Event``
-    of every run; they must be quick, must not raise (an observer that raises
-    is reported once and dropped) and only read.
-    ``executor``: ``"thread"`` (default), ``"process"`` (a process per
-    worker; tasks, inputs and outputs must pickle, and a timeout kills the
-    task's process) or any ``concurrent.futures.Executor``, such as a Dask
-    client's ``get_executor()``. Outside threads, ``ctx`` is a copy: see
-    docs/scale-out.md.
-    """
-
-    def __init__(self, workers=8, trace=True, cute=None, store=None, observers=(),
-                 executor="thread"):
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError("workers must be a whole number >= 1, not %r" % (workers,))
-        if executor not in ("thread", "process") and not callable(
-                getattr(executor, "submit", None)):
-            raise ValueError('executor must be "thread", "process" or a'
-                             " concurrent.futures.Executor, not %r" % (executor,))
-        self.workers = workers
-        self.executor = executor
-        self.trace = trace
-        self.cute = _cute_default() if cute is None else bool(cute)
-        self.store = store
-        self.observers = list(observers)
-        self._active = {}           # run id -> its _Scheduler while the run goes
-
-    def _store(self):
-        if self.store is False:
-            return None
-        if isinstance(self.store, RunStore):
-            return self.store
-        if self.store is not None:
-            return RunStore(self.store)
-        home = os.environ.get("PYOCO_HOME")
-        return RunStore(home) if home else None
-
-    def run(self, flow, params=None, *, raise_on_failure=True, run_id=None, resume=None):
-        """Run ``flow`` and return its ``Run``.
-
-        Raises FlowError before anything runs when the flow is invalid,
-        RunFailed when a task failed (``__cause__`` is its exception) and
-        RunCancelled when the run was cancelled, unless ``raise_on_failure``
-        is False. ``resume``: the id of a FAILED or CANCELLED run in the
-        store; tasks that succeeded there are not run again (see RunStore).
-        """
-        if not isinstance(flow, Flow):
-            raise TypeError("Engine.run needs a Flow, got %r" % (flow,))
-        params = dict(params or {})
-        store = self._store()
-        if resume:
-            if store is None:
-                raise StoreError("resume needs a run store: pass Engine(store=PATH) or set"
-                                 " PYOCO_HOME")
-            old = store.resumable(resume)
-            params = dict(old.get("params") or {}, **params)   # the old run's, unless given
-        plan = flow._compile()
-        binds, _ = plan.bind(params, strict=True)
-        if self.executor == "process":
-            _check_picklable(plan)
-        reused = store.reusable_outputs(old, plan) if resume else {}
-        run_id, folder = run_id or _new_run_id(), None
-        if store is not None:
-            run_id, folder = store.new_run_folder(run_id)
-        run = Run(plan, flow, params, run_id)
-        run.resumed_from = resume
-        recorder = _RunRecorder(store, run, folder) if folder is not None else None
-        core = _Scheduler(run, binds, self._observers(recorder, folder), reused, recorder)
-        if recorder is not None:
-            run.artifacts_dir = recorder.artifacts_dir
-            core.cancel_file = recorder.cancel_file
-        self._active[run.run_id] = core
-        guard = _SignalGuard(core)
-        tee = self.trace is True or self.trace is sys.stderr    # task prints: whole lines
-        if tee:
-            _tee_install()
-        try:
-            if recorder is not None:
-                recorder.start()
-            core.start()
-            if not core.plan.roots:
-                core.finish()
-            elif self.executor == "thread":
-                _ThreadDriver(core, self.workers).execute()
-            else:
-                _FutureDriver(core, self.workers, self.executor).execute()
-        finally:
-            guard.restore()
-            if recorder is not None:
-                recorder.close()
-            if tee:
-                _tee_remove()
-            self._active.pop(run.run_id, None)      # after the record is final
-        if store is not None:
-            store.prune()
-        if raise_on_failure:
-            if run.status == RunState.FAILED:
-                raise RunFailed("run %s of flow %r failed: %s"
-                                % (run.run_id, run.flow_name, run.failure()), run) from run.error
-            if run.status == RunState.CANCELLED:
-                raise RunCancelled("run %s of flow %r was cancelled (%s)"
-                                   % (run.run_id, run.flow_name, run.reason), run)
-        return run
-
-    def _observers(self, recorder, folder):
-        """Who sees a run's events, in order: the caller's observers, the trace,
-        the logging bridge, the store's recorder, then webhooks (which fire on the
-        run's last event, once the recorder has saved the final record)."""
-        observers = list(self.observers)
-        if self.trace:
-            observers.append(_TraceWriter(self.trace, self.cute))
-        logger = _logging_observer()
-        if logger is not None:
-            observers.append(logger)
-        if recorder is not None:
-            observers.append(recorder.observe)
-        webhooks = _webhook_observer(folder)
-        if webhooks is not None:
-            observers.append(webhooks)
-        return observers
-
-    def live_run(self, run_id):
-        """The ``Run`` of a run this engine is running now, else None."""
-        core = self._active.get(run_id)
-        return core.run if core is not None else None
-
-    def cancel(self, run_id, reason="cancelled by Engine.cancel"):
-        """Ask a run of this engine to stop: nothing new starts, ctx.cancelled is set.
-
-        Returns False when no such run is active.
-        """
-        core = self._active.get(run_id)
-        return core is not None and core.cancel(reason)
-
-
-# ---------------------------------------------------------------------------
-# Calling a task: threads, process pools and other executors
-# ---------------------------------------------------------------------------
-
 class _ProcessSlots:
     """Up to ``size`` single-process pools, for executor="process".
 
@@ -2266,11 +2429,6 @@ def _call(fn, args, kwargs, timeout, name, sink, is_async=False):
                 return _ERROR, TimeoutError("task %r timed out after %gs" % (name, timeout))
     return box[0]
 
-def _refuse_if_abandoned(what):
-    if _abandoned and _get_ident() in _abandoned:
-        raise RuntimeError("%s refused: this attempt was given up at its timeout, and"
-                           " what it does no longer counts" % what)
-
 
 def _remote_attempt(node, args, kwargs, state):
     """One attempt of a task in a worker (a process pool, or any executor).
@@ -2323,7 +2481,6 @@ class _LineCollector:
         return self.lines
 
 
-
 def _invoke(fn, args, kwargs, timeout, name):
     """Call a task function; a coroutine it returns runs on an event loop of its own."""
     out = fn(*args, **kwargs)
@@ -2346,39 +2503,6 @@ def _run_coroutine(coro, timeout, name):
         return asyncio.run(bounded() if timeout is not None else coro)
     except asyncio.TimeoutError:
         raise TimeoutError("task %r timed out after %gs" % (name, timeout)) from None
-
-
-def _load_module(module_name, filename):
-    """The module a pickled task came from, loaded from its file if need be
-    (a flow file run by the CLI is not importable by name in a new process)."""
-    module = sys.modules.get(module_name)
-    if module is None:
-        import importlib
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            if not filename:
-                raise
-            import importlib.util
-            spec = importlib.util.spec_from_file_location(module_name, filename)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module
-            spec.loader.exec_module(module)
-    return module
-
-
-def _find_object(module_name, qualname, filename):
-    obj = _load_module(module_name, filename)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _rebuild_task(module_name, qualname, filename, state):
-    cls = _find_object(module_name, qualname, filename)
-    node = cls.__new__(cls)
-    node.__dict__.update(state)
-    return node
 
 
 # ---------------------------------------------------------------------------
@@ -2420,47 +2544,11 @@ class _SignalGuard:
 
 
 # ---------------------------------------------------------------------------
-# Trace
+# Observers: the trace
 # ---------------------------------------------------------------------------
 
 def _cute_default():
     return os.environ.get("PYOCO_CUTE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-_write_lock = _allocate_lock()     # held for each trace line and each whole line a task prints
-
-
-def _write_line(stream, line):
-    """Write one whole line; lines from many threads never interleave."""
-    if stream is None:
-        stream = sys.stderr
-    stream = getattr(stream, "_pyoco_original", stream)     # not into task logs
-    if stream is None:
-        return
-    if _tees:
-        _end_printed_lines()    # what this thread printed without newline ends first
-    with _write_lock:
-        try:
-            stream.write(line)
-            stream.flush()
-        except UnicodeEncodeError:
-            encoding = getattr(stream, "encoding", None) or "ascii"
-            stream.write(line.encode(encoding, "backslashreplace").decode(encoding))
-            stream.flush()
-        except (OSError, ValueError):
-            pass        # a closed or broken stream must not fail the run
-
-
-def _flush_stdout():
-    try:
-        sys.stdout.flush()
-    except (AttributeError, OSError, ValueError):
-        pass
-
-
-def _warn(message):
-
-    _write_line(None, "pyoco: warning: %s\n" % message)
 
 
 def _ms(seconds):
@@ -2630,8 +2718,9 @@ def _logging_observer():
 
 
 # ---------------------------------------------------------------------------
-# Run store
+# Observers: the run store
 # ---------------------------------------------------------------------------
+
 #
 # A plain folder, safe for several processes at once:
 #
@@ -2650,80 +2739,8 @@ class StoreError(PyocoError):
     """A run store problem: an unknown run id, a run that cannot be resumed."""
 
 
-_print_owners = {}      # thread id -> (recorder, task number) while that thread runs a task
-# print() holds no reference to sys.stdout while it writes: a tee swapped out
-# and freed under a thread still printing would crash the interpreter. So
-# tees are reused, and the last few stay referenced here.
-_tees = {}
-_retired_tees = []
-
-_tee_lock = _allocate_lock()
-_tee_users = 0
-_fork_hooked = False
-
 _HEARTBEAT_S = 1.0      # how often a running process refreshes its heartbeat and record
 _DEAD_AFTER_S = 30.0    # a heartbeat older than this means the process is gone
-
-
-def _temp_name(path):
-    return "%s.%d.%s.tmp" % (path, os.getpid(), os.urandom(3).hex())
-
-
-def _atomic_write(path, data):
-    """Write bytes so that readers see the old file or the new one, never half."""
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _json_default(value):
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return repr(value)
-
-
-def _dumps(value, indent=None, ensure_ascii=False):
-    """Strict JSON text (RFC 8259) of any value: every record, answer and
-    webhook body is written here. NaN and infinities become "NaN",
-    "Infinity" and "-Infinity"; what JSON cannot hold becomes its repr()."""
-    import json
-    try:
-        return json.dumps(value, default=_json_default, ensure_ascii=ensure_ascii,
-                          indent=indent, allow_nan=False)
-    except (TypeError, ValueError):     # NaN, or dict keys JSON cannot have: a readable form
-        return json.dumps(_jsonable(value), ensure_ascii=ensure_ascii, indent=indent,
-                          allow_nan=False)
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k if isinstance(k, str) else repr(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    if isinstance(value, float):
-        if value != value:
-            return "NaN"
-        return value if abs(value) != float("inf") else "Infinity" if value > 0 else "-Infinity"
-    return repr(value)
-
-
-def _loads(text):
-    """JSON text as data, refusing NaN and Infinity: RFC 8259 has neither."""
-    import json
-
-    def refuse(name):
-        raise ValueError("%s is not JSON" % name)
-    return json.loads(text, parse_constant=refuse)
 
 
 _FILE_NAME_BYTES = 200      # room for ".jsonl" and a temporary suffix within 255 bytes
@@ -2760,7 +2777,6 @@ def _valid_run_id(run_id):
             and run_id.replace("-", "a").replace("_", "a").replace(".", "a").isalnum())
 
 
-
 def _hostname():
     try:
         return os.uname().nodename
@@ -2783,131 +2799,6 @@ def _pid_alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
-
-
-class _Tee:
-    """Stands in for sys.stdout/sys.stderr during runs: writes go to the real
-    stream and, from a thread running a task, to that task's log.
-
-    The real stream gets whole lines only, under the trace's lock: print()
-    writes its text and its newline separately, and a trace line written in
-    between would share the line. Each thread's unfinished line waits here
-    until its newline, the end of the task's attempt, or the tee's removal.
-    """
-
-    def __init__(self, original, stream_name):
-        self._pyoco_original = original
-        self._pyoco_stream = stream_name
-        self._pyoco_partial = {}        # thread id -> its line so far, without newline
-
-    def write(self, text):
-        me = _get_ident()
-        owner = _print_owners.get(me)
-        if owner is not None and text:
-            owner[0].feed(owner[1], self._pyoco_stream, text)
-        partial = self._pyoco_partial
-        if "\n" not in text:
-            if text:
-                held = partial.get(me, "") + text
-                if "\r" in held:       # a progress bar redrawn in place: its last state will do
-                    held = held.rpartition("\r")[2] or held
-                partial[me] = held
-            return len(text)
-        whole, _, rest = (partial.pop(me, "") + text).rpartition("\n")
-        if rest:
-            partial[me] = rest
-        with _write_lock:
-            self._pyoco_original.write(whole + "\n")
-        return len(text)
-
-    def flush(self):
-        with _write_lock:
-            self._pyoco_original.flush()
-
-    def _pyoco_end_lines(self, thread=None):
-        """Write out the unfinished line of ``thread`` (None: of every thread),
-        ended with a newline so that what comes next starts a line of its own."""
-        if thread is None:
-            rests = [self._pyoco_partial.pop(t, "") for t in list(self._pyoco_partial)]
-        else:
-            rests = [self._pyoco_partial.pop(thread, "")]
-        rests = [rest for rest in rests if rest]
-        if rests:
-            with _write_lock:
-                try:
-                    self._pyoco_original.write("".join(rest + "\n" for rest in rests))
-                except (OSError, ValueError):
-                    pass            # a closed stream: nothing to finish
-
-    def __getattr__(self, name):
-        return getattr(self._pyoco_original, name)
-
-
-def _end_printed_lines():
-    """A task's attempt is over: what its thread printed without newline goes out."""
-    me = _get_ident()
-    for tee in list(_tees.values()):
-        if tee._pyoco_partial:
-            tee._pyoco_end_lines(me)
-
-
-def _after_fork():
-    """In a forked child (a process pool's worker): a lock some other thread
-    held at the fork would stay taken for good, so both start free."""
-    global _write_lock, _tee_lock
-    _write_lock, _tee_lock = _allocate_lock(), _allocate_lock()
-    for tee in list(_tees.values()):
-        tee._pyoco_partial.clear()      # the parent's unfinished lines are the parent's
-
-
-def _tee_install():
-    global _tee_users, _fork_hooked
-    with _tee_lock:
-        if not _fork_hooked and hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_after_fork)
-            _fork_hooked = True
-        _tee_users += 1
-        for name in ("stdout", "stderr"):
-            current = getattr(sys, name)
-            if current is not None and not isinstance(current, _Tee):
-                tee = _tees.get(name)
-                if tee is None or tee._pyoco_original is not current:
-                    tee = _tees[name] = _Tee(current, name)
-                    _retired_tees.append(tee)
-                    del _retired_tees[:-8]
-                setattr(sys, name, tee)
-
-
-def _tee_remove():
-    global _tee_users
-    with _tee_lock:
-        _tee_users -= 1
-        if _tee_users:
-            return
-        for name in ("stdout", "stderr"):
-            current = getattr(sys, name)
-            if isinstance(current, _Tee):       # leave alone what someone else put there
-                setattr(sys, name, current._pyoco_original)
-        for tee in list(_tees.values()):
-            tee._pyoco_end_lines()
-
-
-def _task_logger(task_name):
-    """The logger behind ctx.log; INFO and up also land in the running task's log."""
-    import logging
-    parent = logging.getLogger("pyoco.task")
-    if not getattr(parent, "_pyoco_ready", False):
-        class TaskLogHandler(logging.Handler):
-            def emit(self, record):
-                owner = _print_owners.get(_get_ident())
-                if owner is not None:
-                    owner[0].feed(owner[1], "log", "%s %s\n" % (record.levelname,
-                                                                 self.format(record)))
-        parent.addHandler(TaskLogHandler(logging.INFO))
-        if parent.level == logging.NOTSET:
-            parent.setLevel(logging.INFO)
-        parent._pyoco_ready = True
-    return logging.getLogger("pyoco.task." + task_name)
 
 
 class RunStore:
@@ -3176,10 +3067,16 @@ def _add_record_events(folder, events):
 
 _RUN_STATES = (RunState.PENDING, RunState.RUNNING, RunState.COMPLETED, RunState.FAILED,
                RunState.CANCELLING, RunState.CANCELLED)
+
+
 _JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a number",
                float: "a number", bool: "a boolean", type(None): "null"}
+
+
 _RECORD_TYPES = {"started_at": str, "ended_at": str, "duration_ms": (int, float),
                  "events": list}
+
+
 _TASK_TYPES = {"state": str, "attempts": int, "started_at": str, "ended_at": str,
                "duration_ms": (int, float), "error": str, "traceback": str, "reason": str}
 
@@ -3259,9 +3156,10 @@ def _settle_if_dead(record, folder):
 
 
 _NULL_TASK_TAIL = ', "error": null, "traceback": null, "reason": null, "artifacts": {}}'
+
+
 _PENDING_TASK = (': {"state": "PENDING", "attempts": 0, "started_at": null, "ended_at": null,'
                  ' "duration_ms": null' + _NULL_TASK_TAIL)
-
 
 
 def _record_json(run):
@@ -3614,30 +3512,406 @@ class _RunRecorder:
                                                        self.error))
 
 
+# ---------------------------------------------------------------------------
+# Observers: webhooks
+# ---------------------------------------------------------------------------
+
+_WEBHOOK_EVENTS = ("run.completed", "run.failed", "run.cancelled")
+
+
+def _webhook_settings():
+    """Read PYOCO_WEBHOOK_* once per run; None when no webhook is configured."""
+    urls = [u.strip() for u in os.environ.get("PYOCO_WEBHOOK_URL", "").split(",") if u.strip()]
+    if not urls:
+        return None
+    good = []
+    for url in urls:
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme in ("http", "https") and "://" in url:
+            good.append(url)
+        else:
+            _warn("PYOCO_WEBHOOK_URL: %r is refused; only http:// and https:// URLs are sent to"
+                  % _redact(url))
+
+    def number(key, default, kind):
+        text = os.environ.get(key, "").strip()
+        try:
+            value = kind(text) if text else default
+            if value < 0:
+                raise ValueError
+            return value
+        except ValueError:
+            _warn("%s must be a number >= 0, not %r; using %s" % (key, text, default))
+            return default
+    events = [e.strip() for e in os.environ.get("PYOCO_WEBHOOK_EVENTS", "").split(",")
+              if e.strip()] or list(_WEBHOOK_EVENTS)
+    for event in events:
+        if event not in _WEBHOOK_EVENTS:
+            _warn("PYOCO_WEBHOOK_EVENTS: unknown event %r (known: %s)"
+                  % (event, ", ".join(_WEBHOOK_EVENTS)))
+    return {"urls": good, "events": events,
+            "timeout": number("PYOCO_WEBHOOK_TIMEOUT", 3.0, float) or 3.0,
+            "attempts": max(1, number("PYOCO_WEBHOOK_RETRIES", 3, int)),
+            "secret": os.environ.get("PYOCO_WEBHOOK_SECRET") or None,
+            "format": os.environ.get("PYOCO_WEBHOOK_FORMAT", "json").strip().lower()}
+
+
+def _redact(url):
+    """scheme://host of a URL: webhook paths often carry secrets (Slack's do), and
+    user:password@ always does."""
+    import re
+    scheme, sep, rest = url.partition("://")
+    if not sep:                 # no telling a scheme from a user name before an @
+        return "…" if "@" in url else url.split(":", 1)[0][:16] + ":…"
+    return scheme + sep + re.split(r"[/?#]", rest, 1)[0].rsplit("@", 1)[-1]
+
+
+def _without_credentials(url):
+    """(the URL without user:password@, the Basic Authorization header for
+    them or None), percent-decoded as curl does."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+    except ValueError:          # the attempt reports it
+        return url, None
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(("%s:%s" % (unquote(user), unquote(password))).encode("utf-8"))
+    return urlunsplit(parts._replace(netloc=hostport)), "Basic " + token.decode("ascii")
+
+
+def webhook_payload(run):
+    """The JSON body sent when ``run`` ends (SPEC section 7)."""
+    record = run.to_dict(events=False)
+    return {"event": "run." + run.status.lower(), "run_id": run.run_id, "flow": run.flow_name,
+            "status": run.status, "started_at": record["started_at"],
+            "ended_at": record["ended_at"], "duration_ms": record["duration_ms"],
+            "tasks": {name: {"state": t["state"], "duration_ms": t["duration_ms"],
+                             "error": t["error"]} for name, t in record["tasks"].items()}}
+
+
+def _slack_escape(text):
+    """Text as Slack shows it literally: ``<!channel>`` in an error must not ping anyone."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_text(run):
+    icon = {"COMPLETED": "🥕", "FAILED": "💥", "CANCELLED": "🛑"}.get(run.status, "🐇")
+    text = "%s pyoco: flow *%s* %s in %s (run %s)" % (
+        icon, _slack_escape(run.flow_name), run.status.lower(), _ms(run.duration or 0),
+        _slack_escape(run.run_id))
+    if run.status == RunState.FAILED:
+        text += "\n%s" % _slack_escape(run.failure())
+    return text
+
+
+def _webhook_observer(folder):
+    """The observer that posts a run's outcome when it ends, or None when no
+    webhook is configured. Outcomes go into the record in ``folder``."""
+    if not os.environ.get("PYOCO_WEBHOOK_URL", "").strip():
+        return None
+
+    def observe(run, ev):
+        if ev[2] is None and ev[1] in _RUN_ENDS:
+            _send_webhooks(run, folder)
+    return observe
+
+
+class _Delivery:
+    """One webhook being delivered; its outcome is reported once, by the
+    delivering thread or, when the budget ran out first, by drain_webhooks."""
+
+    def __init__(self, url, folder, state, budget):
+        self.url, self.folder, self.state = url, folder, state
+        self.deadline = time.monotonic() + budget
+        self.budget = budget
+        self.thread = None
+        self.lock = _allocate_lock()
+        self.reported = False
+
+    def report(self, outcome):
+        with self.lock:
+            if self.reported:
+                return
+            self.reported = True
+        if outcome.get("error"):
+            outcome["error"] = _scrub(outcome["error"], self.url)
+            _warn("webhook to %s failed after %s attempt%s: %s"
+                  % (outcome["url"], outcome["attempts"],
+                     "" if outcome["attempts"] == 1 else "s", outcome["error"]))
+        event = {"ts": _iso(time.time()), "event": "webhook." + outcome.pop("outcome"),
+                 "task": None, "state": self.state}
+        event.update(outcome)
+        if self.folder is not None:
+            _add_record_events(self.folder, [event])
+
+    def cut_off(self):
+        self.report({"outcome": "failed", "url": _redact(self.url), "attempts": None,
+                     "status_code": None,
+                     "error": "cut off: no complete answer within the %.1f s budget"
+                              % self.budget})
+
+
+def _send_webhooks(run, folder=None):
+    """Post the run's outcome to every configured URL on a background thread.
+
+    The run never waits on the network; the process waits at exit at most
+    for the retries' budget (attempts x timeout + backoff), see
+    ``drain_webhooks``. Outcomes become events of the run's record.
+    """
+    settings = _webhook_settings()
+    event = "run." + run.status.lower()
+    if settings is None or not settings["urls"] or event not in settings["events"]:
+        return None
+    import threading
+    body = (_dumps({"text": _slack_text(run)}) if settings["format"] == "slack"
+            else _dumps(webhook_payload(run))).encode("utf-8")
+    attempts, timeout = settings["attempts"], settings["timeout"]
+    budget = attempts * timeout + sum(0.5 * 2 ** k for k in range(attempts - 1)) + 1.0
+
+    def deliver(delivery):
+        delivery.report(_post(delivery.url, body, event, settings, attempts, timeout))
+
+    global _webhooks_drained_at_exit
+    if not _webhooks_drained_at_exit:
+        import atexit
+        atexit.register(drain_webhooks)
+        _webhooks_drained_at_exit = True
+    _pending_webhooks[:] = [d for d in _pending_webhooks if not d.reported]
+    threads = []
+    for url in settings["urls"]:        # one thread per URL: a slow one delays no other
+        delivery = _Delivery(url, folder, run.status, budget)
+        delivery.thread = threading.Thread(target=deliver, args=(delivery,),
+                                           name="pyoco-webhook", daemon=True)
+        _pending_webhooks.append(delivery)
+        delivery.thread.start()
+        threads.append(delivery.thread)
+    return threads
+
+
+def _post(url, body, event, settings, attempts, timeout):
+    import hashlib
+    import hmac
+    import urllib.error
+    import urllib.request
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None         # a 3xx is the answer: a failed attempt, never followed
+
+    opener = urllib.request.build_opener(NoRedirects)
+    headers = {"Content-Type": "application/json", "User-Agent": "pyoco/" + __version__,
+               "X-Pyoco-Event": event}
+    if settings["secret"]:
+        digest = hmac.new(settings["secret"].encode(), body, hashlib.sha256).hexdigest()
+        headers["X-Pyoco-Signature"] = "sha256=" + digest
+    target, authorization = _without_credentials(url)
+    if authorization:
+        headers["Authorization"] = authorization
+    error, status = None, None
+    for attempt in range(1, attempts + 1):
+        try:
+            request = urllib.request.Request(target, data=body, headers=headers, method="POST")
+            with opener.open(request, timeout=timeout) as response:
+                status = response.status
+                response.read(65536)
+            return {"outcome": "delivered", "url": _redact(url), "attempts": attempt,
+                    "status_code": status}
+        except urllib.error.HTTPError as exc:
+            status, error = exc.code, "HTTP %d" % exc.code
+            exc.close()
+        except Exception as exc:
+            error = _describe(exc)
+        if attempt < attempts:
+            time.sleep(0.5 * 2 ** (attempt - 1))
+    return {"outcome": "failed", "url": _redact(url), "attempts": attempts,
+            "status_code": status, "error": error}
+
+
+def _scrub(text, url):
+    """An error message with the URL's path and query (often secret) and any
+    user:password@ in it cut out."""
+    from urllib.parse import unquote
+    rest = url.partition("://")[2]
+    netloc = rest.split("/", 1)[0]
+    path = rest[len(netloc):]
+    for secret in sorted({url, path, path.split("?", 1)[0], path.lstrip("/")} - {"", "/"},
+                         key=len, reverse=True):
+        text = text.replace(secret, "/…")
+    userinfo = netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    for secret in sorted({userinfo, unquote(userinfo), password, unquote(password)} - {""},
+                         key=len, reverse=True):
+        text = text.replace(secret, "…")
+    return text
+
+
+def drain_webhooks():
+    """Wait for webhook deliveries still under way, each at most until its budget
+    ends; one cut off there is recorded as failed."""
+    while _pending_webhooks:
+        delivery = _pending_webhooks.pop(0)
+        delivery.thread.join(max(0.0, delivery.deadline - time.monotonic()))
+        if delivery.thread.is_alive():
+            delivery.cut_off()
+
 
 # ---------------------------------------------------------------------------
-# Metrics
+# Engine
+# ---------------------------------------------------------------------------
+
+class Engine:
+    """Runs flows: independent tasks in parallel on up to ``workers`` threads.
+
+    ``trace``: True (to stderr), False (silent) or a text stream.
+    ``cute``: emoji trace (default, unless PYOCO_CUTE=0) or plain ASCII lines.
+    ``store``: a folder to record runs in (``RunStore`` or path), False for
+    none; by default runs are recorded only when PYOCO_HOME is set.
+    ``observers``: callables ``observer(run, event)`` that see every ``Event``
+    of every run; they must be quick, must not raise (an observer that raises
+    is reported once and dropped) and only read.
+    ``executor``: ``"thread"`` (default), ``"process"`` (a process per
+    worker; tasks, inputs and outputs must pickle, and a timeout kills the
+    task's process) or any ``concurrent.futures.Executor``, such as a Dask
+    client's ``get_executor()``. Outside threads, ``ctx`` is a copy: see
+    docs/scale-out.md.
+    """
+
+    def __init__(self, workers=8, trace=True, cute=None, store=None, observers=(),
+                 executor="thread"):
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError("workers must be a whole number >= 1, not %r" % (workers,))
+        if executor not in ("thread", "process") and not callable(
+                getattr(executor, "submit", None)):
+            raise ValueError('executor must be "thread", "process" or a'
+                             " concurrent.futures.Executor, not %r" % (executor,))
+        self.workers = workers
+        self.executor = executor
+        self.trace = trace
+        self.cute = _cute_default() if cute is None else bool(cute)
+        self.store = store
+        self.observers = list(observers)
+        self._active = {}           # run id -> its _Scheduler while the run goes
+
+    def _store(self):
+        if self.store is False:
+            return None
+        if isinstance(self.store, RunStore):
+            return self.store
+        if self.store is not None:
+            return RunStore(self.store)
+        home = os.environ.get("PYOCO_HOME")
+        return RunStore(home) if home else None
+
+    def run(self, flow, params=None, *, raise_on_failure=True, run_id=None, resume=None):
+        """Run ``flow`` and return its ``Run``.
+
+        Raises FlowError before anything runs when the flow is invalid,
+        RunFailed when a task failed (``__cause__`` is its exception) and
+        RunCancelled when the run was cancelled, unless ``raise_on_failure``
+        is False. ``resume``: the id of a FAILED or CANCELLED run in the
+        store; tasks that succeeded there are not run again (see RunStore).
+        """
+        if not isinstance(flow, Flow):
+            raise TypeError("Engine.run needs a Flow, got %r" % (flow,))
+        params = dict(params or {})
+        store = self._store()
+        if resume:
+            if store is None:
+                raise StoreError("resume needs a run store: pass Engine(store=PATH) or set"
+                                 " PYOCO_HOME")
+            old = store.resumable(resume)
+            params = dict(old.get("params") or {}, **params)   # the old run's, unless given
+        plan = flow._compile()
+        binds, _ = plan.bind(params, strict=True)
+        if self.executor == "process":
+            _check_picklable(plan)
+        reused = store.reusable_outputs(old, plan) if resume else {}
+        run_id, folder = run_id or _new_run_id(), None
+        if store is not None:
+            run_id, folder = store.new_run_folder(run_id)
+        run = Run(plan, flow, params, run_id)
+        run.resumed_from = resume
+        recorder = _RunRecorder(store, run, folder) if folder is not None else None
+        core = _Scheduler(run, binds, self._observers(recorder, folder), reused, recorder)
+        if recorder is not None:
+            run.artifacts_dir = recorder.artifacts_dir
+            core.cancel_file = recorder.cancel_file
+        self._active[run.run_id] = core
+        guard = _SignalGuard(core)
+        tee = self.trace is True or self.trace is sys.stderr    # task prints: whole lines
+        if tee:
+            _tee_install()
+        try:
+            if recorder is not None:
+                recorder.start()
+            core.start()
+            if not core.plan.roots:
+                core.finish()
+            elif self.executor == "thread":
+                _ThreadDriver(core, self.workers).execute()
+            else:
+                _FutureDriver(core, self.workers, self.executor).execute()
+        finally:
+            guard.restore()
+            if recorder is not None:
+                recorder.close()
+            if tee:
+                _tee_remove()
+            self._active.pop(run.run_id, None)      # after the record is final
+        if store is not None:
+            store.prune()
+        if raise_on_failure:
+            if run.status == RunState.FAILED:
+                raise RunFailed("run %s of flow %r failed: %s"
+                                % (run.run_id, run.flow_name, run.failure()), run) from run.error
+            if run.status == RunState.CANCELLED:
+                raise RunCancelled("run %s of flow %r was cancelled (%s)"
+                                   % (run.run_id, run.flow_name, run.reason), run)
+        return run
+
+    def _observers(self, recorder, folder):
+        """Who sees a run's events, in order: the caller's observers, the trace,
+        the logging bridge, the store's recorder, then webhooks (which fire on the
+        run's last event, once the recorder has saved the final record)."""
+        observers = list(self.observers)
+        if self.trace:
+            observers.append(_TraceWriter(self.trace, self.cute))
+        logger = _logging_observer()
+        if logger is not None:
+            observers.append(logger)
+        if recorder is not None:
+            observers.append(recorder.observe)
+        webhooks = _webhook_observer(folder)
+        if webhooks is not None:
+            observers.append(webhooks)
+        return observers
+
+    def live_run(self, run_id):
+        """The ``Run`` of a run this engine is running now, else None."""
+        core = self._active.get(run_id)
+        return core.run if core is not None else None
+
+    def cancel(self, run_id, reason="cancelled by Engine.cancel"):
+        """Ask a run of this engine to stop: nothing new starts, ctx.cancelled is set.
+
+        Returns False when no such run is active.
+        """
+        core = self._active.get(run_id)
+        return core is not None and core.cancel(reason)
+
+
+# ---------------------------------------------------------------------------
+# Read side: metrics
 # ---------------------------------------------------------------------------
 
 # Bucket bounds in seconds: sub-second tasks and hour-long runs both land in
 # buckets that tell them apart.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
-
-_FINISHED = (RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED)
-
-
-def _parse_iso(text):
-    """An ISO 8601 UTC string as written by _iso, back to a Unix time; None stays None."""
-    if not text:
-        return None
-    import calendar
-    try:
-        whole, _, frac = text.rstrip("Z").partition(".")
-        seconds = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S"))
-        return seconds + (int(frac) / 10 ** len(frac) if frac.isdigit() else 0.0)
-    except ValueError:
-        return None
 
 
 class _Histogram:
@@ -3869,294 +4143,8 @@ def _histogram(out, name, help_text, samples):
 
 
 # ---------------------------------------------------------------------------
-# HTTP server
+# Read side: the HTTP server
 # ---------------------------------------------------------------------------
-
-# The page at / and /runs/{id}/view: one self-contained document that only reads
-# the JSON API below (no CDN, no build step).
-_PAGE = r'''<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>pyoco runs</title>
-<style>
-:root { --bg:#fbf9ff; --fg:#2b2540; --muted:#6f6887; --card:#ffffff; --line:#e4def3;
-  --accent:#8a6fd1; --carrot:#f07c24; --ok:#3f9b5f; --fail:#d64545; --skip:#9a94ad;
-  --cancel:#c7883a; --run:#3b82c4; --pend:#cfc8e3; }
-[data-theme="dark"] { --bg:#17141f; --fg:#ece8f7; --muted:#a69fbf; --card:#221d2e; --line:#3a3350;
-  --accent:#b39ddb; --carrot:#ff9830; --ok:#62c483; --fail:#ff6b6b; --skip:#8d86a3;
-  --cancel:#e0a458; --run:#6cb2f0; --pend:#4a4260; }
-@media (prefers-color-scheme: dark) { :root:not([data-theme="light"]) { --bg:#17141f; --fg:#ece8f7;
-  --muted:#a69fbf; --card:#221d2e; --line:#3a3350; --accent:#b39ddb; --carrot:#ff9830; --ok:#62c483;
-  --fail:#ff6b6b; --skip:#8d86a3; --cancel:#e0a458; --run:#6cb2f0; --pend:#4a4260; } }
-* { box-sizing: border-box; }
-body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background:var(--bg); color:var(--fg); }
-header { display:flex; align-items:center; gap:1rem; padding:.8rem 1.2rem; border-bottom:1px solid var(--line); background:var(--card); }
-header h1 { font-size:1.2rem; margin:0; }
-header h1 a { color:inherit; text-decoration:none; }
-header .grow { flex:1; }
-main { padding:1rem 1.2rem; max-width:1200px; margin:0 auto; }
-a { color:var(--accent); }
-button, select { font:inherit; color:var(--fg); background:var(--card); border:1px solid var(--line); border-radius:6px; padding:.3rem .6rem; }
-button:hover, select:hover { border-color:var(--accent); }
-:focus-visible { outline:3px solid var(--carrot); outline-offset:2px; }
-.filters { display:flex; gap:.8rem; flex-wrap:wrap; align-items:center; margin-bottom:.8rem; }
-table { width:100%; border-collapse:collapse; background:var(--card); border:1px solid var(--line); border-radius:8px; overflow:hidden; }
-th, td { text-align:left; padding:.45rem .6rem; border-bottom:1px solid var(--line); vertical-align:top; }
-th { color:var(--muted); font-weight:600; font-size:.85rem; }
-tr:last-child td { border-bottom:none; }
-code, pre, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:.85rem; }
-.badge { display:inline-block; padding:.05rem .5rem; border-radius:999px; font-size:.8rem; font-weight:600; color:#fff; }
-.s-COMPLETED, .s-SUCCEEDED { background:var(--ok); } .s-FAILED { background:var(--fail); }
-.s-SKIPPED { background:var(--skip); } .s-CANCELLED, .s-CANCELLING { background:var(--cancel); }
-.s-RUNNING { background:var(--run); } .s-PENDING { background:var(--pend); color:var(--fg); }
-.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:.8rem 1rem; margin-bottom:1rem; }
-.card h2 { font-size:1rem; margin:0 0 .6rem; }
-.muted { color:var(--muted); }
-.timeline { position:relative; }
-.tl-row { display:flex; align-items:center; height:22px; }
-.tl-name { width:190px; flex:none; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; padding-right:.5rem; font-size:.85rem; }
-.tl-track { position:relative; flex:1; height:14px; background:linear-gradient(var(--line),var(--line)) center/100% 1px no-repeat; }
-.tl-bar { position:absolute; top:0; height:14px; border-radius:4px; min-width:3px; }
-.tl-bar.s-SKIPPED, .tl-bar.s-CANCELLED { background:repeating-linear-gradient(45deg,var(--skip),var(--skip) 3px,transparent 3px,transparent 6px); border:1px solid var(--skip); }
-.tl-tick { position:absolute; top:-3px; width:2px; height:20px; background:var(--carrot); }
-.tl-axis { display:flex; justify-content:space-between; margin-left:190px; font-size:.75rem; color:var(--muted); }
-pre.tb { background:var(--bg); border:1px solid var(--line); border-radius:6px; padding:.6rem; overflow:auto; max-height:320px; }
-svg text { fill:var(--fg); font-size:11px; }
-svg .edge { stroke:var(--muted); fill:none; }
-.legend span { margin-right:.8rem; }
-#status { font-size:.8rem; }
-.error { color:var(--fail); }
-details summary { cursor:pointer; }
-</style>
-</head>
-<body>
-<header>
-  <h1><a href="/">🐇 pyoco</a></h1>
-  <span class="muted mono" id="version"></span>
-  <span class="grow"></span>
-  <span id="status" class="muted" aria-live="polite"></span>
-  <label><input type="checkbox" id="auto" checked> auto-refresh</label>
-  <button type="button" id="theme" title="switch between light and dark">🌓 theme</button>
-</header>
-<main id="main" tabindex="-1"><p class="muted">loading…</p></main>
-<script>
-"use strict";
-const STATES = ["RUNNING", "CANCELLING", "COMPLETED", "FAILED", "CANCELLED", "PENDING"];
-const filters = {flow: "", status: ""};
-let knownFlows = new Set();
-
-function h(tag, attrs, ...kids) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (v === null || v === undefined || v === false) continue;
-    if (k === "class") el.className = v;
-    else if (k === "style") el.setAttribute("style", v);
-    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-    else el.setAttribute(k, v === true ? "" : v);
-  }
-  for (const kid of kids.flat()) {
-    if (kid === null || kid === undefined || kid === false) continue;
-    el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
-  }
-  return el;
-}
-function svg(tag, attrs) {
-  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
-  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
-  return el;
-}
-async function api(path) {
-  const r = await fetch(path, {headers: {"Accept": "application/json"}, cache: "no-store"});
-  const body = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
-  return body;
-}
-const badge = (s) => h("span", {class: "badge s-" + s}, s);
-const ms = (v) => v === null || v === undefined ? "–" : v < 1000 ? v.toFixed(1) + " ms" : (v / 1000).toFixed(2) + " s";
-const when = (iso) => iso ? iso.replace("T", " ").replace("Z", "") : "–";
-const t = (iso) => iso ? Date.parse(iso) : null;
-const runPath = (id) => "/runs/" + encodeURIComponent(id);
-
-function currentRun() {
-  const m = location.pathname.match(/^\/runs\/([^/]+)\/view$/);
-  return m ? decodeURIComponent(m[1]) : null;
-}
-
-async function renderList() {
-  const q = new URLSearchParams({limit: "100"});
-  if (filters.flow) q.set("flow", filters.flow);
-  if (filters.status) q.set("status", filters.status);
-  const runs = await api("/runs?" + q);
-  runs.forEach((r) => knownFlows.add(r.flow));
-  const flowSel = h("select", {id: "flow-filter", "aria-label": "flow",
-      onchange: (e) => { filters.flow = e.target.value; refresh(); }},
-    h("option", {value: ""}, "all flows"),
-    [...knownFlows].sort().map((f) => h("option", {value: f, selected: f === filters.flow}, f)));
-  const statusSel = h("select", {id: "status-filter", "aria-label": "status",
-      onchange: (e) => { filters.status = e.target.value; refresh(); }},
-    h("option", {value: ""}, "any status"),
-    STATES.map((s) => h("option", {value: s, selected: s === filters.status}, s)));
-  const rows = runs.map((r) => {
-    const failed = Object.entries(r.tasks || {}).filter(([, v]) => v.state === "FAILED").map(([k]) => k);
-    return h("tr", {"data-run": r.run_id},
-      h("td", {}, h("a", {href: runPath(r.run_id) + "/view", class: "mono"}, r.run_id)),
-      h("td", {}, r.flow), h("td", {}, badge(r.status)), h("td", {class: "mono"}, when(r.started_at)),
-      h("td", {}, ms(r.duration_ms)), h("td", {class: failed.length ? "error" : "muted"}, failed.join(", ") || r.reason || ""));
-  });
-  const main = document.getElementById("main");
-  main.replaceChildren(
-    h("div", {class: "filters"}, h("label", {}, "Flow ", flowSel), h("label", {}, "Status ", statusSel),
-      h("span", {class: "muted"}, runs.length + " run" + (runs.length === 1 ? "" : "s"))),
-    runs.length ? h("table", {id: "runs"},
-      h("thead", {}, h("tr", {}, ["Run", "Flow", "Status", "Started (UTC)", "Duration", "Failed task"].map((c) => h("th", {scope: "col"}, c)))),
-      h("tbody", {}, rows))
-      : h("p", {class: "muted"}, "No runs yet. Run a flow with `pyoco run flow.py` and it appears here. 🥕"));
-}
-
-function timeline(record) {
-  const tasks = Object.entries(record.tasks || {});
-  const starts = tasks.map(([, v]) => t(v.started_at)).filter((x) => x !== null);
-  const t0 = Math.min(t(record.started_at) || Infinity, ...starts);
-  const ends = tasks.map(([, v]) => t(v.ended_at)).filter((x) => x !== null);
-  const t1 = Math.max(t(record.ended_at) || 0, ...ends, t0 + 1, record.ended_at ? 0 : Date.now());
-  const span = t1 - t0 || 1;
-  const pos = (x) => Math.max(0, Math.min(100, (x - t0) / span * 100));
-  const retries = {};
-  for (const e of record.events || []) if (e.event === "task.retrying") (retries[e.task] = retries[e.task] || []).push(t(e.ts));
-  tasks.sort((a, b) => (t(a[1].started_at) ?? Infinity) - (t(b[1].started_at) ?? Infinity));
-  const rows = tasks.map(([name, v]) => {
-    const s = t(v.started_at), e = t(v.ended_at) ?? (s !== null ? t1 : null);
-    const title = `${name}: ${v.state}, ${ms(v.duration_ms)}, ${v.attempts} attempt${v.attempts === 1 ? "" : "s"}` + (v.reason ? ` (${v.reason})` : "") + (v.error ? ` — ${v.error}` : "");
-    let bar;
-    if (s !== null) bar = h("div", {class: "tl-bar s-" + v.state, style: `left:${pos(s)}%;width:${Math.max(0.4, pos(e) - pos(s))}%`, title});
-    else bar = h("div", {class: "tl-bar s-" + v.state, style: `left:${Math.min(99, pos(t(v.ended_at) ?? t1))}%;width:1%`, title});
-    const ticks = (retries[name] || []).map((x) => h("div", {class: "tl-tick", style: `left:${pos(x)}%`, title: "retry"}));
-    return h("div", {class: "tl-row", "data-task": name, "data-state": v.state},
-      h("div", {class: "tl-name", title: name}, name, v.attempts > 1 ? h("span", {class: "muted"}, " ×" + v.attempts) : ""),
-      h("div", {class: "tl-track"}, bar, ticks));
-  });
-  return h("div", {class: "card"}, h("h2", {}, "Timeline"),
-    h("div", {class: "timeline", id: "timeline", role: "img", "aria-label": "one bar per task from its start to its end"}, rows),
-    h("div", {class: "tl-axis"}, h("span", {}, "0"), h("span", {}, ms(span))),
-    h("p", {class: "legend muted"}, ["SUCCEEDED", "FAILED", "RUNNING", "SKIPPED", "CANCELLED"].map((s) => h("span", {}, badge(s))),
-      h("span", {}, h("span", {class: "tl-tick", style: "position:static;display:inline-block;height:10px"}), " retry")));
-}
-
-function dag(graph, record) {
-  const card = h("div", {class: "card"}, h("h2", {}, "Graph"));
-  const nodes = graph.nodes || [];
-  if (nodes.length > 400) { card.append(h("p", {class: "muted"}, `${nodes.length} tasks: too many to draw here; try pyoco graph.`)); return card; }
-  const preds = Object.fromEntries(nodes.map((n) => [n, []]));
-  for (const [a, b] of graph.edges || []) if (preds[b]) preds[b].push(a);
-  const level = {};
-  const depth = (n, seen = new Set()) => {
-    if (level[n] !== undefined) return level[n];
-    if (seen.has(n)) return 0;
-    seen.add(n);
-    return (level[n] = preds[n].length ? 1 + Math.max(...preds[n].map((p) => depth(p, seen))) : 0);
-  };
-  nodes.forEach((n) => depth(n));
-  const columns = [];
-  nodes.forEach((n) => (columns[level[n]] = columns[level[n]] || []).push(n));
-  const W = 150, H = 34, GX = 40, GY = 10, at = {};
-  columns.forEach((col, x) => col.forEach((n, y) => (at[n] = {x: x * (W + GX) + 4, y: y * (H + GY) + 4})));
-  const width = columns.length * (W + GX), height = Math.max(...columns.map((c) => c.length)) * (H + GY) + 8;
-  const box = svg("svg", {width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "task graph", id: "dag"});
-  for (const [a, b] of graph.edges || []) {
-    if (!at[a] || !at[b]) continue;
-    const x1 = at[a].x + W, y1 = at[a].y + H / 2, x2 = at[b].x, y2 = at[b].y + H / 2;
-    box.append(svg("path", {class: "edge", d: `M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}`}));
-  }
-  const color = {SUCCEEDED: "--ok", FAILED: "--fail", SKIPPED: "--skip", CANCELLED: "--cancel", RUNNING: "--run", PENDING: "--pend"};
-  for (const n of nodes) {
-    const st = (record.tasks[n] || {}).state || "PENDING";
-    const g = svg("g", {"data-task": n});
-    const title = svg("title", {}); title.textContent = `${n}: ${st}`; g.append(title);
-    g.append(svg("rect", {x: at[n].x, y: at[n].y, width: W, height: H, rx: 7, fill: `var(${color[st] || "--pend"})`, "fill-opacity": "0.25", stroke: `var(${color[st] || "--pend"})`}));
-    const label = svg("text", {x: at[n].x + 8, y: at[n].y + H / 2 + 4}); label.textContent = n.length > 21 ? n.slice(0, 20) + "…" : n;
-    g.append(label); box.append(g);
-  }
-  card.append(h("div", {style: "overflow:auto"}, box));
-  return card;
-}
-
-async function renderRun(id) {
-  const [record, graph] = await Promise.all([api(runPath(id)), api(runPath(id) + "/graph").catch(() => ({nodes: [], edges: []}))]);
-  const tasks = Object.entries(record.tasks || {});
-  const failures = tasks.filter(([, v]) => v.state === "FAILED");
-  const summary = h("div", {class: "card", id: "summary"},
-    h("h2", {}, "Run ", h("span", {class: "mono"}, record.run_id), " ", badge(record.status)),
-    h("p", {}, "Flow ", h("strong", {}, record.flow), " · started ", h("span", {class: "mono"}, when(record.started_at)),
-      " · ", ms(record.duration_ms), record.resumed_from ? [" · resumed from ", h("a", {href: runPath(record.resumed_from) + "/view", class: "mono"}, record.resumed_from)] : "",
-      record.reason ? h("span", {class: "muted"}, " · " + record.reason) : ""),
-    Object.keys(record.params || {}).length ? h("p", {class: "mono muted"}, "params " + JSON.stringify(record.params)) : "");
-  const errors = failures.length ? h("div", {class: "card", id: "failures"}, h("h2", {}, "Failures"),
-    failures.map(([name, v]) => h("div", {}, h("p", {}, h("strong", {}, name), " ", h("span", {class: "error"}, v.error || "")),
-      v.traceback ? h("pre", {class: "tb"}, v.traceback) : ""))) : "";
-  const rows = tasks.map(([name, v]) => {
-    const logs = h("pre", {class: "tb", hidden: true});
-    const more = h("details", {ontoggle: async (e) => {
-      if (!e.target.open || logs.dataset.loaded) return;
-      logs.hidden = false; logs.textContent = "loading…";
-      try {
-        const data = await api(runPath(id) + "/logs?tail=50&task=" + encodeURIComponent(name));
-        logs.textContent = data.logs.map((l) => `${when(l.ts)} ${l.stream.padEnd(6)} ${l.text}`).join("\n") || "(no output)";
-        logs.dataset.loaded = "1";
-      } catch (err) { logs.textContent = String(err.message); }
-    }}, h("summary", {}, "log"), logs);
-    const arts = Object.keys(v.artifacts || {}).map((a) => h("a", {href: runPath(id) + "/artifacts/" + a.split("/").map(encodeURIComponent).join("/"), class: "mono"}, a));
-    return h("tr", {"data-task": name}, h("td", {class: "mono"}, name), h("td", {}, badge(v.state)), h("td", {}, String(v.attempts)),
-      h("td", {}, ms(v.duration_ms)), h("td", {class: v.error ? "error" : "muted"}, v.error || v.reason || ""),
-      h("td", {}, arts.length ? arts.flatMap((a, i) => i ? [", ", a] : [a]) : ""), h("td", {}, more));
-  });
-  const table = h("div", {class: "card"}, h("h2", {}, "Tasks"), h("table", {id: "tasks"},
-    h("thead", {}, h("tr", {}, ["Task", "State", "Attempts", "Duration", "Note", "Artifacts", "Log"].map((c) => h("th", {scope: "col"}, c)))),
-    h("tbody", {}, rows)));
-  document.getElementById("main").replaceChildren(h("p", {}, h("a", {href: "/"}, "← all runs")), summary, errors, timeline(record), dag(graph, record), table);
-  return record;
-}
-
-let busy = false;
-async function refresh() {
-  if (busy) return;
-  busy = true;
-  const status = document.getElementById("status");
-  try {
-    const id = currentRun();
-    if (id) {
-      const record = await renderRun(id);
-      document.title = `pyoco · ${record.flow} · ${record.status}`;
-    } else {
-      await renderList();
-      document.title = "pyoco runs";
-    }
-    status.textContent = "updated " + new Date().toLocaleTimeString();
-  } catch (err) {
-    status.textContent = "";
-    document.getElementById("main").replaceChildren(h("p", {class: "error"}, "Could not load: " + err.message));
-  } finally { busy = false; }
-}
-
-const stored = localStorage.getItem("pyoco-theme");
-if (stored) document.documentElement.dataset.theme = stored;
-document.getElementById("theme").addEventListener("click", () => {
-  const dark = document.documentElement.dataset.theme ? document.documentElement.dataset.theme === "dark"
-    : matchMedia("(prefers-color-scheme: dark)").matches;
-  document.documentElement.dataset.theme = dark ? "light" : "dark";
-  localStorage.setItem("pyoco-theme", document.documentElement.dataset.theme);
-});
-api("/healthz").then((d) => (document.getElementById("version").textContent = "v" + d.version)).catch(() => {});
-setInterval(() => {
-  if (document.getElementById("auto").checked && !document.querySelector("details[open]")) refresh();
-}, 3000);
-refresh();
-</script>
-</body>
-</html>
-'''
-
 
 class HTTPError(PyocoError):
     def __init__(self, status, message, headers=None):
@@ -4650,255 +4638,6 @@ def _make_handler_class():
         setattr(Handler, "do_" + method, lambda self, method=method: self.handle_one(method))
     return Handler
 
-# ---------------------------------------------------------------------------
-# Webhooks
-# ---------------------------------------------------------------------------
-
-_WEBHOOK_EVENTS = ("run.completed", "run.failed", "run.cancelled")
-_pending_webhooks = []      # _Delivery objects still delivering; drained at exit
-_webhooks_drained_at_exit = False
-
-
-def _webhook_settings():
-    """Read PYOCO_WEBHOOK_* once per run; None when no webhook is configured."""
-    urls = [u.strip() for u in os.environ.get("PYOCO_WEBHOOK_URL", "").split(",") if u.strip()]
-    if not urls:
-        return None
-    good = []
-    for url in urls:
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme in ("http", "https") and "://" in url:
-            good.append(url)
-        else:
-            _warn("PYOCO_WEBHOOK_URL: %r is refused; only http:// and https:// URLs are sent to"
-                  % _redact(url))
-
-    def number(key, default, kind):
-        text = os.environ.get(key, "").strip()
-        try:
-            value = kind(text) if text else default
-            if value < 0:
-                raise ValueError
-            return value
-        except ValueError:
-            _warn("%s must be a number >= 0, not %r; using %s" % (key, text, default))
-            return default
-    events = [e.strip() for e in os.environ.get("PYOCO_WEBHOOK_EVENTS", "").split(",")
-              if e.strip()] or list(_WEBHOOK_EVENTS)
-    for event in events:
-        if event not in _WEBHOOK_EVENTS:
-            _warn("PYOCO_WEBHOOK_EVENTS: unknown event %r (known: %s)"
-                  % (event, ", ".join(_WEBHOOK_EVENTS)))
-    return {"urls": good, "events": events,
-            "timeout": number("PYOCO_WEBHOOK_TIMEOUT", 3.0, float) or 3.0,
-            "attempts": max(1, number("PYOCO_WEBHOOK_RETRIES", 3, int)),
-            "secret": os.environ.get("PYOCO_WEBHOOK_SECRET") or None,
-            "format": os.environ.get("PYOCO_WEBHOOK_FORMAT", "json").strip().lower()}
-
-
-def _redact(url):
-    """scheme://host of a URL: webhook paths often carry secrets (Slack's do), and
-    user:password@ always does."""
-    import re
-    scheme, sep, rest = url.partition("://")
-    if not sep:                 # no telling a scheme from a user name before an @
-        return "…" if "@" in url else url.split(":", 1)[0][:16] + ":…"
-    return scheme + sep + re.split(r"[/?#]", rest, 1)[0].rsplit("@", 1)[-1]
-
-
-def _without_credentials(url):
-    """(the URL without user:password@, the Basic Authorization header for
-    them or None), percent-decoded as curl does."""
-    import base64
-    from urllib.parse import unquote, urlsplit, urlunsplit
-    try:
-        parts = urlsplit(url)
-    except ValueError:          # the attempt reports it
-        return url, None
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at:
-        return url, None
-    user, _, password = userinfo.partition(":")
-    token = base64.b64encode(("%s:%s" % (unquote(user), unquote(password))).encode("utf-8"))
-    return urlunsplit(parts._replace(netloc=hostport)), "Basic " + token.decode("ascii")
-
-
-def webhook_payload(run):
-    """The JSON body sent when ``run`` ends (SPEC section 7)."""
-    record = run.to_dict(events=False)
-    return {"event": "run." + run.status.lower(), "run_id": run.run_id, "flow": run.flow_name,
-            "status": run.status, "started_at": record["started_at"],
-            "ended_at": record["ended_at"], "duration_ms": record["duration_ms"],
-            "tasks": {name: {"state": t["state"], "duration_ms": t["duration_ms"],
-                             "error": t["error"]} for name, t in record["tasks"].items()}}
-
-
-def _slack_escape(text):
-    """Text as Slack shows it literally: ``<!channel>`` in an error must not ping anyone."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _slack_text(run):
-    icon = {"COMPLETED": "🥕", "FAILED": "💥", "CANCELLED": "🛑"}.get(run.status, "🐇")
-    text = "%s pyoco: flow *%s* %s in %s (run %s)" % (
-        icon, _slack_escape(run.flow_name), run.status.lower(), _ms(run.duration or 0),
-        _slack_escape(run.run_id))
-    if run.status == RunState.FAILED:
-        text += "\n%s" % _slack_escape(run.failure())
-    return text
-
-
-def _webhook_observer(folder):
-    """The observer that posts a run's outcome when it ends, or None when no
-    webhook is configured. Outcomes go into the record in ``folder``."""
-    if not os.environ.get("PYOCO_WEBHOOK_URL", "").strip():
-        return None
-
-    def observe(run, ev):
-        if ev[2] is None and ev[1] in _RUN_ENDS:
-            _send_webhooks(run, folder)
-    return observe
-
-
-class _Delivery:
-    """One webhook being delivered; its outcome is reported once, by the
-    delivering thread or, when the budget ran out first, by drain_webhooks."""
-
-    def __init__(self, url, folder, state, budget):
-        self.url, self.folder, self.state = url, folder, state
-        self.deadline = time.monotonic() + budget
-        self.budget = budget
-        self.thread = None
-        self.lock = _allocate_lock()
-        self.reported = False
-
-    def report(self, outcome):
-        with self.lock:
-            if self.reported:
-                return
-            self.reported = True
-        if outcome.get("error"):
-            outcome["error"] = _scrub(outcome["error"], self.url)
-            _warn("webhook to %s failed after %s attempt%s: %s"
-                  % (outcome["url"], outcome["attempts"],
-                     "" if outcome["attempts"] == 1 else "s", outcome["error"]))
-        event = {"ts": _iso(time.time()), "event": "webhook." + outcome.pop("outcome"),
-                 "task": None, "state": self.state}
-        event.update(outcome)
-        if self.folder is not None:
-            _add_record_events(self.folder, [event])
-
-    def cut_off(self):
-        self.report({"outcome": "failed", "url": _redact(self.url), "attempts": None,
-                     "status_code": None,
-                     "error": "cut off: no complete answer within the %.1f s budget"
-                              % self.budget})
-
-
-def _send_webhooks(run, folder=None):
-    """Post the run's outcome to every configured URL on a background thread.
-
-    The run never waits on the network; the process waits at exit at most
-    for the retries' budget (attempts x timeout + backoff), see
-    ``drain_webhooks``. Outcomes become events of the run's record.
-    """
-    settings = _webhook_settings()
-    event = "run." + run.status.lower()
-    if settings is None or not settings["urls"] or event not in settings["events"]:
-        return None
-    import threading
-    body = (_dumps({"text": _slack_text(run)}) if settings["format"] == "slack"
-            else _dumps(webhook_payload(run))).encode("utf-8")
-    attempts, timeout = settings["attempts"], settings["timeout"]
-    budget = attempts * timeout + sum(0.5 * 2 ** k for k in range(attempts - 1)) + 1.0
-
-    def deliver(delivery):
-        delivery.report(_post(delivery.url, body, event, settings, attempts, timeout))
-
-    global _webhooks_drained_at_exit
-    if not _webhooks_drained_at_exit:
-        import atexit
-        atexit.register(drain_webhooks)
-        _webhooks_drained_at_exit = True
-    _pending_webhooks[:] = [d for d in _pending_webhooks if not d.reported]
-    threads = []
-    for url in settings["urls"]:        # one thread per URL: a slow one delays no other
-        delivery = _Delivery(url, folder, run.status, budget)
-        delivery.thread = threading.Thread(target=deliver, args=(delivery,),
-                                           name="pyoco-webhook", daemon=True)
-        _pending_webhooks.append(delivery)
-        delivery.thread.start()
-        threads.append(delivery.thread)
-    return threads
-
-
-
-def _post(url, body, event, settings, attempts, timeout):
-    import hashlib
-    import hmac
-    import urllib.error
-    import urllib.request
-
-    class NoRedirects(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, req, fp, code, msg, headers, newurl):
-            return None         # a 3xx is the answer: a failed attempt, never followed
-
-    opener = urllib.request.build_opener(NoRedirects)
-    headers = {"Content-Type": "application/json", "User-Agent": "pyoco/" + __version__,
-               "X-Pyoco-Event": event}
-    if settings["secret"]:
-        digest = hmac.new(settings["secret"].encode(), body, hashlib.sha256).hexdigest()
-        headers["X-Pyoco-Signature"] = "sha256=" + digest
-    target, authorization = _without_credentials(url)
-    if authorization:
-        headers["Authorization"] = authorization
-    error, status = None, None
-    for attempt in range(1, attempts + 1):
-        try:
-            request = urllib.request.Request(target, data=body, headers=headers, method="POST")
-            with opener.open(request, timeout=timeout) as response:
-                status = response.status
-                response.read(65536)
-            return {"outcome": "delivered", "url": _redact(url), "attempts": attempt,
-                    "status_code": status}
-        except urllib.error.HTTPError as exc:
-            status, error = exc.code, "HTTP %d" % exc.code
-            exc.close()
-        except Exception as exc:
-            error = _describe(exc)
-        if attempt < attempts:
-            time.sleep(0.5 * 2 ** (attempt - 1))
-    return {"outcome": "failed", "url": _redact(url), "attempts": attempts,
-            "status_code": status, "error": error}
-
-
-def _scrub(text, url):
-    """An error message with the URL's path and query (often secret) and any
-    user:password@ in it cut out."""
-    from urllib.parse import unquote
-    rest = url.partition("://")[2]
-    netloc = rest.split("/", 1)[0]
-    path = rest[len(netloc):]
-    for secret in sorted({url, path, path.split("?", 1)[0], path.lstrip("/")} - {"", "/"},
-                         key=len, reverse=True):
-        text = text.replace(secret, "/…")
-    userinfo = netloc.rpartition("@")[0]
-    password = userinfo.partition(":")[2]
-    for secret in sorted({userinfo, unquote(userinfo), password, unquote(password)} - {""},
-                         key=len, reverse=True):
-        text = text.replace(secret, "…")
-    return text
-
-
-def drain_webhooks():
-    """Wait for webhook deliveries still under way, each at most until its budget
-    ends; one cut off there is recorded as failed."""
-    while _pending_webhooks:
-        delivery = _pending_webhooks.pop(0)
-        delivery.thread.join(max(0.0, delivery.deadline - time.monotonic()))
-        if delivery.thread.is_alive():
-            delivery.cut_off()
-
 
 # ---------------------------------------------------------------------------
 # Plugins
@@ -5026,8 +4765,6 @@ class PluginRegistry:
 _FUNCTION_ADVICE = ("plain functions are accepted but deprecated; make it a Task subclass,"
                     " e.g. class %(name)s(pyoco.Task): def run(self, ctx, ...): ... and point"
                     " the entry point at the class")
-
-_registry = None
 
 
 def _entry_points():
@@ -5742,6 +5479,296 @@ def _register_aliases():
 
 
 _register_aliases()
+
+
+# ---------------------------------------------------------------------------
+# The browser page
+# ---------------------------------------------------------------------------
+
+# The page at / and /runs/{id}/view: one self-contained document that only reads
+# the JSON API below (no CDN, no build step).
+_PAGE = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pyoco runs</title>
+<style>
+:root { --bg:#fbf9ff; --fg:#2b2540; --muted:#6f6887; --card:#ffffff; --line:#e4def3;
+  --accent:#8a6fd1; --carrot:#f07c24; --ok:#3f9b5f; --fail:#d64545; --skip:#9a94ad;
+  --cancel:#c7883a; --run:#3b82c4; --pend:#cfc8e3; }
+[data-theme="dark"] { --bg:#17141f; --fg:#ece8f7; --muted:#a69fbf; --card:#221d2e; --line:#3a3350;
+  --accent:#b39ddb; --carrot:#ff9830; --ok:#62c483; --fail:#ff6b6b; --skip:#8d86a3;
+  --cancel:#e0a458; --run:#6cb2f0; --pend:#4a4260; }
+@media (prefers-color-scheme: dark) { :root:not([data-theme="light"]) { --bg:#17141f; --fg:#ece8f7;
+  --muted:#a69fbf; --card:#221d2e; --line:#3a3350; --accent:#b39ddb; --carrot:#ff9830; --ok:#62c483;
+  --fail:#ff6b6b; --skip:#8d86a3; --cancel:#e0a458; --run:#6cb2f0; --pend:#4a4260; } }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background:var(--bg); color:var(--fg); }
+header { display:flex; align-items:center; gap:1rem; padding:.8rem 1.2rem; border-bottom:1px solid var(--line); background:var(--card); }
+header h1 { font-size:1.2rem; margin:0; }
+header h1 a { color:inherit; text-decoration:none; }
+header .grow { flex:1; }
+main { padding:1rem 1.2rem; max-width:1200px; margin:0 auto; }
+a { color:var(--accent); }
+button, select { font:inherit; color:var(--fg); background:var(--card); border:1px solid var(--line); border-radius:6px; padding:.3rem .6rem; }
+button:hover, select:hover { border-color:var(--accent); }
+:focus-visible { outline:3px solid var(--carrot); outline-offset:2px; }
+.filters { display:flex; gap:.8rem; flex-wrap:wrap; align-items:center; margin-bottom:.8rem; }
+table { width:100%; border-collapse:collapse; background:var(--card); border:1px solid var(--line); border-radius:8px; overflow:hidden; }
+th, td { text-align:left; padding:.45rem .6rem; border-bottom:1px solid var(--line); vertical-align:top; }
+th { color:var(--muted); font-weight:600; font-size:.85rem; }
+tr:last-child td { border-bottom:none; }
+code, pre, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size:.85rem; }
+.badge { display:inline-block; padding:.05rem .5rem; border-radius:999px; font-size:.8rem; font-weight:600; color:#fff; }
+.s-COMPLETED, .s-SUCCEEDED { background:var(--ok); } .s-FAILED { background:var(--fail); }
+.s-SKIPPED { background:var(--skip); } .s-CANCELLED, .s-CANCELLING { background:var(--cancel); }
+.s-RUNNING { background:var(--run); } .s-PENDING { background:var(--pend); color:var(--fg); }
+.card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:.8rem 1rem; margin-bottom:1rem; }
+.card h2 { font-size:1rem; margin:0 0 .6rem; }
+.muted { color:var(--muted); }
+.timeline { position:relative; }
+.tl-row { display:flex; align-items:center; height:22px; }
+.tl-name { width:190px; flex:none; overflow:hidden; text-overflow:ellipsis; white-space:nowrap; padding-right:.5rem; font-size:.85rem; }
+.tl-track { position:relative; flex:1; height:14px; background:linear-gradient(var(--line),var(--line)) center/100% 1px no-repeat; }
+.tl-bar { position:absolute; top:0; height:14px; border-radius:4px; min-width:3px; }
+.tl-bar.s-SKIPPED, .tl-bar.s-CANCELLED { background:repeating-linear-gradient(45deg,var(--skip),var(--skip) 3px,transparent 3px,transparent 6px); border:1px solid var(--skip); }
+.tl-tick { position:absolute; top:-3px; width:2px; height:20px; background:var(--carrot); }
+.tl-axis { display:flex; justify-content:space-between; margin-left:190px; font-size:.75rem; color:var(--muted); }
+pre.tb { background:var(--bg); border:1px solid var(--line); border-radius:6px; padding:.6rem; overflow:auto; max-height:320px; }
+svg text { fill:var(--fg); font-size:11px; }
+svg .edge { stroke:var(--muted); fill:none; }
+.legend span { margin-right:.8rem; }
+#status { font-size:.8rem; }
+.error { color:var(--fail); }
+details summary { cursor:pointer; }
+</style>
+</head>
+<body>
+<header>
+  <h1><a href="/">🐇 pyoco</a></h1>
+  <span class="muted mono" id="version"></span>
+  <span class="grow"></span>
+  <span id="status" class="muted" aria-live="polite"></span>
+  <label><input type="checkbox" id="auto" checked> auto-refresh</label>
+  <button type="button" id="theme" title="switch between light and dark">🌓 theme</button>
+</header>
+<main id="main" tabindex="-1"><p class="muted">loading…</p></main>
+<script>
+"use strict";
+const STATES = ["RUNNING", "CANCELLING", "COMPLETED", "FAILED", "CANCELLED", "PENDING"];
+const filters = {flow: "", status: ""};
+let knownFlows = new Set();
+
+function h(tag, attrs, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k === "style") el.setAttribute("style", v);
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const kid of kids.flat()) {
+    if (kid === null || kid === undefined || kid === false) continue;
+    el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  }
+  return el;
+}
+function svg(tag, attrs) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  return el;
+}
+async function api(path) {
+  const r = await fetch(path, {headers: {"Accept": "application/json"}, cache: "no-store"});
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
+  return body;
+}
+const badge = (s) => h("span", {class: "badge s-" + s}, s);
+const ms = (v) => v === null || v === undefined ? "–" : v < 1000 ? v.toFixed(1) + " ms" : (v / 1000).toFixed(2) + " s";
+const when = (iso) => iso ? iso.replace("T", " ").replace("Z", "") : "–";
+const t = (iso) => iso ? Date.parse(iso) : null;
+const runPath = (id) => "/runs/" + encodeURIComponent(id);
+
+function currentRun() {
+  const m = location.pathname.match(/^\/runs\/([^/]+)\/view$/);
+  return m ? decodeURIComponent(m[1]) : null;
+}
+
+async function renderList() {
+  const q = new URLSearchParams({limit: "100"});
+  if (filters.flow) q.set("flow", filters.flow);
+  if (filters.status) q.set("status", filters.status);
+  const runs = await api("/runs?" + q);
+  runs.forEach((r) => knownFlows.add(r.flow));
+  const flowSel = h("select", {id: "flow-filter", "aria-label": "flow",
+      onchange: (e) => { filters.flow = e.target.value; refresh(); }},
+    h("option", {value: ""}, "all flows"),
+    [...knownFlows].sort().map((f) => h("option", {value: f, selected: f === filters.flow}, f)));
+  const statusSel = h("select", {id: "status-filter", "aria-label": "status",
+      onchange: (e) => { filters.status = e.target.value; refresh(); }},
+    h("option", {value: ""}, "any status"),
+    STATES.map((s) => h("option", {value: s, selected: s === filters.status}, s)));
+  const rows = runs.map((r) => {
+    const failed = Object.entries(r.tasks || {}).filter(([, v]) => v.state === "FAILED").map(([k]) => k);
+    return h("tr", {"data-run": r.run_id},
+      h("td", {}, h("a", {href: runPath(r.run_id) + "/view", class: "mono"}, r.run_id)),
+      h("td", {}, r.flow), h("td", {}, badge(r.status)), h("td", {class: "mono"}, when(r.started_at)),
+      h("td", {}, ms(r.duration_ms)), h("td", {class: failed.length ? "error" : "muted"}, failed.join(", ") || r.reason || ""));
+  });
+  const main = document.getElementById("main");
+  main.replaceChildren(
+    h("div", {class: "filters"}, h("label", {}, "Flow ", flowSel), h("label", {}, "Status ", statusSel),
+      h("span", {class: "muted"}, runs.length + " run" + (runs.length === 1 ? "" : "s"))),
+    runs.length ? h("table", {id: "runs"},
+      h("thead", {}, h("tr", {}, ["Run", "Flow", "Status", "Started (UTC)", "Duration", "Failed task"].map((c) => h("th", {scope: "col"}, c)))),
+      h("tbody", {}, rows))
+      : h("p", {class: "muted"}, "No runs yet. Run a flow with `pyoco run flow.py` and it appears here. 🥕"));
+}
+
+function timeline(record) {
+  const tasks = Object.entries(record.tasks || {});
+  const starts = tasks.map(([, v]) => t(v.started_at)).filter((x) => x !== null);
+  const t0 = Math.min(t(record.started_at) || Infinity, ...starts);
+  const ends = tasks.map(([, v]) => t(v.ended_at)).filter((x) => x !== null);
+  const t1 = Math.max(t(record.ended_at) || 0, ...ends, t0 + 1, record.ended_at ? 0 : Date.now());
+  const span = t1 - t0 || 1;
+  const pos = (x) => Math.max(0, Math.min(100, (x - t0) / span * 100));
+  const retries = {};
+  for (const e of record.events || []) if (e.event === "task.retrying") (retries[e.task] = retries[e.task] || []).push(t(e.ts));
+  tasks.sort((a, b) => (t(a[1].started_at) ?? Infinity) - (t(b[1].started_at) ?? Infinity));
+  const rows = tasks.map(([name, v]) => {
+    const s = t(v.started_at), e = t(v.ended_at) ?? (s !== null ? t1 : null);
+    const title = `${name}: ${v.state}, ${ms(v.duration_ms)}, ${v.attempts} attempt${v.attempts === 1 ? "" : "s"}` + (v.reason ? ` (${v.reason})` : "") + (v.error ? ` — ${v.error}` : "");
+    let bar;
+    if (s !== null) bar = h("div", {class: "tl-bar s-" + v.state, style: `left:${pos(s)}%;width:${Math.max(0.4, pos(e) - pos(s))}%`, title});
+    else bar = h("div", {class: "tl-bar s-" + v.state, style: `left:${Math.min(99, pos(t(v.ended_at) ?? t1))}%;width:1%`, title});
+    const ticks = (retries[name] || []).map((x) => h("div", {class: "tl-tick", style: `left:${pos(x)}%`, title: "retry"}));
+    return h("div", {class: "tl-row", "data-task": name, "data-state": v.state},
+      h("div", {class: "tl-name", title: name}, name, v.attempts > 1 ? h("span", {class: "muted"}, " ×" + v.attempts) : ""),
+      h("div", {class: "tl-track"}, bar, ticks));
+  });
+  return h("div", {class: "card"}, h("h2", {}, "Timeline"),
+    h("div", {class: "timeline", id: "timeline", role: "img", "aria-label": "one bar per task from its start to its end"}, rows),
+    h("div", {class: "tl-axis"}, h("span", {}, "0"), h("span", {}, ms(span))),
+    h("p", {class: "legend muted"}, ["SUCCEEDED", "FAILED", "RUNNING", "SKIPPED", "CANCELLED"].map((s) => h("span", {}, badge(s))),
+      h("span", {}, h("span", {class: "tl-tick", style: "position:static;display:inline-block;height:10px"}), " retry")));
+}
+
+function dag(graph, record) {
+  const card = h("div", {class: "card"}, h("h2", {}, "Graph"));
+  const nodes = graph.nodes || [];
+  if (nodes.length > 400) { card.append(h("p", {class: "muted"}, `${nodes.length} tasks: too many to draw here; try pyoco graph.`)); return card; }
+  const preds = Object.fromEntries(nodes.map((n) => [n, []]));
+  for (const [a, b] of graph.edges || []) if (preds[b]) preds[b].push(a);
+  const level = {};
+  const depth = (n, seen = new Set()) => {
+    if (level[n] !== undefined) return level[n];
+    if (seen.has(n)) return 0;
+    seen.add(n);
+    return (level[n] = preds[n].length ? 1 + Math.max(...preds[n].map((p) => depth(p, seen))) : 0);
+  };
+  nodes.forEach((n) => depth(n));
+  const columns = [];
+  nodes.forEach((n) => (columns[level[n]] = columns[level[n]] || []).push(n));
+  const W = 150, H = 34, GX = 40, GY = 10, at = {};
+  columns.forEach((col, x) => col.forEach((n, y) => (at[n] = {x: x * (W + GX) + 4, y: y * (H + GY) + 4})));
+  const width = columns.length * (W + GX), height = Math.max(...columns.map((c) => c.length)) * (H + GY) + 8;
+  const box = svg("svg", {width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "task graph", id: "dag"});
+  for (const [a, b] of graph.edges || []) {
+    if (!at[a] || !at[b]) continue;
+    const x1 = at[a].x + W, y1 = at[a].y + H / 2, x2 = at[b].x, y2 = at[b].y + H / 2;
+    box.append(svg("path", {class: "edge", d: `M${x1},${y1} C${x1 + GX / 2},${y1} ${x2 - GX / 2},${y2} ${x2},${y2}`}));
+  }
+  const color = {SUCCEEDED: "--ok", FAILED: "--fail", SKIPPED: "--skip", CANCELLED: "--cancel", RUNNING: "--run", PENDING: "--pend"};
+  for (const n of nodes) {
+    const st = (record.tasks[n] || {}).state || "PENDING";
+    const g = svg("g", {"data-task": n});
+    const title = svg("title", {}); title.textContent = `${n}: ${st}`; g.append(title);
+    g.append(svg("rect", {x: at[n].x, y: at[n].y, width: W, height: H, rx: 7, fill: `var(${color[st] || "--pend"})`, "fill-opacity": "0.25", stroke: `var(${color[st] || "--pend"})`}));
+    const label = svg("text", {x: at[n].x + 8, y: at[n].y + H / 2 + 4}); label.textContent = n.length > 21 ? n.slice(0, 20) + "…" : n;
+    g.append(label); box.append(g);
+  }
+  card.append(h("div", {style: "overflow:auto"}, box));
+  return card;
+}
+
+async function renderRun(id) {
+  const [record, graph] = await Promise.all([api(runPath(id)), api(runPath(id) + "/graph").catch(() => ({nodes: [], edges: []}))]);
+  const tasks = Object.entries(record.tasks || {});
+  const failures = tasks.filter(([, v]) => v.state === "FAILED");
+  const summary = h("div", {class: "card", id: "summary"},
+    h("h2", {}, "Run ", h("span", {class: "mono"}, record.run_id), " ", badge(record.status)),
+    h("p", {}, "Flow ", h("strong", {}, record.flow), " · started ", h("span", {class: "mono"}, when(record.started_at)),
+      " · ", ms(record.duration_ms), record.resumed_from ? [" · resumed from ", h("a", {href: runPath(record.resumed_from) + "/view", class: "mono"}, record.resumed_from)] : "",
+      record.reason ? h("span", {class: "muted"}, " · " + record.reason) : ""),
+    Object.keys(record.params || {}).length ? h("p", {class: "mono muted"}, "params " + JSON.stringify(record.params)) : "");
+  const errors = failures.length ? h("div", {class: "card", id: "failures"}, h("h2", {}, "Failures"),
+    failures.map(([name, v]) => h("div", {}, h("p", {}, h("strong", {}, name), " ", h("span", {class: "error"}, v.error || "")),
+      v.traceback ? h("pre", {class: "tb"}, v.traceback) : ""))) : "";
+  const rows = tasks.map(([name, v]) => {
+    const logs = h("pre", {class: "tb", hidden: true});
+    const more = h("details", {ontoggle: async (e) => {
+      if (!e.target.open || logs.dataset.loaded) return;
+      logs.hidden = false; logs.textContent = "loading…";
+      try {
+        const data = await api(runPath(id) + "/logs?tail=50&task=" + encodeURIComponent(name));
+        logs.textContent = data.logs.map((l) => `${when(l.ts)} ${l.stream.padEnd(6)} ${l.text}`).join("\n") || "(no output)";
+        logs.dataset.loaded = "1";
+      } catch (err) { logs.textContent = String(err.message); }
+    }}, h("summary", {}, "log"), logs);
+    const arts = Object.keys(v.artifacts || {}).map((a) => h("a", {href: runPath(id) + "/artifacts/" + a.split("/").map(encodeURIComponent).join("/"), class: "mono"}, a));
+    return h("tr", {"data-task": name}, h("td", {class: "mono"}, name), h("td", {}, badge(v.state)), h("td", {}, String(v.attempts)),
+      h("td", {}, ms(v.duration_ms)), h("td", {class: v.error ? "error" : "muted"}, v.error || v.reason || ""),
+      h("td", {}, arts.length ? arts.flatMap((a, i) => i ? [", ", a] : [a]) : ""), h("td", {}, more));
+  });
+  const table = h("div", {class: "card"}, h("h2", {}, "Tasks"), h("table", {id: "tasks"},
+    h("thead", {}, h("tr", {}, ["Task", "State", "Attempts", "Duration", "Note", "Artifacts", "Log"].map((c) => h("th", {scope: "col"}, c)))),
+    h("tbody", {}, rows)));
+  document.getElementById("main").replaceChildren(h("p", {}, h("a", {href: "/"}, "← all runs")), summary, errors, timeline(record), dag(graph, record), table);
+  return record;
+}
+
+let busy = false;
+async function refresh() {
+  if (busy) return;
+  busy = true;
+  const status = document.getElementById("status");
+  try {
+    const id = currentRun();
+    if (id) {
+      const record = await renderRun(id);
+      document.title = `pyoco · ${record.flow} · ${record.status}`;
+    } else {
+      await renderList();
+      document.title = "pyoco runs";
+    }
+    status.textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (err) {
+    status.textContent = "";
+    document.getElementById("main").replaceChildren(h("p", {class: "error"}, "Could not load: " + err.message));
+  } finally { busy = false; }
+}
+
+const stored = localStorage.getItem("pyoco-theme");
+if (stored) document.documentElement.dataset.theme = stored;
+document.getElementById("theme").addEventListener("click", () => {
+  const dark = document.documentElement.dataset.theme ? document.documentElement.dataset.theme === "dark"
+    : matchMedia("(prefers-color-scheme: dark)").matches;
+  document.documentElement.dataset.theme = dark ? "light" : "dark";
+  localStorage.setItem("pyoco-theme", document.documentElement.dataset.theme);
+});
+api("/healthz").then((d) => (document.getElementById("version").textContent = "v" + d.version)).catch(() => {});
+setInterval(() => {
+  if (document.getElementById("auto").checked && !document.querySelector("details[open]")) refresh();
+}, 3000);
+refresh();
+</script>
+</body>
+</html>
+'''
 
 
 if __name__ == "__main__":
