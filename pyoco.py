@@ -53,6 +53,8 @@ _abandoned = set()          # threads running an attempt given up at its timeout
 _abandon_lock = _allocate_lock()
 _record_lock = _allocate_lock()     # held while a finished run's record is rewritten
 _write_lock = _allocate_lock()      # held for each trace line and each whole line a task prints
+_held_lines = []            # (stream, line) trace lines not yet written: under _write_lock
+_flusher = None             # [thread, Event] writing _held_lines soon after they come
 _print_owners = {}          # thread id -> (log sink, task name) while that thread runs an attempt
 # print() holds no reference to sys.stdout while it writes: a tee swapped out and
 # freed under a thread still printing would crash the interpreter. So tees are
@@ -239,15 +241,71 @@ def _write_line(stream, line):
     if _tees:
         _end_printed_lines()    # what this thread printed without newline ends first
     with _write_lock:
-        try:
-            stream.write(line)
-            stream.flush()
-        except UnicodeEncodeError:
-            encoding = getattr(stream, "encoding", None) or "ascii"
-            stream.write(line.encode(encoding, "backslashreplace").decode(encoding))
-            stream.flush()
-        except (OSError, ValueError):
-            pass        # a closed or broken stream must not fail the run
+        if _held_lines:
+            _write_held()
+        _write_now(stream, line)
+
+
+def _write_now(stream, text):
+    try:
+        stream.write(text)
+        stream.flush()
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        stream.flush()
+    except (OSError, ValueError):
+        pass            # a closed or broken stream must not fail the run
+
+
+def _hold_line(stream, line):
+    """Write a trace line to a file or pipe within about 20 ms, together with
+    the lines that come meanwhile: one write a batch instead of one a line.
+    Anything else written through pyoco (task output, warnings, the next
+    line written at once) writes the held lines first, so order is kept."""
+    global _flusher
+    if _tees:
+        _end_printed_lines()
+    with _write_lock:
+        _held_lines.append((stream, line))
+        if len(_held_lines) > 1:
+            return
+        if _flusher is None:
+            import threading
+            _flusher = [threading.Thread(target=_flush_held, name="pyoco-trace", daemon=True),
+                        threading.Event()]
+            _flusher[0].start()
+        wake = _flusher[1]
+    wake.set()
+
+
+def _flush_held():
+    """The flusher thread: writes held trace lines 20 ms after the first of a batch."""
+    while True:
+        flusher = _flusher
+        flusher[1].wait()
+        flusher[1].clear()
+        time.sleep(0.02)
+        with _write_lock:
+            if _held_lines:
+                _write_held()
+
+
+def _write_held():
+    """Write the held trace lines, joined per stream (the caller holds _write_lock)."""
+    lines = list(_held_lines)
+    del _held_lines[:]
+    try:
+        out = sys.__stdout__
+        if out is not None:
+            out.flush()         # task output printed before these lines comes first
+    except (OSError, ValueError):
+        pass
+    start = 0
+    for k in range(1, len(lines) + 1):
+        if k == len(lines) or lines[k][0] is not lines[start][0]:
+            _write_now(lines[start][0], "".join(text for _, text in lines[start:k]))
+            start = k
 
 
 def _flush_stdout():
@@ -360,11 +418,15 @@ class _Tee:
         if rest:
             partial[me] = rest
         with _write_lock:
+            if _held_lines:
+                _write_held()
             self._pyoco_original.write(whole + "\n")
         return len(text)
 
     def flush(self):
         with _write_lock:
+            if _held_lines:
+                _write_held()
             self._pyoco_original.flush()
 
     def _pyoco_end_lines(self, thread=None):
@@ -377,6 +439,8 @@ class _Tee:
         rests = [rest for rest in rests if rest]
         if rests:
             with _write_lock:
+                if _held_lines:
+                    _write_held()
                 try:
                     self._pyoco_original.write("".join(rest + "\n" for rest in rests))
                 except (OSError, ValueError):
@@ -397,8 +461,9 @@ def _end_printed_lines():
 def _after_fork():
     """In a forked child (a process pool's worker): a lock some other thread
     held at the fork would stay taken for good, so both start free."""
-    global _write_lock, _tee_lock
-    _write_lock, _tee_lock = _allocate_lock(), _allocate_lock()
+    global _write_lock, _tee_lock, _flusher
+    _write_lock, _tee_lock, _flusher = _allocate_lock(), _allocate_lock(), None
+    del _held_lines[:]                  # the parent writes its own
     for tee in list(_tees.values()):
         tee._pyoco_partial.clear()      # the parent's unfinished lines are the parent's
 
@@ -2681,20 +2746,36 @@ def format_event(run, ev, cute=True):
 
 
 class _TraceWriter:
-    """Observer that prints the trace, cute or plain, one line per event."""
+    """Observer that prints the trace, cute or plain, one line per event.
 
-    __slots__ = ("stream", "format")
+    To a terminal each line is written at once; to a file or a pipe lines are
+    written in batches (see _hold_line), and all of them before the run's
+    last line.
+    """
+
+    __slots__ = ("stream", "format", "hold")
 
     def __init__(self, target, cute):
         self.stream = None if target is True else target
         self.format = _TraceFormat(cute)
+        stream = sys.stderr if target is True else target
+        stream = getattr(stream, "_pyoco_original", stream)
+        try:
+            held = stream is not None and stream.fileno() >= 0 and not stream.isatty()
+        except (AttributeError, OSError, ValueError):
+            held = False            # no file behind it (StringIO): nothing to save
+        self.hold = stream if held else None
 
     def __call__(self, run, ev):
         line = self.format.line(run, ev)
-        if line is not None:
-            if self.stream is None:
-                _flush_stdout()     # keep task prints and trace lines in order on one pipe
-            _write_line(self.stream, line + "\n")
+        if line is None:
+            return
+        if self.hold is not None and ev[1] not in _RUN_ENDS:
+            _hold_line(self.hold, line + "\n")
+            return
+        if self.stream is None:
+            _flush_stdout()         # keep task prints and trace lines in order on one pipe
+        _write_line(self.stream, line + "\n")
 
 
 def _logging_observer():
