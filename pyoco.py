@@ -576,7 +576,23 @@ _FAIL_POLICIES = ("stop", "isolate")
 
 
 _OPTIONS = ("name", "inputs", "retries", "retry_delay", "timeout",
-            "fail_policy", "cache")
+            "fail_policy", "cache", "pool", "max_parallel", "run_if", "when")
+_RUN_IF = ("all_succeeded", "none_failed", "any_succeeded", "all_done", "any_failed")
+
+
+def _closest(word, choices):
+    """ "; did you mean 'x'?" for the choice nearest to ``word``, or "" when none is near."""
+    import difflib
+    near = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return "; did you mean %r?" % near[0] if near else ""
+
+
+def _unknown_options(kind, unknown, known):
+    """The TypeError for unknown keywords: each named, with the closest valid one."""
+    first = sorted(unknown)[0]
+    return TypeError("unknown %s option%s %s%s (the options are: %s)" % (
+        kind, "s" if len(unknown) > 1 else "", ", ".join(sorted(map(repr, unknown))),
+        _closest(first, known), ", ".join(known)))
 
 
 class Task:
@@ -595,6 +611,13 @@ class Task:
     - ``fail_policy``: ``"stop"`` (nothing new starts) or ``"isolate"``
       (only tasks downstream of this one are skipped)
     - ``cache``: ``False`` makes a resumed run always run it again
+    - ``pool``: the name of a pool (see ``Flow(pools=...)``) the task takes a
+      slot of while it runs
+    - ``max_parallel``: at most this many of its map instances run at once
+    - ``run_if``: which upstream outcomes let it start: ``"all_succeeded"``
+      (default), ``"none_failed"``, ``"any_succeeded"``, ``"all_done"`` or
+      ``"any_failed"``
+    - ``when``: a ``$`` expression; the task runs only when it is truthy
     """
 
     name = None
@@ -604,6 +627,10 @@ class Task:
     timeout = None
     fail_policy = "stop"
     cache = True
+    pool = None
+    max_parallel = None
+    run_if = "all_succeeded"
+    when = None
     max_retry_delay = 60.0
 
     def __init_subclass__(cls, **kwargs):
@@ -616,8 +643,7 @@ class Task:
             self.name = name
         unknown = set(options) - set(_OPTIONS)
         if unknown:
-            raise TypeError("unknown task option %s; the options are %s"
-                            % (", ".join(sorted(map(repr, unknown))), ", ".join(_OPTIONS)))
+            raise _unknown_options("task", unknown, _OPTIONS)
         self.inputs = options.pop("inputs", None) or dict(type(self).inputs or {})
         for key, value in options.items():
             setattr(self, key, value)
@@ -646,6 +672,8 @@ class Task:
                 or not value > 0):
             raise ValueError("task %r: timeout must be seconds > 0 or None, not %r"
                              % (getattr(self, "name", None), value))
+        elif key in ("run_if", "pool", "max_parallel", "when"):
+            _check_flow_option(self, key, value)
         _touch()
         object.__setattr__(self, key, value)
 
@@ -677,8 +705,39 @@ class Task:
                                 getattr(module, "__file__", None), dict(self.__dict__)))
 
 
+def _check_flow_option(node, key, value):
+    name = getattr(node, "name", None)
+    if key == "run_if" and value not in _RUN_IF:
+        raise FlowError("task %r: unknown run_if %r%s (the rules are: %s)"
+                        % (name, value, _closest(value, _RUN_IF), ", ".join(_RUN_IF)))
+    if key == "pool" and value is not None and (not isinstance(value, str) or not value):
+        raise FlowError("task %r: pool must be a pool's name (a string), not %r" % (name, value))
+    if key == "max_parallel" and value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError("task %r: max_parallel must be a whole number >= 1 or None, not %r"
+                         % (name, value))
+    if key == "when" and value is not None and not (isinstance(value, str)
+                                                    and value.startswith("$")):
+        raise FlowError("task %r: when must be a $ expression such as"
+                        " '$node.check.output.changed', not %r" % (name, value))
+
+
 class FunctionTask(Task):
-    """The node made by ``@task``: calling it calls the plain function."""
+    """The node made by ``@task``: calling it calls the plain function.
+
+    Its attributes are the task options: assigning any other public name
+    (a misspelling such as ``fn.task.timout = 5``) is an AttributeError.
+    """
+
+    _OWN = ("func", "max_retry_delay", "__module__", "__name__", "__qualname__", "__doc__",
+            "__wrapped__")
+
+    def __setattr__(self, key, value):
+        if key not in _OPTIONS and key not in self._OWN and not key.startswith("_"):
+            raise AttributeError("task %r has no option %r%s (the options are: %s)"
+                                 % (self.name, key, _closest(key, _OPTIONS),
+                                    ", ".join(_OPTIONS)))
+        Task.__setattr__(self, key, value)
 
     def __init__(self, func, **options):
         object.__setattr__(self, "func", func)
@@ -912,6 +971,44 @@ def _parameters(fn):
 # Model: flows
 # ---------------------------------------------------------------------------
 
+_FLOW_OPTIONS = ("pools",)
+
+
+def _parse_pools(pools, where):
+    """``{NAME: SIZE or {"size": SIZE, "rate": "N/s"}}`` as {NAME: (size, rate or None)},
+    rate being (starts, period in seconds); FlowError says what is wrong."""
+    out = {}
+    for name, spec in (pools or {}).items():
+        size, rate = spec, None
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"size", "rate"}
+            if unknown:
+                raise FlowError("%s: pool %r has unknown key%s %s%s (a pool has size and rate)"
+                                % (where, name, "s" if len(unknown) > 1 else "",
+                                   ", ".join(sorted(map(repr, unknown))),
+                                   _closest(sorted(unknown)[0], ("size", "rate"))))
+            size, rate = spec.get("size"), spec.get("rate")
+        if not isinstance(name, str) or not name:
+            raise FlowError("%s: a pool's name must be a non-empty string, not %r" % (where, name))
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise FlowError("%s: pool %r needs a size, a whole number >= 1, not %r"
+                            % (where, name, size))
+        out[name] = (size, _parse_rate(rate, "%s: pool %r" % (where, name)))
+    return out
+
+
+def _parse_rate(rate, where):
+    if rate is None:
+        return None
+    text = str(rate).strip()
+    count, _, unit = text.partition("/")
+    periods = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    if not count.strip().isdigit() or int(count) < 1 or unit.strip() not in periods:
+        raise FlowError("%s: bad rate %r; write starts per period: '10/s', '30/m' or '100/h'"
+                        % (where, rate))
+    return int(count), periods[unit.strip()]
+
+
 class Flow:
     """A named DAG of tasks.
 
@@ -921,8 +1018,13 @@ class Flow:
     adds the new edges. ``flow >> x`` always starts a new chain at ``x``.
     """
 
-    def __init__(self, name="main"):
+    def __init__(self, name="main", **options):
+        unknown = set(options) - set(_FLOW_OPTIONS)
+        if unknown:
+            raise _unknown_options("Flow", unknown, ("name",) + _FLOW_OPTIONS)
         self.name = name
+        self.pools = dict(options.get("pools") or {})   # NAME -> size or {"size", "rate"}
+        _parse_pools(self.pools, "flow %r" % (name,))
         self._upstream = {}         # node -> {upstream node: None}, insertion ordered
         self._plan = None
         self._plan_generation = -1
@@ -1053,7 +1155,8 @@ class _Plan:
 
     __slots__ = ("flow_name", "nodes", "names", "index", "npred", "preds", "free", "joins",
                  "roots", "funcs", "ctx", "binds", "varkw", "flowparams", "retries",
-                 "timeouts", "isolate", "param_refs", "json_names", "is_async", "maps")
+                 "timeouts", "isolate", "param_refs", "json_names", "is_async", "maps",
+                 "rules", "whens", "handlers", "pool_of", "max_parallel", "pools")
 
 
     def __init__(self, flow):
@@ -1071,6 +1174,13 @@ class _Plan:
         self.retries = [source.retries for source in sources]
         self.timeouts = [source.timeout for source in sources]
         self.isolate = [source.fail_policy == "isolate" for source in sources]
+        self.rules = [None if source.run_if == "all_succeeded" else source.run_if
+                      for source in sources]          # None: the default rule
+        self.handlers = any(rule in ("all_done", "any_failed") for rule in self.rules)
+        self.pool_of = [source.pool for source in sources]
+        self.max_parallel = [source.max_parallel for source in sources]
+        self.pools = flow.pools
+        self.whens = {}             # task number -> the binding of its when= expression
         self.ctx, self.binds, self.varkw, self.is_async = [], [], [], []
         self.maps = {}              # map node -> (its "over" binding, item parameter, kw-only?)
         self.param_refs = []
@@ -1122,6 +1232,11 @@ class _Plan:
 
     def _compile_node(self, i, node, source, fn):
         code = getattr(fn, "__code__", None)
+        if source.when is not None:
+            binding = self._input_binding(source.when, "task %r when" % (node.name,))
+            self.whens[i] = binding + ("when", False)
+            if binding[0] == _B_NODE and binding[1] not in self.preds[i]:
+                self.preds[i].append(binding[1])
         if code is not None and source is node and not source.inputs and type(fn) is _FUNCTION \
                 and code.co_argcount <= 1 and not code.co_kwonlyargcount \
                 and not code.co_flags & 0x0C:           # no *args, no **kwargs
@@ -1623,9 +1738,12 @@ def _arguments(run, binds):
         if kind == _B_CONST:
             value = key
         elif kind == _B_NODE:
-            value = outputs[key]
-            if path:
-                value = _step(value, path, text)
+            if run._state[key] != TaskState.SUCCEEDED:
+                value = None            # an upstream that did not succeed gave nothing
+            else:
+                value = outputs[key]
+                if path:
+                    value = _step(value, path, text)
         elif kind == _B_PARAM:
             value = _step(run.params[key], path, text) if path else run.params[key]
         elif kind == _B_SCRATCH:
@@ -1748,8 +1866,10 @@ class _RunLedger:
             first = len(plan.names)
             instances = list(range(first, first + k))
             for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
-                           plan.retries, plan.timeouts, plan.isolate):
+                           plan.retries, plan.timeouts, plan.isolate, plan.pool_of):
                 column.extend([column[m]] * k)
+            plan.rules.extend([None] * k)
+            plan.max_parallel.extend([None] * k)
             plan.npred.extend([1] * k)
             plan.preds.extend([after_m] * k)
             plan.free.extend([nothing] * k)
@@ -1811,19 +1931,51 @@ class _Scheduler(_RunLedger):
         result is True (it succeeded: reused, or a map collected), False (it
         ended without succeeding), or a list of map instances to schedule.
         """
-        if self.stopping:
+        if self.closed:
+            return False
+        plan = self.plan
+        rule = plan.rules[i]
+        if self.stopping and not (rule == "all_done" or (
+                rule == "any_failed" and self.stop_state == TaskState.SKIPPED)):
             self.mark(i, self.stop_state, self.stop_reason)
             return False
         if i in self.expanded:
             return self.collect(i)
-        if i in self.doomed:
-            self.mark(i, TaskState.SKIPPED, self.doomed[i])
+        why = self.doomed.get(i) if rule is None else self.rule_unmet(i, rule)
+        if why is not None:
+            self.mark(i, TaskState.SKIPPED, why)
             return False
-        if self.reused and self.plan.names[i] in self.reused:
+        if plan.whens and i in plan.whens:
+            when = plan.whens[i]
+            try:
+                value = _arguments(self.run, (when,))[0][0]
+            except Exception as exc:
+                self.begin(i)
+                self.fail(i, exc)
+                return False
+            if not value:
+                self.mark(i, TaskState.SKIPPED, "when %s was false" % when[3])
+                return False
+        if self.reused and plan.names[i] in self.reused:
             return self.reuse(i)
-        if i in self.plan.maps:
+        if i in plan.maps:
             return self.map_step(i)
         return None
+
+    def rule_unmet(self, i, rule):
+        """Why task i's run_if is not met by its upstream tasks' final states, or None."""
+        states = self.run._state
+        preds = self.plan.preds[i]
+        ups = [states[p] for p in preds]
+        if rule == "all_done" or (
+                rule == "none_failed" and all(s in (TaskState.SUCCEEDED, TaskState.SKIPPED)
+                                              for s in ups)) or (
+                rule == "any_succeeded" and TaskState.SUCCEEDED in ups) or (
+                rule == "any_failed" and TaskState.FAILED in ups):
+            return None
+        names = self.plan.names
+        return "run_if=%r not met: %s" % (rule, ", ".join(
+            "%r %s" % (names[p], states[p].lower()) for p in preds) or "no upstream tasks")
 
     def released(self, i, ok):
         """The successors of finished task i that are ready now.
@@ -1832,9 +1984,9 @@ class _Scheduler(_RunLedger):
         skipped once all their upstream tasks are done. Nothing is released
         once the run is stopping.
         """
-        if self.stopping:
-            return ()
         plan = self.plan
+        if self.stopping and not plan.handlers:
+            return ()               # nothing more can start: the rest is settled at the end
         if not ok:
             doomed = self.doomed
             why = doomed.get(i) or "upstream %r %s" % (
