@@ -387,6 +387,75 @@ def test_adding_an_edge_after_a_run_is_seen_by_the_next_run():
     assert run_quiet(flow).results["b"] == 1
 
 
+# The same changes made through a reference to the inputs dict held across
+# runs, and through the node's attributes: the next run compiles them in.
+
+def _or_in_a_node_reference(inputs, node):
+    inputs |= {"x": "$node.other.output"}
+
+
+def _update_inputs(inputs, node):
+    inputs.update(y="y1")
+
+
+def _delete_an_input(inputs, node):
+    del inputs["x"]
+
+
+def _more_retries(inputs, node):
+    node.retries = 2
+
+
+@pytest.mark.parametrize("change, params, status, result, attempts", [
+    (_or_in_a_node_reference, {}, "COMPLETED", ("from other", "y0"), 1),
+    (_update_inputs, {}, "COMPLETED", (1, "y1"), 1),
+    (_delete_an_input, {}, "COMPLETED", ("x0", "y0"), 1),
+    (_more_retries, {"flaky": True}, "FAILED", (1, "y0"), 3),
+], ids=["|= $node reference", "update", "del", "retries"])
+def test_changes_through_a_held_inputs_dict_or_node_attribute_reach_the_next_run(
+        change, params, status, result, attempts):
+    @task
+    def other(ctx):
+        return "from other"
+
+    @task(inputs={"x": 1})
+    def echo(ctx, x="x0", y="y0"):
+        if ctx.params.get("flaky") and ctx.attempt < 3:
+            raise ValueError("attempt %d fails" % ctx.attempt)
+        return (x, y)
+
+    flow = Flow("held-inputs")
+    flow >> other
+    flow >> echo
+    engine = quiet()
+    first = engine.run(flow, params, raise_on_failure=False)
+    assert first.status == status
+    assert first.tasks["echo"].attempts == 1
+    if status == "COMPLETED":
+        assert first.results["echo"] == (1, "y0")
+    held = echo.task.inputs                 # held across the runs, changed in place
+    change(held, echo.task)
+    second = engine.run(flow, params)
+    assert second.status == "COMPLETED"
+    assert second.results["echo"] == result
+    assert second.tasks["echo"].attempts == attempts
+    if change is _or_in_a_node_reference:   # the reference also makes `other` run first
+        order = [(e["event"], e["task"]) for e in second.events]
+        assert order.index(("task.succeeded", "other")) < order.index(("task.started", "echo"))
+
+
+@pytest.mark.xfail(strict=True, reason="Flow.name is a plain attribute: the compiled plan keeps"
+                   " the name of its first run, so later runs (and their records) still carry"
+                   " the old flow name")
+def test_renaming_a_flow_after_a_run_is_seen_by_the_next_run(tmp_path):
+    flow, _ = _one_input_flow()
+    assert run_quiet(flow).flow_name == "cache"
+    flow.name = "renamed"
+    run = quiet(store=tmp_path).run(flow)
+    assert run.flow_name == "renamed"
+    assert RunStore(tmp_path).get(run.run_id)["flow"] == "renamed"
+
+
 # ---------------------------------------------------------------------------
 # Model: building flows
 # ---------------------------------------------------------------------------
@@ -976,6 +1045,66 @@ def test_events_record_every_transition_with_timestamps(make_engine):
     assert failed[0]["task"] == "boom" and "KeyError" in failed[0]["error"]
 
 
+def test_observers_receive_event_records_naming_the_task(make_engine):
+    seen = []
+
+    @task(retries=1)
+    def flaky(ctx):
+        if ctx.attempt == 1:
+            raise ValueError("first try")
+        return [1, 2]
+
+    @task
+    def double(ctx, item):
+        return item * 2
+
+    @task
+    def gate(ctx):
+        ctx.skip("nothing new")
+
+    @task
+    def after_gate(ctx):
+        return None
+
+    flow = Flow("records")
+    flow >> flaky >> double.map("$node.flaky.output")
+    flow >> gate >> after_gate
+    run = make_engine(observers=[lambda run, ev: seen.append(ev)]).run(flow)
+    assert seen and all(isinstance(ev, pyoco.Event) for ev in seen)
+    assert {ev.kind for ev in seen} <= set(pyoco.EVENT_KINDS)
+    names = set(run.tasks)
+    for ev in seen:
+        assert isinstance(ev.ts, float) and abs(ev.ts - time.time()) < 60
+        assert ev.data is None or isinstance(ev.data, dict)
+        if ev.kind.startswith("run."):
+            assert ev.task is None and ev.state in ("RUNNING", "COMPLETED")
+        else:
+            assert ev.task in names, ev         # the name, not a task number
+    assert (seen[0].kind, seen[-1].kind) == ("run.started", "run.completed")
+    assert seen[-1].state == run.status
+    by_kind = collections.defaultdict(list)
+    for ev in seen:
+        by_kind[ev.kind].append(ev)
+    [retry] = by_kind["task.retrying"]
+    assert (retry.task, retry.state) == ("flaky", "RUNNING")
+    assert (retry.data["attempt"], retry.data["of"]) == (2, 2)
+    assert "first try" in retry.data["error"]
+    skips = {ev.task: ev for ev in by_kind["task.skipped"]}
+    assert skips["gate"].data["reason"] == "nothing new" and skips["gate"].state == "SKIPPED"
+    assert {ev.task for ev in by_kind["task.succeeded"]} == {"flaky", "double", "double[0]",
+                                                              "double[1]"}
+
+    records = run.events
+    assert [(r["event"], r["task"], r["state"]) for r in records] == [
+        (ev.kind, ev.task, ev.state) for ev in seen]
+    for record, ev in zip(records, seen):
+        assert {"ts", "event", "task", "state"} <= set(record)
+        assert ISO.match(record["ts"])
+        assert record == dict(ev.data or {}, ts=record["ts"], event=ev.kind, task=ev.task,
+                              state=ev.state)
+    assert json.loads(json.dumps(records)) == records
+
+
 def test_empty_flow_completes(make_engine):
     run = make_engine().run(Flow("empty"))
     assert run.status == "COMPLETED" and run.results == {}
@@ -1211,6 +1340,129 @@ def test_executor_instance_leaves_sys_stdout_alone():
     assert after[0] is before[0] and after[1] is before[1], after
 
 
+# -- one flow, one outcome: states, attempts and events do not depend on the executor
+
+# Module level, so that a process pool can unpickle them. _EXEC_RELEASE stands
+# for five seconds of work; the test sets it at its end so that threads given
+# up at their deadline finish (in a worker process nothing sets it).
+_EXEC_RELEASE = threading.Event()
+
+
+@task(retries=2)
+def _exec_hopeless():
+    raise ValueError("never")
+
+
+@task(retries=2)
+def _exec_exits():
+    sys.exit(3)
+
+
+@task(timeout=0.2)
+def _exec_sleeps():
+    _EXEC_RELEASE.wait(5)
+    return "too late"
+
+
+@task(timeout=0.2, retries=1)
+def _exec_sleeps_twice():
+    _EXEC_RELEASE.wait(5)
+    return "too late"
+
+
+@task
+def _exec_gate(ctx):
+    ctx.skip("why")
+
+
+@task
+def _exec_after_gate(ctx):
+    return "ran"
+
+
+@task
+def _exec_letters():
+    return ["a", "b", "c", "d", "e"]
+
+
+@task
+def _exec_shout(letter):
+    return letter.upper()
+
+
+def _exec_map_flow(flow):
+    flow >> _exec_letters >> _exec_shout.map("$node._exec_letters.output")
+
+
+# case -> (build the flow, run status, {task: (state, attempts)}, what else holds)
+EXECUTOR_CASES = {
+    "retries": (lambda flow: flow >> _exec_hopeless, "FAILED",
+                {"_exec_hopeless": ("FAILED", 3)},
+                lambda run: run.tasks["_exec_hopeless"].error == "ValueError: never"),
+    "sys.exit": (lambda flow: flow >> _exec_exits, "FAILED",
+                 {"_exec_exits": ("FAILED", 1)},
+                 lambda run: run.tasks["_exec_exits"].error == "SystemExit: 3"),
+    "timeout": (lambda flow: flow >> _exec_sleeps, "FAILED",
+                {"_exec_sleeps": ("FAILED", 1)},
+                lambda run: run.tasks["_exec_sleeps"].error.startswith("TimeoutError")),
+    "timeout, retries=1": (lambda flow: flow >> _exec_sleeps_twice, "FAILED",
+                           {"_exec_sleeps_twice": ("FAILED", 2)},
+                           lambda run: run.tasks["_exec_sleeps_twice"].error.startswith(
+                               "TimeoutError")),
+    "ctx.skip": (lambda flow: flow >> _exec_gate >> _exec_after_gate, "COMPLETED",
+                 {"_exec_gate": ("SKIPPED", 1), "_exec_after_gate": ("SKIPPED", 0)},
+                 lambda run: run.tasks["_exec_gate"].reason == "why"
+                 and "_exec_gate" in run.tasks["_exec_after_gate"].reason),
+    "map of 5": (_exec_map_flow, "COMPLETED",
+                 dict({"_exec_letters": ("SUCCEEDED", 1), "_exec_shout": ("SUCCEEDED", 1)},
+                      **{"_exec_shout[%d]" % k: ("SUCCEEDED", 1) for k in range(5)}),
+                 lambda run: run.results["_exec_shout"] == ["A", "B", "C", "D", "E"]),
+}
+
+
+def _executor_outcome(case, executor):
+    """Run a case on one executor; one worker, so that the events come in one order."""
+    build = EXECUTOR_CASES[case][0]
+    flow = Flow("same-everywhere")
+    build(flow)
+    _EXEC_RELEASE.clear()
+    t0 = time.monotonic()
+    try:
+        if executor == "executor instance":
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(4) as pool:
+                try:
+                    run = Engine(executor=pool, workers=1, trace=False).run(
+                        flow, raise_on_failure=False)
+                finally:
+                    _EXEC_RELEASE.set()     # before the pool waits for its threads
+        else:
+            run = Engine(executor=executor, workers=1, trace=False).run(
+                flow, raise_on_failure=False)
+    finally:
+        _EXEC_RELEASE.set()
+    assert time.monotonic() - t0 < 4.0, "the run waited for a task past its deadline"
+    tasks = {name: (r.state, r.attempts, r.error, r.reason) for name, r in run.tasks.items()}
+    events = [(e["event"], e["task"]) for e in run.events]
+    return run, (run.status, tasks, events, run.results)
+
+
+@pytest.mark.parametrize("executor", ["thread", "process", "executor instance"])
+@pytest.mark.parametrize("case", list(EXECUTOR_CASES))
+def test_a_flow_ends_with_the_same_states_attempts_and_events_on_every_executor(case,
+                                                                                executor):
+    _, status, states, holds = EXECUTOR_CASES[case]
+    run, outcome = _executor_outcome(case, executor)
+    assert run.status == status
+    assert {name: (r.state, r.attempts) for name, r in run.tasks.items()} == states
+    assert holds(run), run.tasks
+    if executor != "thread":
+        _, on_threads = _executor_outcome(case, "thread")
+        for what, here, there in zip(("status", "tasks", "events", "results"), outcome,
+                                     on_threads):
+            assert here == there, what
+
+
 # ---------------------------------------------------------------------------
 # Engine: retries and timeouts
 # ---------------------------------------------------------------------------
@@ -1313,6 +1565,63 @@ def test_timeout_applies_to_each_attempt(make_engine):
         release.set()
     assert run.results["slow_then_fast"] == 2
     assert calls == [1, 2]
+
+
+@pytest.mark.parametrize("executor", [
+    "thread",
+    pytest.param("executor instance", marks=pytest.mark.xfail(
+        strict=True, reason="on a concurrent.futures.Executor an attempt given up at its"
+        " timeout keeps running, and its ctx.save_artifact still writes into the run's"
+        " artifact folder, overwriting the artifact of the attempt that counted")),
+])
+def test_an_attempt_given_up_at_its_timeout_changes_nothing_when_it_wakes_up(tmp_path,
+                                                                            executor):
+    from concurrent.futures import ThreadPoolExecutor
+    release, woke = threading.Event(), threading.Event()
+    tried = []                  # what the given-up attempt tried, and the error it got
+
+    @task(timeout=0.3, retries=1)
+    def report(ctx):
+        if ctx.attempt == 1:
+            release.wait(WAIT)          # past its deadline, until the run has ended
+            try:
+                ctx.save_artifact("report.txt", "late")
+                tried.append(("artifact", None))
+            except Exception as exc:
+                tried.append(("artifact", exc))
+            try:
+                ctx.scratch["late"] = 1
+                tried.append(("scratch", None))
+            except Exception as exc:
+                tried.append(("scratch", exc))
+            woke.set()
+            return "late"
+        ctx.save_artifact("report.txt", "second")
+        return "second"
+
+    flow = Flow("given-up")
+    flow >> report
+    pool = ThreadPoolExecutor(2) if executor == "executor instance" else None
+    try:
+        run = Engine(trace=False, store=tmp_path, executor=pool or executor).run(flow)
+        assert run.status == "COMPLETED"
+        assert (run.tasks["report"].attempts, run.results["report"]) == (2, "second")
+        record_file = tmp_path / "runs" / run.run_id / "run.json"
+        before = record_file.read_bytes()
+        release.set()
+        assert woke.wait(WAIT), "the given-up attempt never got to its writes"
+    finally:
+        release.set()
+        if pool is not None:
+            pool.shutdown(wait=True)
+    assert [what for what, _ in tried] == ["artifact", "scratch"]
+    stored = run.tasks["report"].artifacts["report.txt"]
+    assert run.artifacts["report.txt"] == stored
+    assert Path(stored).read_text() == "second", tried
+    assert "late" not in run.scratch
+    assert record_file.read_bytes() == before
+    assert RunStore(tmp_path).get(run.run_id)["tasks"]["report"]["artifacts"] == {
+        "report.txt": stored}
 
 
 def test_skip_inside_a_task_with_a_timeout_is_a_skip(make_engine):
@@ -1530,6 +1839,109 @@ def test_first_failure_is_the_cause_when_several_tasks_fail(make_engine):
     assert info.value.__cause__ is errors[0]
 
 
+_INTERNAL_ERROR_ELSEWHERE = pytest.mark.xfail(
+    strict=True, reason="outside the thread executor an internal error in the scheduler escapes"
+    " Engine.run as a bare exception: the run stays RUNNING, in memory and in its stored"
+    " record, with no run.failed event and no warning")
+
+
+@pytest.mark.parametrize("executor", [
+    "thread",
+    pytest.param("process", marks=_INTERNAL_ERROR_ELSEWHERE),
+    pytest.param("executor instance", marks=_INTERNAL_ERROR_ELSEWHERE),
+])
+def test_an_internal_error_while_scheduling_ends_the_run_failed_instead_of_hanging(
+        tmp_path, monkeypatch, capsys, executor):
+    from concurrent.futures import ThreadPoolExecutor
+    released = pyoco._Scheduler.released
+
+    def broken(self, i, ok):
+        if self.plan.names[i] == "_exec_letters":
+            raise RuntimeError("bug in released")
+        return released(self, i, ok)
+
+    monkeypatch.setattr(pyoco._Scheduler, "released", broken)
+    flow = Flow("internal-error")
+    flow >> _exec_letters >> _exec_after_gate
+    pool = ThreadPoolExecutor(2) if executor == "executor instance" else None
+    engine = Engine(trace=False, store=tmp_path, executor=pool or executor)
+    outcome = {}
+
+    def run_it():
+        try:
+            outcome["run"] = engine.run(flow)
+        except RunFailed as exc:
+            outcome["run"] = exc.run
+        except BaseException as exc:    # anything else escaped: the run did not end
+            outcome["escaped"] = exc
+
+    runner = threading.Thread(target=run_it, daemon=True)
+    runner.start()
+    runner.join(2 * WAIT)
+    if pool is not None:
+        pool.shutdown(wait=False)
+    assert not runner.is_alive(), "the run hangs"
+    assert "escaped" not in outcome, outcome
+    run = outcome["run"]
+    assert run.status == "FAILED"
+    assert run.reason.startswith("pyoco internal error") and "bug in released" in run.reason
+    assert run.tasks["_exec_after_gate"].state == "SKIPPED"
+    assert run.events[-1]["event"] == "run.failed"
+    record = RunStore(tmp_path).get(run.run_id)
+    assert (record["status"], record["reason"]) == ("FAILED", run.reason)
+    assert "pyoco: warning: internal error" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Engine: map (dynamic fan-out)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["stop", "isolate"])
+def test_a_map_whose_instance_fails_is_failed_and_skips_what_is_downstream(make_engine,
+                                                                            policy):
+    @task
+    def items(ctx):
+        return [0, 1, 2, 3, 4]
+
+    @task(fail_policy=policy)
+    def work(ctx, item):
+        if item == 2:
+            raise ValueError("item 2 is bad")
+        return item * 10
+
+    @task
+    def total(ctx, work):
+        return sum(work)
+
+    flow = Flow("map-fails")
+    flow >> items >> work.map("$node.items.output") >> total
+    with pytest.raises(RunFailed) as info:
+        make_engine(workers=2).run(flow)
+    run = info.value.run
+    assert run.status == "FAILED"
+    assert isinstance(info.value.__cause__, ValueError)         # the instance's own error
+    assert run.tasks["work[2]"].state == "FAILED"
+    node = run.tasks["work"]
+    assert node.state == "FAILED"                               # not SKIPPED
+    assert "work[2]" in node.error and "item 2 is bad" in node.error
+    assert run.tasks["total"].state == "SKIPPED"
+    assert "work" not in run.results and "total" not in run.results
+    if policy == "isolate":
+        assert {k: run.tasks["work[%d]" % k].state for k in (0, 1, 3, 4)} == dict.fromkeys(
+            (0, 1, 3, 4), "SUCCEEDED")
+
+
+def test_a_map_of_a_map_is_a_flow_error_saying_what_to_do_instead():
+    @task
+    def work(ctx, item):
+        return item
+
+    mapped = work.map([[1, 2], [3]])
+    with pytest.raises(FlowError, match="map of a map") as info:
+        mapped.map("$node.work.output")
+    assert "'work'" in str(info.value) and "flat list" in str(info.value)
+
+
 # ---------------------------------------------------------------------------
 # Engine: ctx, skip, cancel
 # ---------------------------------------------------------------------------
@@ -1717,6 +2129,27 @@ def test_cancelled_run_is_returned_when_raise_on_failure_is_false(make_engine):
 
 def test_cancel_of_an_unknown_run_returns_false():
     assert quiet().cancel("no-such-run") is False
+
+
+def test_live_run_is_the_run_while_it_runs_and_none_after(make_engine):
+    engine = make_engine()
+    seen = {}
+
+    @task
+    def look(ctx):
+        live = engine.live_run(ctx.run_id)
+        seen["live"] = live
+        seen["status"] = live.status if live is not None else None
+        seen["state"] = live.tasks["look"].state if live is not None else None
+        return ctx.run_id
+
+    flow = Flow("live")
+    flow >> look
+    run = engine.run(flow)
+    assert seen["live"] is run
+    assert (seen["status"], seen["state"]) == ("RUNNING", "RUNNING")
+    assert engine.live_run(run.run_id) is None
+    assert engine.live_run("no-such-run") is None
 
 
 # ---------------------------------------------------------------------------
@@ -2278,6 +2711,55 @@ def test_cli_run_of_a_failing_flow_exits_1_naming_the_task(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "explode" in last and "kaboom" in last
     assert "Traceback" not in proc.stderr
+
+
+CUTE_MARKERS = ("🐇 pyoco > ", "🏃 ", "✅ ", "🔁 ", "💥 ", "⏭️ ", "🛑 ", "🚫 ", "♻️ ", "🥕 ", "💔 ")
+
+TWO_LINE_ERROR_FLOW = '''\
+from pyoco import task, Flow
+
+@task
+def explode(ctx):
+    raise ValueError("line one\\nline two")
+
+@task
+def after(ctx):
+    return None
+
+flow = Flow(name="two-lines")
+flow >> explode >> after
+'''
+
+
+def test_cli_cute_trace_prints_a_multi_line_error_as_one_line(tmp_path):
+    write(tmp_path / "two_lines.py", TWO_LINE_ERROR_FLOW)
+    proc = cli(tmp_path, "run", "two_lines.py")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    end = [k for k, line in enumerate(lines) if line.startswith("💔 failed flow=two-lines")]
+    assert end, proc.stderr
+    trace = lines[:end[0] + 1]              # what follows is the CLI's closing message
+    assert trace[0].startswith("🐇 pyoco > start flow=two-lines")
+    for line in trace:
+        assert line.startswith(CUTE_MARKERS), line
+    [error] = [line for line in trace if line.startswith("💥 error node=explode ")]
+    assert "line one" in error and "line two" in error
+    assert any(line.startswith("⏭️ skip node=after") for line in trace)
+
+
+@pytest.mark.xfail(strict=True, reason="the CLI's closing 'pyoco: run ... failed: ...' message"
+                   " prints the error text as it is: a multi-line error spills onto stderr"
+                   " lines that start with no marker, and the last line no longer names the"
+                   " task")
+def test_cli_failure_message_of_a_multi_line_error_is_one_line(tmp_path):
+    write(tmp_path / "two_lines.py", TWO_LINE_ERROR_FLOW)
+    proc = cli(tmp_path, "run", "two_lines.py")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    for line in lines:
+        assert line.startswith(CUTE_MARKERS + ("pyoco: ",)), line
+    assert lines[-1].startswith("pyoco: run ")
+    assert "explode" in lines[-1] and "line one" in lines[-1] and "line two" in lines[-1]
 
 
 def test_cli_syntax_error_exits_2_with_file_and_line(tmp_path):
@@ -4096,9 +4578,10 @@ def srv_free_port():
 
 class SrvReceiver:
     """A webhook receiver on a local http.server thread, answering ``status``
-    (with ``headers``) to a POST or a GET."""
+    (with ``headers``) to a POST or a GET; ``on_post(body)``, when given, is
+    called with each body before the answer goes out."""
 
-    def __init__(self, status=200, headers=None):
+    def __init__(self, status=200, headers=None, on_post=None):
         self.requests = []          # (path, headers with lower-case keys, raw body)
         self.times = []             # time.monotonic() of each request
         self.changed = threading.Condition()
@@ -4107,6 +4590,8 @@ class SrvReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if on_post is not None:
+                    on_post(body)
                 with receiver.changed:
                     receiver.times.append(time.monotonic())
                     receiver.requests.append(
@@ -4172,13 +4657,57 @@ class SrvHangingReceiver:
             conn.close()
 
 
+class SrvTricklingReceiver:
+    """Reads one request, then answers one byte every 0.25 s: never a timeout
+    between two reads, yet a whole answer takes about 10 s."""
+
+    ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.host = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.url = self.host + "/hook"
+        self.asked = threading.Event()      # a whole request arrived
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        try:
+            conn = self.sock.accept()[0]
+        except OSError:
+            return
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            self.asked.set()
+            for byte in self.ANSWER:
+                if self.stopping.wait(0.25):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def close(self):
+        self.stopping.set()
+        self.sock.close()
+        self.thread.join(SRV_WAIT)
+
+
 @pytest.fixture
 def srv_receiver():
     """Factory of webhook receivers; all are closed at the end of the test."""
     made = []
 
-    def make(status=200, headers=None):
-        receiver = SrvReceiver(status, headers)
+    def make(status=200, headers=None, on_post=None):
+        receiver = SrvReceiver(status, headers, on_post)
         made.append(receiver)
         return receiver
     yield make
@@ -5501,6 +6030,74 @@ def test_slow_webhook_url_does_not_delay_the_others(tmp_path, srv_receiver, monk
     events = {e["url"]: e["event"] for e in srv_webhook_events(tmp_path / "store", run.run_id)}
     assert events == {good.host: "webhook.delivered",
                       hanging.url.rsplit("/", 1)[0]: "webhook.failed"}
+
+
+def srv_trickled_run(tmp_path, monkeypatch, capsys):
+    """A completed run whose webhook answer trickles past the budget (1 attempt of 1 s,
+    plus 1 s); returns (receiver, run, store, seconds drain_webhooks took, stderr)."""
+    trickling = SrvTricklingReceiver()
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", trickling.url)
+    monkeypatch.setenv("PYOCO_WEBHOOK_TIMEOUT", "1")
+    monkeypatch.setenv("PYOCO_WEBHOOK_RETRIES", "1")
+    store = tmp_path / "store"
+    try:
+        run = srv_outcome_run(store, "completed")
+        began = time.monotonic()
+        pyoco.drain_webhooks()
+        took = time.monotonic() - began
+    finally:
+        trickling.close()
+    return trickling, run, store, took, capsys.readouterr().err
+
+
+def test_webhook_answer_trickling_past_its_budget_is_cut_off_and_recorded(
+        tmp_path, monkeypatch, capsys):
+    trickling, run, store, took, err = srv_trickled_run(tmp_path, monkeypatch, capsys)
+    assert trickling.asked.is_set()
+    assert took < 6.0                                   # the budget is 2 s; the answer 10 s
+    record = pyoco.RunStore(str(store)).get(run.run_id)
+    [event] = [e for e in record["events"] if e["event"].startswith("webhook.")]
+    assert event["event"] == "webhook.failed"
+    assert "cut off" in event["error"]
+    assert event["url"] == trickling.host
+    assert record["status"] == "COMPLETED"
+    assert "pyoco: warning: webhook to %s failed" % trickling.host in err
+    assert "cut off" in err
+
+
+@pytest.mark.xfail(strict=True, reason="the warning for a webhook cut off by its budget says"
+                   " 'failed after None attempts'")
+def test_webhook_cut_off_warning_says_how_many_attempts_it_made(tmp_path, monkeypatch, capsys):
+    err = srv_trickled_run(tmp_path, monkeypatch, capsys)[4]
+    [warning] = [line for line in err.splitlines() if "webhook to" in line]
+    assert "None" not in warning, warning
+
+
+def test_delivered_webhook_sees_the_final_record_and_is_recorded_in_it(tmp_path, srv_receiver,
+                                                                       monkeypatch):
+    store = tmp_path / "store"
+    at_post = []                # the stored record, as the receiver reads it
+
+    def read_record(body):
+        at_post.append(pyoco.RunStore(str(store)).get(json.loads(body)["run_id"]))
+
+    receiver = srv_receiver(on_post=read_record)
+    monkeypatch.setenv("PYOCO_WEBHOOK_URL", receiver.url)
+    run = srv_outcome_run(store, "completed")
+    pyoco.drain_webhooks()
+    assert len(receiver.wait_for(1)) == 1
+    [seen] = at_post
+    assert seen["status"] == "COMPLETED" and seen["ended_at"] is not None
+    assert {name: t["state"] for name, t in seen["tasks"].items()} == {
+        "first": "SUCCEEDED", "second": "SUCCEEDED"}
+    assert seen["events"][-1]["event"] == "run.completed"
+    record = pyoco.RunStore(str(store)).get(run.run_id)
+    [event] = [e for e in record["events"] if e["event"].startswith("webhook.")]
+    assert (event["event"], event["attempts"], event["status_code"]) == (
+        "webhook.delivered", 1, 200)
+    assert event["url"] == receiver.host
+    assert record["events"] == seen["events"] + [event]     # the delivery is all that changed
+    assert dict(record, events=None) == dict(seen, events=None)
 
 
 def test_non_http_webhook_url_is_refused_with_a_warning_and_never_used(
@@ -7980,6 +8577,70 @@ def test_cli_resume_runs_only_the_failed_task_and_downstream_reusing_other_outpu
     assert record["resumed_from"] == old_id
     assert {t["state"] for t in record["tasks"].values()} == {"SUCCEEDED"}
     assert RunStore(tmp_path / ".pyoco").get(old_id)["status"] == "FAILED"    # untouched
+
+
+# Instance 2 of the map fails while MAP_BROKEN is set; every instance appends
+# its item to items.txt each time it runs. "isolate", so that the failure
+# stops none of the other instances: they all run, and succeed.
+STORE_RESUME_MAP_FLOW = """\
+    import json
+    import os
+    from pathlib import Path
+    from pyoco import task, Flow
+
+    HERE = Path(__file__).resolve().parent
+
+    @task
+    def letters(ctx):
+        return ["a", "b", "c", "d"]
+
+    @task(fail_policy="isolate")
+    def shout(ctx, letter):
+        with open(HERE / "items.txt", "a") as f:
+            f.write(letter + "\\n")
+        if letter == "c" and os.environ.get("MAP_BROKEN"):
+            raise ValueError("c is broken")
+        return letter.upper()
+
+    @task
+    def joined(ctx, shout):
+        print("JOINED " + json.dumps(shout), flush=True)
+        return shout
+
+    flow = Flow(name="letters")
+    flow >> letters >> shout.map("$node.letters.output") >> joined
+"""
+
+
+def test_cli_resume_of_a_map_runs_only_its_failed_instance_again(tmp_path):
+    store_write(tmp_path / "map_flow.py", STORE_RESUME_MAP_FLOW)
+    first = store_cli(tmp_path, "run", "map_flow.py", env=store_env(MAP_BROKEN="1"))
+    assert first.returncode == 1, first.stderr
+    old_id = store_run_id(first.stderr)
+    ran = tmp_path / "items.txt"
+    assert collections.Counter(ran.read_text().split()) == {"a": 1, "b": 1, "c": 1, "d": 1}
+    old = RunStore(tmp_path / ".pyoco").get(old_id)
+    assert {name: t["state"] for name, t in old["tasks"].items()} == {
+        "letters": "SUCCEEDED", "shout": "FAILED", "shout[0]": "SUCCEEDED",
+        "shout[1]": "SUCCEEDED", "shout[2]": "FAILED", "shout[3]": "SUCCEEDED",
+        "joined": "SKIPPED"}
+
+    second = store_cli(tmp_path, "run", "map_flow.py", "--resume", old_id)
+    assert second.returncode == 0, second.stderr
+    assert collections.Counter(ran.read_text().split()) == {"a": 1, "b": 1, "c": 2, "d": 1}
+    for k in (0, 1, 3):
+        assert re.search(r" INFO reuse node=shout\[%d\] from_run=%s " % (k, old_id),
+                         second.stderr), second.stderr
+    assert not re.search(r"reuse node=shout\[2\]", second.stderr)
+    assert json.loads(re.search(r"^JOINED (.*)$", second.stdout, re.M).group(1)) == [
+        "A", "B", "C", "D"]
+    record = RunStore(tmp_path / ".pyoco").get(store_run_id(second.stderr))
+    assert (record["status"], record["resumed_from"]) == ("COMPLETED", old_id)
+    assert {name: t["state"] for name, t in record["tasks"].items()} == dict.fromkeys(
+        ["letters", "shout", "shout[0]", "shout[1]", "shout[2]", "shout[3]", "joined"],
+        "SUCCEEDED")
+    assert "reused" in record["tasks"]["shout[0]"]["reason"]
+    assert record["tasks"]["shout[2]"]["reason"] is None
 
 
 @pytest.mark.parametrize("which", ["completed", "unknown"])
