@@ -381,6 +381,15 @@ def _loads(text):
     return json.loads(text, parse_constant=refuse)
 
 
+def _one_line(text):
+    """Text for a trace line: an error message's newlines must not break it."""
+    text = str(text)
+    if "\n" in text or "\r" in text:
+        text = " ⏎ ".join(part for part in text.replace("\r\n", "\n").replace("\r", "\n")
+                           .split("\n"))
+    return text
+
+
 # ---------------------------------------------------------------------------
 # Output capture
 # ---------------------------------------------------------------------------
@@ -1017,6 +1026,10 @@ class Flow:
     A task is one node however often it is mentioned; adding it again only
     adds the new edges. ``flow >> x`` always starts a new chain at ``x``.
     """
+
+    def __setattr__(self, key, value):
+        _touch()                # a renamed flow, new pools: the next run compiles again
+        object.__setattr__(self, key, value)
 
     def __init__(self, name="main", **options):
         unknown = set(options) - set(_FLOW_OPTIONS)
@@ -1682,8 +1695,8 @@ class Run:
             return None
         for i, exc in list(self._errors.items()):
             if exc is self.error:
-                return "task %r raised %s" % (self._plan.names[i], _describe(exc))
-        return self.reason or "unknown reason"
+                return "task %r raised %s" % (self._plan.names[i], _one_line(_describe(exc)))
+        return _one_line(self.reason or "unknown reason")
 
     def to_dict(self, events=True):
         """The run record as plain JSON-ready data (see SPEC section 4)."""
@@ -2215,6 +2228,7 @@ class _Scheduler(_RunLedger):
 # ---------------------------------------------------------------------------
 
 _STOP = None        # put on the ready queue to let a worker thread go
+_STAGING = ".attempts"      # where attempts in other processes write artifacts first
 
 
 class _ThreadDriver:
@@ -2364,9 +2378,14 @@ class _FutureDriver:
                 self.start_ready()
                 if self.running or self.waiting:
                     self.wait_for_one()
+        except Exception as exc:            # a bug here must end the run, not leave it RUNNING
+            core.crash(exc)
         finally:
             if self.own:
                 self.pool.shutdown(wait=not core.closed)
+            if core.run.artifacts_dir is not None:
+                import shutil
+                shutil.rmtree(os.path.join(core.run.artifacts_dir, _STAGING), ignore_errors=True)
         core.finish()
 
     def start_due_retries(self):
@@ -2414,6 +2433,10 @@ class _FutureDriver:
         return {"run_id": run.run_id, "params": run.params, "task_name": plan.names[i],
                 "attempt": attempt, "artifacts": dict(run.artifacts),
                 "artifacts_dir": run.artifacts_dir,
+                # Artifacts are written aside, per attempt, and moved in when the
+                # attempt's outcome is taken: one given up at its timeout changes nothing.
+                "staging": None if run.artifacts_dir is None else os.path.join(
+                    run.artifacts_dir, _STAGING, "%d-%d-%s" % (i, attempt, os.urandom(3).hex())),
                 "results": {plan.names[p]: run._outputs[p] for p in plan.preds[i]}}
 
     def outcome(self, i, attempt, kind, value, tb=None):
@@ -2468,8 +2491,13 @@ class _FutureDriver:
         except BaseException as exc:        # the executor itself failed the call
             self.outcome(i, attempt, _ERROR, exc)
             return
+        run = core.run
+        staged = None if run.artifacts_dir is None else os.path.join(
+            os.path.realpath(run.artifacts_dir), _STAGING, "")
         for name, path in artifacts.items():
-            core.run._add_artifact(i, name, path)
+            if staged is not None and path.startswith(staged):
+                path = _save_artifact_file(run.artifacts_dir, name, _PathOf(path))
+            run._add_artifact(i, name, path)
         if core.sink is not None:
             name = core.plan.names[i]
             for ts, stream, text in lines:
@@ -2578,6 +2606,7 @@ class _RemoteContext:
         self.cancelled = threading.Event()
         self.saved = {}
         self._dir = state["artifacts_dir"]
+        self._staging = state.get("staging")
 
     @property
     def log(self):
@@ -2587,11 +2616,17 @@ class _RemoteContext:
         raise Skip(reason)
 
     def save_artifact(self, name, data):
+        if self._staging is not None:   # moved to the run's folder when the attempt ends
+            staged = _save_artifact_file(self._staging, name, data)
+            self.saved[name] = staged
+            path = os.path.join(os.path.realpath(self._dir),
+                                os.path.relpath(staged, os.path.realpath(self._staging)))
+            self.artifacts[name] = path
+            return path
         if self._dir is None:           # an unrecorded run: a folder of the worker's own
             import tempfile
             self._dir = tempfile.mkdtemp(prefix="pyoco-%s-" % self.run_id)
         path = _save_artifact_file(self._dir, name, data)
-
         self.artifacts[name] = self.saved[name] = path
         return path
 
@@ -2783,15 +2818,6 @@ def _plain_value(value):
     if not text or any(c in text for c in ' "=\n\r\t'):
         text = '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace(
             "\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    return text
-
-
-def _one_line(text):
-    """Text for a trace line: an error message's newlines must not break it."""
-    text = str(text)
-    if "\n" in text or "\r" in text:
-        text = " ⏎ ".join(part for part in text.replace("\r\n", "\n").replace("\r", "\n")
-                           .split("\n"))
     return text
 
 
@@ -3642,12 +3668,16 @@ class _RunRecorder:
     # -- the record
 
     def save(self):
-        """Write the record; True when it was written."""
+        """Write the record; True when it was written. Once the final record is
+        written nothing overwrites it (webhooks add their events to that file)."""
         with self.lock:         # snapshot and write together: an older one never wins
+            if self.final_saved:
+                return True
             self.dirty = False
             self.artifacts_seen = self.run.artifact_changes
             data = _record_json(self.run).encode("utf-8")
             if self.guarded(_atomic_write, os.path.join(self.folder, "run.json"), data):
+                self.final_saved = self.closed
                 return True
             self.dirty = True   # the next heartbeat tries again
             return False
@@ -3709,7 +3739,7 @@ class _RunRecorder:
                     self.save_outputs()
                     self.save()
                 elif self.closed and not self.final_saved:
-                    self.final_saved = self.save()
+                    self.save()
             except Exception as exc:        # the heartbeat must outlive any one bad write
                 _warn("run %s: recording failed: %s" % (self.run.run_id, _describe(exc)))
 
@@ -3725,7 +3755,7 @@ class _RunRecorder:
         with self.lock:
             self.closed = True
         self.failing = False
-        self.final_saved = self.save()
+        self.save()
 
     def close(self):
         """The run is over (or abandoned): stop the keeper, and make sure the
@@ -3738,8 +3768,7 @@ class _RunRecorder:
             self.finish()
         if not self.final_saved:
             self.failing, self.warned = False, True     # if this fails, the message says it
-            self.final_saved = self.save()
-            if not self.final_saved:
+            if not self.save():
                 _warn("cannot write the final record of run %s to run store %s (%s); the"
                       " record there is not final" % (self.run.run_id, self.store.root,
                                                        self.error))
@@ -3872,9 +3901,10 @@ class _Delivery:
             self.reported = True
         if outcome.get("error"):
             outcome["error"] = _scrub(outcome["error"], self.url)
-            _warn("webhook to %s failed after %s attempt%s: %s"
-                  % (outcome["url"], outcome["attempts"],
-                     "" if outcome["attempts"] == 1 else "s", outcome["error"]))
+            tries = outcome["attempts"]
+            _warn("webhook to %s failed%s: %s" % (
+                outcome["url"], "" if tries is None else " after %d attempt%s"
+                % (tries, "" if tries == 1 else "s"), outcome["error"]))
         event = {"ts": _iso(time.time()), "event": "webhook." + outcome.pop("outcome"),
                  "task": None, "state": self.state}
         event.update(outcome)

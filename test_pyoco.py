@@ -444,9 +444,6 @@ def test_changes_through_a_held_inputs_dict_or_node_attribute_reach_the_next_run
         assert order.index(("task.succeeded", "other")) < order.index(("task.started", "echo"))
 
 
-@pytest.mark.xfail(strict=True, reason="Flow.name is a plain attribute: the compiled plan keeps"
-                   " the name of its first run, so later runs (and their records) still carry"
-                   " the old flow name")
 def test_renaming_a_flow_after_a_run_is_seen_by_the_next_run(tmp_path):
     flow, _ = _one_input_flow()
     assert run_quiet(flow).flow_name == "cache"
@@ -1569,10 +1566,7 @@ def test_timeout_applies_to_each_attempt(make_engine):
 
 @pytest.mark.parametrize("executor", [
     "thread",
-    pytest.param("executor instance", marks=pytest.mark.xfail(
-        strict=True, reason="on a concurrent.futures.Executor an attempt given up at its"
-        " timeout keeps running, and its ctx.save_artifact still writes into the run's"
-        " artifact folder, overwriting the artifact of the attempt that counted")),
+    pytest.param("executor instance"),
 ])
 def test_an_attempt_given_up_at_its_timeout_changes_nothing_when_it_wakes_up(tmp_path,
                                                                             executor):
@@ -1839,16 +1833,12 @@ def test_first_failure_is_the_cause_when_several_tasks_fail(make_engine):
     assert info.value.__cause__ is errors[0]
 
 
-_INTERNAL_ERROR_ELSEWHERE = pytest.mark.xfail(
-    strict=True, reason="outside the thread executor an internal error in the scheduler escapes"
-    " Engine.run as a bare exception: the run stays RUNNING, in memory and in its stored"
-    " record, with no run.failed event and no warning")
 
 
 @pytest.mark.parametrize("executor", [
     "thread",
-    pytest.param("process", marks=_INTERNAL_ERROR_ELSEWHERE),
-    pytest.param("executor instance", marks=_INTERNAL_ERROR_ELSEWHERE),
+    pytest.param("process"),
+    pytest.param("executor instance"),
 ])
 def test_an_internal_error_while_scheduling_ends_the_run_failed_instead_of_hanging(
         tmp_path, monkeypatch, capsys, executor):
@@ -2747,10 +2737,6 @@ def test_cli_cute_trace_prints_a_multi_line_error_as_one_line(tmp_path):
     assert any(line.startswith("⏭️ skip node=after") for line in trace)
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI's closing 'pyoco: run ... failed: ...' message"
-                   " prints the error text as it is: a multi-line error spills onto stderr"
-                   " lines that start with no marker, and the last line no longer names the"
-                   " task")
 def test_cli_failure_message_of_a_multi_line_error_is_one_line(tmp_path):
     write(tmp_path / "two_lines.py", TWO_LINE_ERROR_FLOW)
     proc = cli(tmp_path, "run", "two_lines.py")
@@ -6065,8 +6051,6 @@ def test_webhook_answer_trickling_past_its_budget_is_cut_off_and_recorded(
     assert "cut off" in err
 
 
-@pytest.mark.xfail(strict=True, reason="the warning for a webhook cut off by its budget says"
-                   " 'failed after None attempts'")
 def test_webhook_cut_off_warning_says_how_many_attempts_it_made(tmp_path, monkeypatch, capsys):
     err = srv_trickled_run(tmp_path, monkeypatch, capsys)[4]
     [warning] = [line for line in err.splitlines() if "webhook to" in line]
