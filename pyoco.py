@@ -1169,7 +1169,7 @@ class _Plan:
     __slots__ = ("flow_name", "nodes", "names", "index", "npred", "preds", "free", "joins",
                  "roots", "funcs", "ctx", "binds", "varkw", "flowparams", "retries",
                  "timeouts", "isolate", "param_refs", "json_names", "is_async", "maps",
-                 "rules", "whens", "handlers", "pool_of", "max_parallel", "pools")
+                 "rules", "whens", "handlers", "pool_of", "max_parallel", "pools", "group")
 
 
     def __init__(self, flow):
@@ -1193,6 +1193,7 @@ class _Plan:
         self.pool_of = [source.pool for source in sources]
         self.max_parallel = [source.max_parallel for source in sources]
         self.pools = flow.pools
+        self.group = [None] * len(nodes)     # a map instance: its map's max_parallel key
         self.whens = {}             # task number -> the binding of its when= expression
         self.ctx, self.binds, self.varkw, self.is_async = [], [], [], []
         self.maps = {}              # map node -> (its "over" binding, item parameter, kw-only?)
@@ -1779,6 +1780,114 @@ def _arguments(run, binds):
     return args, kwargs
 
 
+_WAIT = "wait"      # admit(): the task waits for a pool slot or a start rate
+
+
+class _Pools:
+    """The pool slots and start rates of one run (SPEC section 12).
+
+    A task takes one slot of each of its keys (its pool, and for a map
+    instance its map's ``max_parallel``) when it starts, and gives them back
+    when it ends. A task that cannot start waits here, PENDING and holding no
+    worker, until a slot is given back or its pool's rate allows a start.
+    """
+
+    def __init__(self, limits):
+        from collections import deque
+        self.deque = deque
+        self.limits = dict(limits)      # key -> (size, (starts, period) or None)
+        self.running = dict.fromkeys(self.limits, 0)
+        self.starts = {key: deque() for key in self.limits}   # start times within the period
+        self.waiting = {key: deque() for key in self.limits}  # task numbers, first come first
+        self.due = []               # (time a rate allows, task number) for tasks waiting on one
+        self.holding = {}           # task number -> the keys it holds a slot of
+        self.parked = 0             # tasks waiting, in either list
+        self.lock = _allocate_lock()
+
+    def add(self, key, size):
+        with self.lock:
+            self.limits[key] = (size, None)
+            self.running[key], self.starts[key] = 0, self.deque()
+            self.waiting[key] = self.deque()
+
+    def acquire(self, i, keys):
+        """Take a slot of every key for task i; False (and i waits) when one is taken."""
+        with self.lock:
+            now = time.monotonic()
+            for key in keys:
+                size, rate = self.limits[key]
+                if self.running[key] >= size:
+                    self.waiting[key].append(i)
+                    self.parked += 1
+                    return False
+                allowed = self.rate_allows(key, rate, now)
+                if allowed > now:
+                    self.due.append((allowed, i))
+                    self.parked += 1
+                    return False
+            for key in keys:
+                self.running[key] += 1
+                if self.limits[key][1] is not None:
+                    self.starts[key].append(now)
+            self.holding[i] = keys
+        return True
+
+    def rate_allows(self, key, rate, now):
+        """When the next start of ``key`` may be: now, or later when its rate is used up."""
+        if rate is None:
+            return now
+        count, period = rate
+        starts = self.starts[key]
+        while starts and starts[0] <= now - period:
+            starts.popleft()
+        return now if len(starts) < count else starts[-count] + period
+
+    def retry_delay(self, i, delay):
+        """A retry of task i starts no earlier than ``delay`` from now and its rate allow."""
+        with self.lock:
+            now = time.monotonic()
+            at = now + delay
+            for key in self.holding.get(i, ()):
+                rate = self.limits[key][1]
+                if rate is not None:
+                    at = max(at, self.rate_allows(key, rate, at))
+            for key in self.holding.get(i, ()):
+                if self.limits[key][1] is not None:
+                    self.starts[key].append(at)
+        return at - now
+
+    def release(self, i):
+        """Task i ended: give its slots back; returns the waiting tasks to try again."""
+        with self.lock:
+            keys = self.holding.pop(i, None)
+            if not keys:
+                return []
+            woken = []
+            for key in keys:
+                self.running[key] -= 1
+                if self.waiting[key]:
+                    woken.append(self.waiting[key].popleft())
+            self.parked -= len(woken)
+        return woken
+
+    def wake(self, everyone=False):
+        """Waiting tasks whose rate now allows a start (all of them with ``everyone``)."""
+        with self.lock:
+            now = time.monotonic()
+            woken = [i for at, i in self.due if everyone or at <= now]
+            self.due = [(at, i) for at, i in self.due if not (everyone or at <= now)]
+            if everyone:
+                for queue in self.waiting.values():
+                    woken.extend(queue)
+                    queue.clear()
+            self.parked -= len(woken)
+        return woken
+
+    def next_due(self):
+        with self.lock:
+            return min((at for at, _ in self.due), default=None)
+
+
 class _RunLedger:
     """The one writer of a run's state: every change to a task or to the run is
     made here and announced as an Event to the run's observers, in order."""
@@ -1883,6 +1992,7 @@ class _RunLedger:
                 column.extend([column[m]] * k)
             plan.rules.extend([None] * k)
             plan.max_parallel.extend([None] * k)
+            plan.group.extend([("map", m) if plan.max_parallel[m] else None] * k)
             plan.npred.extend([1] * k)
             plan.preds.extend([after_m] * k)
             plan.free.extend([nothing] * k)
@@ -1915,9 +2025,13 @@ class _Scheduler(_RunLedger):
     retried and how the run ends are decided here and nowhere else.
     """
 
-    def __init__(self, run, binds, observers, reused, sink):
+    def __init__(self, run, binds, observers, reused, sink, pools=None):
         import threading
         super().__init__(run, binds, observers)
+        plan = self.plan
+        self.pools = None           # _Pools, when any task takes pool slots
+        if any(plan.pool_of) or any(plan.max_parallel[m] for m in plan.maps):
+            self.pools = _Pools(pools or {})
         self.reused = reused        # task name -> (output, artifacts) taken over from a resumed run
         self.sink = sink            # where printed lines go (the run store's recorder), or None
         self.done = threading.Event()   # set once the outcome is settled
@@ -1940,9 +2054,11 @@ class _Scheduler(_RunLedger):
     def admit(self, i):
         """Decide what happens to task i now that its upstream tasks are done.
 
-        Returns None when it should run; otherwise it was settled here and the
-        result is True (it succeeded: reused, or a map collected), False (it
-        ended without succeeding), or a list of map instances to schedule.
+        Returns None when it should run; _WAIT when it waits for a pool slot
+        or a rate (it comes back from released() or _Pools.wake()); otherwise
+        it was settled here and the result is True (it succeeded: reused, or
+        a map collected), False (it ended without succeeding), or a list of
+        map instances to schedule.
         """
         if self.closed:
             return False
@@ -1973,6 +2089,10 @@ class _Scheduler(_RunLedger):
             return self.reuse(i)
         if i in plan.maps:
             return self.map_step(i)
+        if self.pools is not None:
+            keys = [key for key in (plan.pool_of[i], plan.group[i]) if key is not None]
+            if keys and not self.pools.acquire(i, keys):
+                return _WAIT
         return None
 
     def rule_unmet(self, i, rule):
@@ -1998,8 +2118,9 @@ class _Scheduler(_RunLedger):
         once the run is stopping.
         """
         plan = self.plan
+        woken = self.pools.release(i) if self.pools is not None else ()
         if self.stopping and not plan.handlers:
-            return ()               # nothing more can start: the rest is settled at the end
+            return woken            # nothing more can start: the rest is settled at the end
         if not ok:
             doomed = self.doomed
             why = doomed.get(i) or "upstream %r %s" % (
@@ -2018,6 +2139,8 @@ class _Scheduler(_RunLedger):
             for s in joins:
                 if next(arrived[s]) == needed[s]:
                     ready.append(s)
+        if woken:
+            ready = list(ready) + woken
         return ready
 
     # -- attempts and their outcomes
@@ -2034,6 +2157,8 @@ class _Scheduler(_RunLedger):
             node = self.plan.nodes[i]
             node = getattr(node, "base", node)      # a map instance retries like its task
             delay = min(node.retry_delay * 2 ** (attempt - 1), node.max_retry_delay)
+            if self.pools is not None:
+                delay = self.pools.retry_delay(i, delay)
             self.emit(time.time(), "task.retrying", i, TaskState.RUNNING,
                       {"attempt": attempt + 1, "of": self.plan.retries[i] + 1,
                        "delay_s": delay, "error": _describe(value)})
@@ -2065,6 +2190,8 @@ class _Scheduler(_RunLedger):
         run._attempts[m] = 1
         if not items:
             return self.succeed(m, [])
+        if plan.max_parallel[m]:
+            self.pools.add(("map", m), plan.max_parallel[m])
         with self.lock:
             instances = self.expand(m, items)
             self.pending.extend([0] * len(items))
@@ -2260,12 +2387,28 @@ class _ThreadDriver:
             self.ready.put(i)
         self.start_workers(len(roots))
         try:
-            while not core.done.wait(0.05):
+            while not core.done.wait(self.next_wake()):
                 core.check_requests()
+                if core.pools is not None and core.pools.parked:
+                    self.wake_waiting()
         finally:
             for _ in range(self.threads):
                 self.ready.put(_STOP)
             self.pool.shutdown(wait=False)
+
+    def next_wake(self):
+        """How long the waiting thread may sleep: 50 ms, less when a rate allows a start."""
+        due = self.core.pools.next_due() if self.core.pools is not None else None
+        return 0.05 if due is None else max(0.001, min(0.05, due - time.monotonic()))
+
+    def wake_waiting(self):
+        core = self.core
+        with core.lock:             # counted in flight before they stop counting as waiting
+            woken = core.pools.wake(everyone=core.stopping)
+            self.inflight += len(woken)
+        for s in woken:
+            self.ready.put(s)
+        self.start_workers(len(woken))
 
     def start_workers(self, wanted):
         with self.core.lock:
@@ -2295,7 +2438,7 @@ class _ThreadDriver:
             ok = core.admit(i)
             if ok is None:
                 ok = self.run_task(i)
-            ready = ok if isinstance(ok, list) else core.released(i, ok)
+            ready = ok if isinstance(ok, list) else () if ok is _WAIT else core.released(i, ok)
             nxt = more = None
             if ready:
                 nxt = ready[0]
@@ -2310,7 +2453,7 @@ class _ThreadDriver:
             if nxt is None:
                 with core.lock:
                     self.inflight -= 1
-                    over = self.inflight == 0
+                    over = self.inflight == 0 and (core.pools is None or not core.pools.parked)
                 if over:
                     core.finish()
                 return
@@ -2373,10 +2516,12 @@ class _FutureDriver:
         core = self.core
         self.ready = deque(core.plan.roots)
         try:
-            while self.ready or self.running or self.waiting:
+            while self.ready or self.running or self.waiting or self.parked():
+                if self.parked():
+                    self.ready.extend(core.pools.wake(everyone=core.stopping))
                 self.start_due_retries()
                 self.start_ready()
-                if self.running or self.waiting:
+                if self.running or self.waiting or self.parked():
                     self.wait_for_one()
         except Exception as exc:            # a bug here must end the run, not leave it RUNNING
             core.crash(exc)
@@ -2387,6 +2532,9 @@ class _FutureDriver:
                 import shutil
                 shutil.rmtree(os.path.join(core.run.artifacts_dir, _STAGING), ignore_errors=True)
         core.finish()
+
+    def parked(self):
+        return self.core.pools is not None and self.core.pools.parked
 
     def start_due_retries(self):
         import heapq
@@ -2402,7 +2550,9 @@ class _FutureDriver:
         core, ready = self.core, self.ready
         while ready:
             ok = core.admit(ready[0])
-            if ok is not None:
+            if ok is _WAIT:
+                ready.popleft()
+            elif ok is not None:
                 i = ready.popleft()
                 ready.extend(ok if isinstance(ok, list) else core.released(i, ok))
             elif len(self.running) < self.workers:
@@ -2455,6 +2605,8 @@ class _FutureDriver:
         dues = [r[2] for r in self.running.values() if r[2] is not None]
         if self.waiting:
             dues.append(self.waiting[0][0])
+        if self.parked() and core.pools.next_due() is not None:
+            dues.append(core.pools.next_due())
         try:                # wake at least every 50 ms to act on signals
             item = self.queue.get(timeout=min([0.05] + [max(0.0, due - time.monotonic())
                                                         for due in dues]))
@@ -4036,6 +4188,8 @@ class Engine:
     ``observers``: callables ``observer(run, event)`` that see every ``Event``
     of every run; they must be quick, must not raise (an observer that raises
     is reported once and dropped) and only read.
+    ``pools``: pool sizes (``{"api": 4}``) or ``{"size": .., "rate": "10/s"}``
+    that override the flow's or declare more (a size alone keeps the flow's rate).
     ``executor``: ``"thread"`` (default), ``"process"`` (a process per
     worker; tasks, inputs and outputs must pickle, and a timeout kills the
     task's process) or any ``concurrent.futures.Executor``, such as a Dask
@@ -4044,7 +4198,7 @@ class Engine:
     """
 
     def __init__(self, workers=8, trace=True, cute=None, store=None, observers=(),
-                 executor="thread"):
+                 executor="thread", pools=None):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError("workers must be a whole number >= 1, not %r" % (workers,))
         if executor not in ("thread", "process") and not callable(
@@ -4057,6 +4211,8 @@ class Engine:
         self.cute = _cute_default() if cute is None else bool(cute)
         self.store = store
         self.observers = list(observers)
+        self.pools = dict(pools or {})      # sizes (or {"size", "rate"}) over the flow's own
+        _parse_pools(self.pools, "Engine(pools=...)")
         self._active = {}           # run id -> its _Scheduler while the run goes
 
     def _store(self):
@@ -4099,7 +4255,8 @@ class Engine:
         run = Run(plan, flow, params, run_id)
         run.resumed_from = resume
         recorder = _RunRecorder(store, run, folder) if folder is not None else None
-        core = _Scheduler(run, binds, self._observers(recorder, folder), reused, recorder)
+        core = _Scheduler(run, binds, self._observers(recorder, folder), reused, recorder,
+                          self._pools(plan))
         if recorder is not None:
             run.artifacts_dir = recorder.artifacts_dir
             core.cancel_file = recorder.cancel_file
@@ -4135,6 +4292,22 @@ class Engine:
                 raise RunCancelled("run %s of flow %r was cancelled (%s)"
                                    % (run.run_id, run.flow_name, run.reason), run)
         return run
+
+    def _pools(self, plan):
+        """The run's pool limits: the flow's, overridden by this engine's; a task
+        naming a pool nobody declared is a FlowError."""
+        limits = _parse_pools(plan.pools, "flow %r" % plan.flow_name)
+        for name, (size, rate) in _parse_pools(self.pools, "Engine(pools=...)").items():
+            given = self.pools[name]
+            keep_rate = not isinstance(given, dict) and name in limits
+            limits[name] = (size, limits[name][1] if keep_rate else rate)
+        for name, pool in zip(plan.names, plan.pool_of):
+            if pool is not None and pool not in limits:
+                raise FlowError("task %r uses pool %r, which has no size%s; declare it:"
+                                " Flow(..., pools={%r: 2}), Engine(pools={%r: 2}) or"
+                                " --pool %s=2" % (name, pool, _closest(pool, limits), pool,
+                                                  pool, pool))
+        return limits
 
     def _observers(self, recorder, folder):
         """Who sees a run's events, in order: the caller's observers, the trace,
