@@ -1402,6 +1402,20 @@ def _check_acyclic(flow_name, names, preds):
                         cycle=cycle) from None
 
 
+def _task_rules(plan, i):
+    """What decides whether task i starts, beyond its upstream tasks, in words."""
+    words = []
+    if plan.rules[i] is not None:
+        words.append("run_if=%s" % plan.rules[i])
+    if i in plan.whens:
+        words.append("when %s" % plan.whens[i][3])
+    if plan.pool_of[i] is not None:
+        words.append("pool=%s" % plan.pool_of[i])
+    if plan.max_parallel[i] is not None:
+        words.append("max_parallel=%d" % plan.max_parallel[i])
+    return words
+
+
 # ---------------------------------------------------------------------------
 # Run state
 # ---------------------------------------------------------------------------
@@ -1888,6 +1902,21 @@ class _Pools:
             return min((at for at, _ in self.due), default=None)
 
 
+def _rule_unmet(plan, states, i, rule):
+    """Why task i's run_if is not met by its upstream tasks' final states, or None."""
+    preds = plan.preds[i]
+    ups = [states[p] for p in preds]
+    if rule == "all_done" or (
+            rule == "none_failed" and all(s in (TaskState.SUCCEEDED, TaskState.SKIPPED)
+                                          for s in ups)) or (
+            rule == "any_succeeded" and TaskState.SUCCEEDED in ups) or (
+            rule == "any_failed" and TaskState.FAILED in ups):
+        return None
+    names = plan.names
+    return "run_if=%r not met: %s" % (rule, ", ".join(
+        "%r %s" % (names[p], states[p].lower()) for p in preds) or "no upstream tasks")
+
+
 class _RunLedger:
     """The one writer of a run's state: every change to a task or to the run is
     made here and announced as an Event to the run's observers, in order."""
@@ -2014,6 +2043,38 @@ class _RunLedger:
         self.emit(ts, "task.skipped" if state == TaskState.SKIPPED else "task.cancelled",
                   i, state, {"reason": reason})
 
+    def items_of(self, over):
+        items = _arguments(self.run, (over,))[0][0]
+        if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
+            raise TypeError("%s gave a %s; .map() needs a list of items"
+                            % (over[3] or "the map's input", type(items).__name__))
+        return list(items)
+
+    def collect(self, m):
+        """A map node whose instances are all done: its output is theirs, in item
+        order; when instances failed, the node failed too."""
+        run = self.run
+        instances = self.expanded.pop(m)
+        failed = [k for k in instances if run._state[k] == TaskState.FAILED]
+        if failed:
+            self.fail_map(m, instances, failed)
+            return False
+        if any(run._state[k] != TaskState.SUCCEEDED for k in instances):
+            skipped = next(k for k in instances if run._state[k] != TaskState.SUCCEEDED)
+            self.mark(m, TaskState.SKIPPED, "instance %r %s" % (
+                self.plan.names[skipped], run._state[skipped].lower()))
+            return False
+        return self.succeed(m, [run._outputs[k] for k in instances])
+
+    def fail_map(self, m, instances, failed):
+        first = self.run._errors.get(failed[0])
+        error = RuntimeError("%d of %d instances failed (first: %s: %s)" % (
+            len(failed), len(instances), self.plan.names[failed[0]],
+            _describe(first) if first is not None else "failed"))
+        if first is not None:
+            error.__cause__ = first
+        self.fail(m, error, self.run._tracebacks.get(failed[0]))
+
 
 class _Scheduler(_RunLedger):
     """The decisions of one run, shared by every way of executing it.
@@ -2070,7 +2131,8 @@ class _Scheduler(_RunLedger):
             return False
         if i in self.expanded:
             return self.collect(i)
-        why = self.doomed.get(i) if rule is None else self.rule_unmet(i, rule)
+        why = self.doomed.get(i) if rule is None else _rule_unmet(
+            plan, self.run._state, i, rule)
         if why is not None:
             self.mark(i, TaskState.SKIPPED, why)
             return False
@@ -2094,21 +2156,6 @@ class _Scheduler(_RunLedger):
             if keys and not self.pools.acquire(i, keys):
                 return _WAIT
         return None
-
-    def rule_unmet(self, i, rule):
-        """Why task i's run_if is not met by its upstream tasks' final states, or None."""
-        states = self.run._state
-        preds = self.plan.preds[i]
-        ups = [states[p] for p in preds]
-        if rule == "all_done" or (
-                rule == "none_failed" and all(s in (TaskState.SUCCEEDED, TaskState.SKIPPED)
-                                              for s in ups)) or (
-                rule == "any_succeeded" and TaskState.SUCCEEDED in ups) or (
-                rule == "any_failed" and TaskState.FAILED in ups):
-            return None
-        names = self.plan.names
-        return "run_if=%r not met: %s" % (rule, ", ".join(
-            "%r %s" % (names[p], states[p].lower()) for p in preds) or "no upstream tasks")
 
     def released(self, i, ok):
         """The successors of finished task i that are ready now.
@@ -2200,38 +2247,6 @@ class _Scheduler(_RunLedger):
             self.arrived[m] = _count(1)
             self.expanded[m] = instances
         return instances
-
-    def items_of(self, over):
-        items = _arguments(self.run, (over,))[0][0]
-        if isinstance(items, (str, bytes, dict)) or not hasattr(items, "__iter__"):
-            raise TypeError("%s gave a %s; .map() needs a list of items"
-                            % (over[3] or "the map's input", type(items).__name__))
-        return list(items)
-
-    def collect(self, m):
-        """A map node whose instances are all done: its output is theirs, in item
-        order; when instances failed, the node failed too."""
-        run = self.run
-        instances = self.expanded.pop(m)
-        failed = [k for k in instances if run._state[k] == TaskState.FAILED]
-        if failed:
-            self.fail_map(m, instances, failed)
-            return False
-        if any(run._state[k] != TaskState.SUCCEEDED for k in instances):
-            skipped = next(k for k in instances if run._state[k] != TaskState.SUCCEEDED)
-            self.mark(m, TaskState.SKIPPED, "instance %r %s" % (
-                self.plan.names[skipped], run._state[skipped].lower()))
-            return False
-        return self.succeed(m, [run._outputs[k] for k in instances])
-
-    def fail_map(self, m, instances, failed):
-        first = self.run._errors.get(failed[0])
-        error = RuntimeError("%d of %d instances failed (first: %s: %s)" % (
-            len(failed), len(instances), self.plan.names[failed[0]],
-            _describe(first) if first is not None else "failed"))
-        if first is not None:
-            error.__cause__ = first
-        self.fail(m, error, self.run._tracebacks.get(failed[0]))
 
     # -- stopping
 
@@ -3848,7 +3863,10 @@ class _RunRecorder:
                  for p in preds]
         self.graph_saved = bool(self.guarded(
             _atomic_write, os.path.join(self.folder, "graph.json"),
-            _dumps({"nodes": plan.names, "edges": edges}).encode("utf-8")))
+            _dumps({"nodes": plan.names, "edges": edges,
+                    "rules": {name: words for name, words in zip(
+                        plan.names, map(_task_rules, [plan] * len(plan.names),
+                                        range(len(plan.names)))) if words}}).encode("utf-8")))
 
     def save_outputs(self):
         new = self.succeeded[self.saved_outputs:]
@@ -5528,14 +5546,17 @@ def _parse_params(pairs):
 
 
 def render_graph(flow, fmt="text"):
-    """The flow's DAG as text, Mermaid or Graphviz dot (a str)."""
+    """The flow's DAG as text, Mermaid or Graphviz dot (a str); a task's
+    run_if, when, pool and max_parallel are shown with it."""
     plan = flow._compile()
     names = plan.names
+    labels = [" ".join([name] + ["[%s]" % w for w in _task_rules(plan, i)])
+              for i, name in enumerate(names)]
     if fmt == "mermaid":
         ids = {name: "t%d" % i for i, name in enumerate(names)}
         lines = ["flowchart TD"]
         for i, name in enumerate(names):
-            lines.append('    %s["%s"]' % (ids[name], name.replace('"', "#quot;")))
+            lines.append('    %s["%s"]' % (ids[name], labels[i].replace('"', "#quot;")))
         for i, ups in enumerate(plan.preds):
             for up in ups:
                 lines.append("    %s --> %s" % (ids[names[up]], ids[names[i]]))
@@ -5544,16 +5565,19 @@ def render_graph(flow, fmt="text"):
         def q(text):
             return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
         lines = ["digraph %s {" % q(flow.name), "    rankdir=LR;"]
-        for name in names:
-            lines.append("    %s;" % q(name))
+        for i, name in enumerate(names):
+            lines.append("    %s;" % q(name) if labels[i] == name else
+                         "    %s [label=%s];" % (q(name), q(labels[i])))
         for i, ups in enumerate(plan.preds):
             for up in ups:
                 lines.append("    %s -> %s;" % (q(names[up]), q(names[i])))
         return "\n".join(lines + ["}"]) + "\n"
     lines = ["flow %s (%d task%s)" % (flow.name, len(names), "" if len(names) == 1 else "s")]
-    for i, name in enumerate(_topological(plan)):
-        ups = plan.preds[plan.index[name]]
-        lines.append("  %s%s" % (name, " <- " + ", ".join(names[u] for u in ups) if ups else ""))
+    for name in _topological(plan):
+        i = plan.index[name]
+        ups = plan.preds[i]
+        lines.append("  %s%s" % (labels[i], " <- " + ", ".join(names[u] for u in ups)
+                                 if ups else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -5587,6 +5611,8 @@ def _build_parser():
                       help="plain ASCII trace for CI logs")
     run.add_argument("--resume", metavar="RUN_ID",
                      help="run a FAILED or CANCELLED run again, reusing what succeeded")
+    run.add_argument("--pool", action="append", default=[], metavar="NAME=SIZE",
+                     help="the size of a pool, over the flow's (repeatable)")
     run.add_argument("--store", metavar="DIR", help=store_help)
 
     check = commands.add_parser("check", help="validate a flow without running it",
@@ -5653,12 +5679,25 @@ def _build_parser():
     return parser
 
 
+def _parse_pool_sizes(pairs):
+    """--pool NAME=SIZE values as {NAME: SIZE}; UsageError says which one is bad."""
+    sizes = {}
+    for pair in pairs:
+        name, sep, size = pair.partition("=")
+        if not sep or not name or not size.strip().isdigit() or int(size) < 1:
+            raise UsageError("--pool %r: write NAME=SIZE with a whole number >= 1, as in"
+                             " --pool api=4" % pair)
+        sizes[name] = int(size)
+    return sizes
+
+
 def _cmd_run(args):
     if args.workers < 1:
         raise UsageError("--workers must be at least 1, not %d" % args.workers)
     params = _parse_params(args.param)
     flow = load_flow(args.target, args.flow)
-    engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args))
+    engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args),
+                    pools=_parse_pool_sizes(args.pool))
     try:
         engine.run(flow, params, resume=args.resume)
     except FlowError as exc:            # raised before any task runs
@@ -5672,6 +5711,13 @@ def _cmd_run(args):
     return 0
 
 
+def _rules_report(flow):
+    """Task name -> what decides whether it starts (run_if, when, pool), for tasks with any."""
+    plan = flow._compile()
+    return {name: _task_rules(plan, i) for i, name in enumerate(plan.names)
+            if _task_rules(plan, i)}
+
+
 def _cmd_check(args):
     params = _parse_params(args.param)
     flow = load_flow(args.target, args.flow)
@@ -5683,13 +5729,19 @@ def _cmd_check(args):
     if args.json:
         report = {"ok": not problems, "flow": flow.name, "problems": problems,
                   "tasks": [n.name for n in flow.tasks] if not problems else [],
-                  "needs_params": sorted({p for _, p in needs})}
+                  "needs_params": sorted({p for _, p in needs}),
+                  "pools": {name: dict(zip(("size", "rate"), (size, flow.pools[name].get(
+                      "rate") if isinstance(flow.pools[name], dict) else None)))
+                      for name, (size, _) in _parse_pools(flow.pools, flow.name).items()},
+                  "rules": _rules_report(flow) if not problems else {}}
         _print_json(report)
     elif problems:
         for problem in problems:
             print("problem: %s" % problem)
     else:
         print("ok: flow %s, %d task%s" % (flow.name, len(flow), "" if len(flow) == 1 else "s"))
+        for name, words in _rules_report(flow).items():
+            print("  %s: %s" % (name, ", ".join(words)))
         for task_name, pname in needs:
             print("  needs run parameter %r (for task %r): pass -p %s=..."
                   % (pname, task_name, pname))
@@ -5974,6 +6026,7 @@ code, pre, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, m
 pre.tb { background:var(--bg); border:1px solid var(--line); border-radius:6px; padding:.6rem; overflow:auto; max-height:320px; }
 svg text { fill:var(--fg); font-size:11px; }
 svg .edge { stroke:var(--muted); fill:none; }
+svg .rule { font-size:9px; fill:var(--muted); }
 .legend span { margin-right:.8rem; }
 #status { font-size:.8rem; }
 .error { color:var(--fail); }
@@ -6122,10 +6175,17 @@ function dag(graph, record) {
   for (const n of nodes) {
     const st = (record.tasks[n] || {}).state || "PENDING";
     const g = svg("g", {"data-task": n});
-    const title = svg("title", {}); title.textContent = `${n}: ${st}`; g.append(title);
+    const rules = (graph.rules || {})[n] || [];
+    const title = svg("title", {}); title.textContent = `${n}: ${st}` + (rules.length ? ` (${rules.join(", ")})` : ""); g.append(title);
     g.append(svg("rect", {x: at[n].x, y: at[n].y, width: W, height: H, rx: 7, fill: `var(${color[st] || "--pend"})`, "fill-opacity": "0.25", stroke: `var(${color[st] || "--pend"})`}));
     const label = svg("text", {x: at[n].x + 8, y: at[n].y + H / 2 + 4}); label.textContent = n.length > 21 ? n.slice(0, 20) + "…" : n;
-    g.append(label); box.append(g);
+    g.append(label);
+    if (rules.length) {
+      const rule = svg("text", {x: at[n].x + 8, y: at[n].y + H - 3, class: "rule"});
+      rule.textContent = rules.join(" · ").slice(0, 26);
+      g.append(rule);
+    }
+    box.append(g);
   }
   card.append(h("div", {style: "overflow:auto"}, box));
   return card;
