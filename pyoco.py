@@ -2124,13 +2124,13 @@ class _Scheduler(_RunLedger):
         if self.closed:
             return False
         plan = self.plan
+        if i in self.expanded:      # a map's instances are done: settling it starts nothing
+            return self.collect(i)
         rule = plan.rules[i]
         if self.stopping and not (rule == "all_done" or (
                 rule == "any_failed" and self.stop_state == TaskState.SKIPPED)):
             self.mark(i, self.stop_state, self.stop_reason)
             return False
-        if i in self.expanded:
-            return self.collect(i)
         why = self.doomed.get(i) if rule is None else _rule_unmet(
             plan, self.run._state, i, rule)
         if why is not None:

@@ -6369,7 +6369,7 @@ def tut_plugin_folder(tmp_path):
 TUT_FENCE = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 TUT_PAGES = ["index.md", "01-hello-flow.md", "02-params.md", "03-passing-data.md",
              "04-parallel.md", "05-artifacts.md", "06-errors.md", "07-tasks-and-plugins.md",
-             "08-runs-and-resume.md", "09-watching.md"]
+             "08-runs-and-resume.md", "09-watching.md", "10-flow-control.md"]
 
 # Every example file, and the test that runs it (kept complete by a test below).
 TUT_COVERED = {
@@ -6389,6 +6389,7 @@ TUT_COVERED = {
     "s08_ctrl_c.py": "test_tut_s08_ctrl_c_then_resume",
     "s09_watched.py": "test_tut_s09_serve",
     "s09_webhook_receiver.py": "test_tut_s09_webhook",
+    "s10_flow_control.py": "test_tut_s10_pools_conditions_and_cleanup",
 }
 
 
@@ -6919,6 +6920,25 @@ def test_tut_s09_webhook(tmp_path):
 # ===========================================================================
 # Resume keeps artifacts and params; retention keeps the newest runs
 # ===========================================================================
+
+
+def test_tut_s10_pools_conditions_and_cleanup(tmp_path):
+    ok = tut_ok(tut_run(tmp_path, "s10_flow_control.py"))
+    assert "🥕 new prices: nantes 60¢, chantenay 90¢, danvers 70¢, imperator 90¢" in ok.stdout
+    assert "🧹 baskets put away" in ok.stdout and "telling the gardener" not in ok.stdout
+    assert ("⏭️ skip node=alert (run_if='any_failed' not met: 'price' succeeded,"
+            " 'compare' succeeded, 'publish' succeeded)") in ok.stderr
+    failed = tut_ok(tut_run(tmp_path, "s10_flow_control.py", "-p", "flaky=true"), code=1)
+    assert "💥 error node=price[2] ConnectionError: the market hung up" in failed.stderr
+    assert "📣 something failed: telling the gardener" in failed.stdout
+    assert "🧹 baskets put away" in failed.stdout
+    assert "⏭️ skip node=publish (run stopped after 'price[2]' failed)" in failed.stderr
+    one = tut_ok(tut_run(tmp_path, "s10_flow_control.py", "--pool", "market=1"))
+    assert "🧹 baskets put away" in one.stdout
+    graph = tut_ok(tut_cli(tmp_path, "graph", str(TUT_EXAMPLES / "s10_flow_control.py")))
+    page = (TUT_DOCS / "10-flow-control.md").read_text(encoding="utf-8")
+    assert graph.stdout in page, graph.stdout
+
 
 def test_resume_gives_reused_tasks_artifacts_and_the_old_params(tmp_path, monkeypatch):
     seen = {}
