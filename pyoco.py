@@ -3085,11 +3085,6 @@ class _TraceFormat:
                                 " ".join("%s=%s" % (k, _plain_value(v)) for k, v in fields))
 
 
-def format_event(run, ev, cute=True):
-    """The trace line (without newline) for one event seen on its own, or None."""
-    return _TraceFormat(cute).line(run, ev)
-
-
 class _TraceWriter:
     """Observer that prints the trace, cute or plain, one line per event.
 
