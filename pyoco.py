@@ -1189,6 +1189,10 @@ class _Plan:
         self.isolate = [source.fail_policy == "isolate" for source in sources]
         self.rules = [None if source.run_if == "all_succeeded" else source.run_if
                       for source in sources]          # None: the default rule
+        for rule in set(self.rules) - {None}:       # a Task subclass may set it on the class
+            if rule not in _RUN_IF:
+                bad = next(s for s in sources if s.run_if == rule)
+                _check_flow_option(bad, "run_if", rule)
         self.handlers = any(rule in ("all_done", "any_failed") for rule in self.rules)
         self.pool_of = [source.pool for source in sources]
         self.max_parallel = [source.max_parallel for source in sources]
