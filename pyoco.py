@@ -5765,6 +5765,9 @@ def _build_parser():
                       help="emoji trace (the default)")
     mode.add_argument("--non-cute", dest="cute", action="store_false",
                       help="plain ASCII trace for CI logs")
+    run.add_argument("--progress", choices=("on", "off"),
+                     help="on a terminal, each running map is one line redrawn in place"
+                          " (default: on, unless PYOCO_PROGRESS=0); off: a line per event")
     run.add_argument("--resume", metavar="RUN_ID",
                      help="run a FAILED or CANCELLED run again, reusing what succeeded")
     run.add_argument("--store", metavar="DIR", help=store_help)
@@ -5819,6 +5822,8 @@ def _build_parser():
     serve.add_argument("--port", type=int, default=8080,
                        help="port (default 8080; 0 picks a free one)")
     serve.add_argument("--store", metavar="DIR", help=store_help)
+    serve.add_argument("--progress", choices=("on", "off"),
+                       help="progress lines for the runs it starts, as for run")
 
     plugins = commands.add_parser("plugins", help="installed plugin tasks",
                                   description="Plugin tasks published under the entry-point"
@@ -5833,12 +5838,16 @@ def _build_parser():
     return parser
 
 
+_PROGRESS_FLAG = {None: None, "on": True, "off": False}     # --progress -> Engine(progress=)
+
+
 def _cmd_run(args):
     if args.workers < 1:
         raise UsageError("--workers must be at least 1, not %d" % args.workers)
     params = _parse_params(args.param)
     flow = load_flow(args.target, args.flow)
-    engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args))
+    engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args),
+                    progress=_PROGRESS_FLAG[args.progress])
     try:
         engine.run(flow, params, resume=args.resume)
     except FlowError as exc:            # raised before any task runs
@@ -5973,7 +5982,7 @@ def _cmd_serve(args):
                 raise UsageError("two flows are named %r; give one another name" % flow.name)
     try:
         server = Server(store, host=args.host, port=args.port, flows=flows,
-                        engine=Engine(store=store))
+                        engine=Engine(store=store, progress=_PROGRESS_FLAG[args.progress]))
     except OSError as exc:
         host = "[%s]" % args.host if ":" in args.host and "[" not in args.host else args.host
         raise UsageError("cannot listen on %s:%d: %s" % (host, args.port, exc.strerror

@@ -2205,7 +2205,7 @@ def test_progress_on_a_terminal_shows_a_200_item_map_in_a_few_lines(tmp_path):
 
 
 @needs_pty
-@pytest.mark.parametrize("how", ["PYOCO_PROGRESS=0", "--non-cute"])
+@pytest.mark.parametrize("how", ["--progress off", "PYOCO_PROGRESS=0", "--non-cute"])
 def test_progress_off_on_a_terminal_prints_every_event_as_a_line(tmp_path, how):
     write(tmp_path / "big.py", PROGRESS_FLOW)
     args, env = ["run", "big.py"], child_env(TERM="xterm")
@@ -2242,7 +2242,7 @@ PIPED_FLOW = """\
 
 
 @needs_pty
-@pytest.mark.parametrize("flag", [[]], ids=["auto"])
+@pytest.mark.parametrize("flag", [[], ["--progress", "on"]], ids=["auto", "on"])
 def test_progress_piped_to_a_file_is_every_event_as_a_line(tmp_path, flag):
     write(tmp_path / "piped.py", PIPED_FLOW)
     out = tmp_path / "out.txt"
@@ -2264,6 +2264,17 @@ def test_progress_piped_to_a_file_is_every_event_as_a_line(tmp_path, flag):
     assert len(lines) == len(expected), text
     for pattern, line in zip(expected, lines):
         assert re.fullmatch(pattern, line), (pattern, line)
+
+
+def test_progress_flag_is_on_or_off_for_run_and_serve(tmp_path):
+    write(tmp_path / "piped.py", PIPED_FLOW)
+    proc = cli(tmp_path, "run", "piped.py", "--progress", "maybe")
+    assert proc.returncode == 2
+    assert "--progress" in proc.stderr and "'on', 'off'" in proc.stderr
+    parser = pyoco._build_parser()
+    assert parser.parse_args(["run", "f.py"]).progress is None
+    assert parser.parse_args(["run", "f.py", "--progress", "on"]).progress == "on"
+    assert parser.parse_args(["serve", "--progress", "off"]).progress == "off"
 
 
 SLOW_MAP_FLOW = """\
