@@ -6459,6 +6459,41 @@ def test_tut_s04_map(tmp_path):
     assert "🐇 3 rows, 30 carrots in all" in script.stdout
 
 
+@needs_pty
+def test_tut_s04_map_in_a_terminal(tmp_path):
+    """What the page shows in a terminal: a final line for the map instead of
+    lines per instance, and every instance's lines with --progress off."""
+    def terminal(*args, stdout=None):
+        code, received = pty_run(tmp_path, "run", tut_example("s04_map.py"), *args, "--store",
+                                 tut_store(tmp_path), env=tut_env(TERM="xterm"), stdout=stdout)
+        assert code == 0, received
+        rows = screen_of(received)
+        assert rows[-1] == ""
+        return rows[:-1]
+    took = r" \(\d+\.\d\d m?s\)"
+    rows = terminal()
+    start, done = [row for row in rows if "node=harvest_row" in row]
+    assert start == "🏃 start node=harvest_row"
+    assert re.fullmatch("✅ done node=harvest_row 3/3" + took, done), rows
+    between = rows[rows.index(start) + 1:rows.index(done)]
+    assert sorted(between) == ["🥕 row %d gave %d carrots" % (n, 5 * n) for n in (1, 2, 3)]
+
+    rows = terminal("-p", "rows=2000", stdout=subprocess.DEVNULL)
+    expected = [r"🐇 pyoco > start flow=harvest run_id=\S+", "🏃 start node=list_rows",
+                "✅ done node=list_rows" + took, "🏃 start node=harvest_row",
+                "✅ done node=harvest_row 2000/2000" + took, "🏃 start node=weigh",
+                "✅ done node=weigh" + took, "🥕 done flow=harvest"]
+    assert len(rows) == len(expected), rows
+    for pattern, row in zip(expected, rows):
+        assert re.fullmatch(pattern, row), (pattern, row)
+
+    rows = terminal("--progress", "off")
+    for n in range(3):
+        assert "🏃 start node=harvest_row[%d]" % n in rows
+        assert any(re.fullmatch(re.escape("✅ done node=harvest_row[%d]" % n) + took, row)
+                   for row in rows)
+
+
 # ---------------------------------------------------------------------------
 # Step 5: artifacts and scratch
 # ---------------------------------------------------------------------------
