@@ -55,6 +55,7 @@ _record_lock = _allocate_lock()     # held while a finished run's record is rewr
 _write_lock = _allocate_lock()      # held for each trace line and each whole line a task prints
 _held_lines = []            # (stream, line) trace lines not yet written: under _write_lock
 _flusher = None             # [thread, Event] writing _held_lines soon after they come
+_live = None                # _LiveLines: progress lines on the terminal, if any: under _write_lock
 _print_owners = {}          # thread id -> (log sink, task name) while that thread runs an attempt
 # print() holds no reference to sys.stdout while it writes: a tee swapped out and
 # freed under a thread still printing would crash the interpreter. So tees are
@@ -243,7 +244,10 @@ def _write_line(stream, line):
     with _write_lock:
         if _held_lines:
             _write_held()
-        _write_now(stream, line)
+        if _live is not None and _live.covers(stream):
+            _live.write(stream, line)       # above the progress lines, never on them
+        else:
+            _write_now(stream, line)
 
 
 def _write_now(stream, text):
@@ -429,7 +433,10 @@ class _Tee:
         with _write_lock:
             if _held_lines:
                 _write_held()
-            self._pyoco_original.write(whole + "\n")
+            if _live is not None and _live.covers(self._pyoco_original):
+                _live.write(self._pyoco_original, whole + "\n")
+            else:
+                self._pyoco_original.write(whole + "\n")
         return len(text)
 
     def flush(self):
@@ -450,8 +457,12 @@ class _Tee:
             with _write_lock:
                 if _held_lines:
                     _write_held()
+                text = "".join(rest + "\n" for rest in rests)
+                if _live is not None and _live.covers(self._pyoco_original):
+                    _live.write(self._pyoco_original, text)
+                    return
                 try:
-                    self._pyoco_original.write("".join(rest + "\n" for rest in rests))
+                    self._pyoco_original.write(text)
                 except (OSError, ValueError):
                     pass            # a closed stream: nothing to finish
 
@@ -470,8 +481,8 @@ def _end_printed_lines():
 def _after_fork():
     """In a forked child (a process pool's worker): a lock some other thread
     held at the fork would stay taken for good, so both start free."""
-    global _write_lock, _tee_lock, _flusher
-    _write_lock, _tee_lock, _flusher = _allocate_lock(), _allocate_lock(), None
+    global _write_lock, _tee_lock, _flusher, _live
+    _write_lock, _tee_lock, _flusher, _live = _allocate_lock(), _allocate_lock(), None, None
     del _held_lines[:]                  # the parent writes its own
     for tee in list(_tees.values()):
         tee._pyoco_partial.clear()      # the parent's unfinished lines are the parent's
@@ -3122,6 +3133,520 @@ class _TraceWriter:
         _write_line(self.stream, line + "\n")
 
 
+# -- Progress on a terminal (SPEC section 3): each running map is one line
+# redrawn in place below the trace, with a status line while a task is slow.
+
+_SLOW = 2.0         # seconds: a task running longer shows the run's status line
+
+
+def _progress_terminal(trace, cute, progress, executor):
+    """The terminal to draw progress lines on, or None when every event is a
+    line: plain mode, a trace that does not go to stderr, stderr that is not
+    a terminal (or a dumb one), progress=False, PYOCO_PROGRESS=0 when
+    progress is None (auto), or tasks that do not run in this process's
+    threads: what a worker process prints goes to the terminal by itself
+    and would land on a progress line."""
+    if progress is False or not cute or not (trace is True or trace is sys.stderr):
+        return None
+    if executor != "thread":
+        from concurrent.futures import ThreadPoolExecutor
+        if not isinstance(executor, ThreadPoolExecutor):
+            return None
+    if progress is None and os.environ.get("PYOCO_PROGRESS", "1").strip().lower() in (
+            "0", "false", "no", "off"):
+        return None
+    if os.environ.get("TERM") == "dumb":
+        return None                 # no cursor control: ESC[K would show as text
+    stream = getattr(sys.stderr, "_pyoco_original", sys.stderr)
+    try:
+        if stream is None or not stream.isatty():
+            return None
+        "🗺️⏳…·".encode(stream.encoding or "ascii")
+    except (AttributeError, OSError, ValueError, LookupError):  # UnicodeEncodeError too
+        return None                 # escapes instead of emoji would break the widths
+    return stream
+
+
+def _widths(text):
+    """The terminal cells each character of ``text`` takes: two for wide
+    characters and emoji (a character followed by U+FE0F is one), none for
+    combining marks and format characters, one for the rest."""
+    from unicodedata import category, east_asian_width
+    widths = []
+    for c in text:
+        if c == "\ufe0f":
+            if widths and widths[-1] == 1:
+                widths[-1] = 2
+            widths.append(0)
+        elif east_asian_width(c) in ("W", "F"):
+            widths.append(2)
+        else:
+            widths.append(0 if category(c) in ("Mn", "Me", "Cf") else 1)
+    return widths
+
+
+def _cells(text):
+    return len(text) if text.isascii() else sum(_widths(text))
+
+
+def _cut(text, room):
+    """The longest start of ``text`` that fits in ``room`` cells."""
+    if _cells(text) <= room:
+        return text
+    used = 0
+    for k, width in enumerate(_widths(text)):
+        used += width
+        if used > room:
+            return text[:k]
+    return text
+
+
+def _shorten(text, room):
+    """``text`` in at most ``room`` cells, its middle replaced by "…" if it must be."""
+    if _cells(text) <= room:
+        return text
+    if room < 3:
+        return _cut(text, room)
+    widths = _widths(text)
+    head = _cut(text, room // 2)         # and the rest of room - 1 for the tail
+    tail_room, start = room - 1 - _cells(head), len(text)
+    while start > len(head) and widths[start - 1] <= tail_room:
+        tail_room -= widths[start - 1]
+        start -= 1
+    return head + "…" + text[start:]
+
+
+def _printable(name):
+    """A task name for a redrawn line: a newline or escape in it would break the screen."""
+    return name if name.isprintable() else "".join(c if c.isprintable() else "?" for c in name)
+
+
+def _fit(head, name, parts, room):
+    """``head + name`` and the parts joined with " · ", in at most ``room``
+    cells: the name is shortened first (to no fewer than 12 cells), then
+    parts are left off from the end, then the line is cut."""
+    name = _printable(name)
+    while True:
+        tail = " " + " · ".join(parts) if parts else ""
+        left = room - _cells(head) - _cells(tail)
+        if _cells(name) <= left or left >= 12:
+            return head + _shorten(name, left) + tail
+        if len(parts) <= 1:
+            return _cut(head + _shorten(name, 12) + tail, room)
+        parts = parts[:-1]
+
+
+def _span(seconds, gap=" ", up=False):
+    """A duration for a redrawn line in whole units, rounded (``up``: to the
+    next unit): 14 s, 2m05s, 1h02m; ``gap`` goes between number and s."""
+    s = -int(-seconds // 1) if up else int(seconds + 0.5)
+    if s < 60:
+        return "%d%ss" % (s, gap)
+    if s < 3600:
+        return "%dm%02ds" % divmod(s, 60)
+    return "%dh%02dm" % divmod(s // 60, 60)
+
+
+def _instance_count(plan, name):
+    """How many instances map node ``name`` expanded into: ``name[0]`` to
+    ``name[k-1]`` are in the plan and ``name[k]`` is not (found in log2(k) looks)."""
+    index = plan.index
+    if "%s[0]" % name not in index:
+        return 0
+    low, high = 1, 1            # name[low - 1] is there; the answer is in [low, high]
+    while "%s[%d]" % (name, high) in index:
+        low, high = high + 1, high * 2
+    while low < high:
+        middle = (low + high) // 2
+        if "%s[%d]" % (name, middle) in index:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+class _MapProgress:
+    """The counts behind one map's progress line, from its instances' events.
+
+    The counters are bumped without a lock by the threads that report the
+    instances (a lock here would make them queue on every instance): they
+    are for the live line, and the final line counts the run's states.
+    """
+
+    __slots__ = ("name", "total", "first", "began", "ran", "succeeded", "failed", "skipped",
+                 "cancelled", "end", "took", "closed")
+
+    def __init__(self, name, total, first, began):
+        self.name = name
+        self.total = total          # instances
+        self.first = first          # the first instance's task number
+        self.began = began          # when the map node started
+        self.ran = 0                # instances that started and ended: the rate is theirs
+        self.succeeded = self.failed = self.skipped = self.cancelled = 0
+        self.end = None             # the map node's own last event kind, once it came
+        self.took = None            # the map node's duration, once it ended
+        self.closed = False         # its final line is printed
+
+    def ended(self):
+        return self.succeeded + self.failed + self.skipped + self.cancelled
+
+    def line(self, now, running, room):
+        """🗺️ work 120/200 done · 8 running · 1 failed · 35/s · ETA 2s"""
+        parts = ["%d/%d done" % (self.succeeded, self.total), "%d running" % running,
+                 "%d failed" % self.failed]
+        parts += ["%d %s" % (n, what) for n, what in ((self.skipped, "skipped"),
+                                                       (self.cancelled, "cancelled")) if n]
+        spent = now - self.began
+        if self.ran and spent > 0:
+            rate = self.ran / spent
+            parts.append(("%.0f/s" if rate >= 10 else "%.1f/s") % rate)
+            parts.append("ETA " + _span(max(0, self.total - self.ended()) / rate, "", up=True))
+        return _fit("🗺️ ", self.name, parts, room)
+
+    def settled(self, run):
+        """Count the instances' states in the run; False while some have not ended."""
+        states = run._state[self.first:self.first + self.total]
+        self.succeeded, self.failed, self.skipped, self.cancelled = (
+            states.count(state) for state in (TaskState.SUCCEEDED, TaskState.FAILED,
+                                              TaskState.SKIPPED, TaskState.CANCELLED))
+        return self.ended() == self.total
+
+    def final_line(self):
+        """✅ done node=work 200/200 (5.71 s), or the map's own end with what did not succeed."""
+        kind = self.end or ("task.failed" if self.failed else "task.cancelled")
+        word = {"task.succeeded": "✅ done", "task.failed": "💥 error",
+                "task.skipped": "⏭️ skip", "task.cancelled": "🚫 cancelled"}[kind]
+        counts = "".join(" · %d %s" % (n, what) for n, what in (
+            (self.failed, "failed"), (self.skipped, "skipped"), (self.cancelled, "cancelled"))
+            if n)
+        took = self.took if self.took is not None else time.time() - self.began
+        return "%s node=%s %d/%d%s (%s)" % (word, self.name, self.succeeded, self.total, counts,
+                                             _ms(took))
+
+
+class _ProgressTrace:
+    """Observer that prints the cute trace on a terminal, with progress lines.
+
+    Every event is the line _TraceWriter prints, except for map instances:
+    their starts and successes are only counted, on their map's progress
+    line, and so are the skips and cancels of instances that never started
+    (a stopped run's). Their retries and errors, and the skips and cancels
+    of instances that had started, are lines. A map that ends prints one
+    final line instead of its progress line and its own done or error line.
+
+    Events only change dicts and counters, without a lock; the live lines'
+    timer reads them (live_lines) to redraw. self.lock is taken only when a
+    map's progress begins or ends.
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.format = _TraceFormat(cute=True)
+        self.lock = _allocate_lock()
+        self.run = None
+        self.live = False           # drawing progress lines: from run.started to the run's end
+        self.maps = {}              # map node name -> _MapProgress, from its first instance on
+        self.map_starts = {}        # map node name -> when it started, until its first instance
+        self.running = {}           # task name -> when it started, for all but map nodes
+        self.ended = 0              # tasks that ended, instances included
+
+    def __call__(self, run, ev):
+        kind, name = ev[1], ev[2]
+        if self.live:
+            if name is None:
+                if kind in _RUN_ENDS:
+                    return self.finish(run, ev)
+            else:
+                progress = self.map_of(run, name) if name[-1:] == "]" else None
+                if progress is not None:
+                    return self.instance(run, ev, progress)
+                if self.task(run, ev):
+                    return
+        elif kind == "run.started" and self.run is None:
+            self.run = run
+            self.live = _live_join(self, self.stream)
+        self.print(self.format.line(run, ev))
+
+    def print(self, line):
+        if line:
+            _flush_stdout()         # keep task prints and trace lines in order
+            _write_line(self.stream, line + "\n")
+
+    def map_of(self, run, name):
+        """The _MapProgress of the map that task ``name`` is an instance of, or None."""
+        base = name.rpartition("[")[0]
+        progress = self.maps.get(base)
+        if progress is None and base in self.map_starts:
+            with self.lock:         # its first instance: the map's instances are all known now
+                progress = self.maps.get(base)
+                if progress is None and base in self.map_starts:
+                    plan = run._plan
+                    progress = self.maps[base] = _MapProgress(
+                        base, _instance_count(plan, base), plan.index["%s[0]" % base],
+                        self.map_starts.pop(base))
+            _live_changed()
+        return progress
+
+    def task(self, run, ev):
+        """Count an event of a task that is no map instance; True when it is
+        a map's end, whose line is the map's final line."""
+        ts, kind, name = ev[0], ev[1], ev[2]
+        if kind == "task.started":
+            i = run._plan.index.get(name)
+            if i is not None and i in run._plan.maps:
+                self.map_starts[name] = ts
+            else:
+                self.running[name] = ts
+            return False
+        if kind not in _TASK_ENDS:
+            return False
+        self.ended += 1
+        self.running.pop(name, None)
+        self.map_starts.pop(name, None)
+        progress = self.maps.get(name)
+        if progress is None:
+            return False
+        self.format.line(run, ev)       # counted as its line would be (failures, durations)
+        progress.end, progress.took = kind, ev[0] - progress.began
+        if progress.settled(run):       # else at the run's end: a hard stop ends maps first
+            self.print(self.close(progress))
+        return True
+
+    def instance(self, run, ev, progress):
+        ts, kind, name = ev[0], ev[1], ev[2]
+        if kind == "task.started":
+            self.running[name] = ts
+            return
+        line = None
+        if kind in _TASK_ENDS:
+            self.ended += 1
+            began = self.running.pop(name, None)
+            if kind == "task.succeeded":
+                progress.succeeded += 1
+            elif kind == "task.failed":
+                progress.failed += 1
+            elif kind == "task.skipped":
+                progress.skipped += 1
+            else:
+                progress.cancelled += 1
+            if began is not None:
+                progress.ran += 1
+                if kind != "task.succeeded":
+                    line = self.format.line(run, ev)
+            elif kind == "task.failed":
+                line = self.format.line(run, ev)
+        elif kind == "task.retrying":
+            line = self.format.line(run, ev)
+        self.print(line)
+
+    def close(self, progress):
+        """The map's final line (its counts taken by settled), once; its
+        progress line goes."""
+        with self.lock:
+            if progress.closed:
+                return None
+            progress.closed = True
+        _live_changed()
+        return progress.final_line()
+
+    def finish(self, run, ev):
+        """The run's last event: the final lines of maps still open, the run's
+        line, and the progress lines are gone."""
+        lines = []
+        for progress in list(self.maps.values()):
+            if not progress.closed:
+                progress.settled(run)
+                lines.append(self.close(progress))
+        lines.append(self.format.line(run, ev))
+        self.live = False
+        _flush_stdout()
+        _live_leave(self, "".join(line + "\n" for line in lines if line))
+
+    def over(self):
+        return self.run is not None and self.run.status in _FINISHED
+
+    def live_lines(self, now, room, label):
+        """(the progress line of each running map, the status line or None):
+        ⏳ 12/40 tasks done · running: fetch (14 s), load (3 s), naming the
+        tasks running longer than _SLOW, longest first."""
+        running = self.running.copy()           # one step for the GIL: no lock needed
+        maps = []
+        for progress in list(self.maps.values()):
+            if not progress.closed:
+                prefix = progress.name + "["
+                maps.append(progress.line(now, sum(1 for name in running
+                                                   if name.startswith(prefix)), room))
+        slow = sorted(((now - began, name) for name, began in running.items()
+                       if now - began > _SLOW), reverse=True)
+        if not slow:
+            return maps, None
+        prefix = "⏳ %s%d/%d tasks done · running: " % (
+            _printable(self.run.flow_name) + ": " if label else "", self.ended,
+            len(self.run._plan.names))
+        return maps, _status_line(prefix, [(name, _span(took)) for took, name in slow], room)
+
+
+def _status_line(prefix, running, room):
+    """``prefix`` and "fetch (14 s), load (3 s)" for ``running`` (pairs of
+    name and time), in at most ``room`` cells: a long name is shortened, and
+    the tasks that do not fit are counted ("+3 more")."""
+    text = prefix
+    for k, (name, took) in enumerate(running):
+        name, rest = _printable(name), len(running) - k - 1
+        more = ", +%d more" % rest if rest else ""
+        item = "%s%s (%s)" % (", " if k else "", name, took)
+        if _cells(text + item + more) <= room:
+            text += item
+            continue
+        left = room - _cells(text + " (%s)" % took + more)
+        if k == 0 and left >= 8:
+            text += "%s (%s)" % (_shorten(name, left), took)
+            continue
+        text += "%s+%d more" % (", " if k else "", rest + 1)
+        break
+    return _cut(text, room)
+
+
+class _LiveLines:
+    """The lines at the bottom of a terminal while runs show progress: each
+    running map's line, then each run's status line (see _ProgressTrace).
+
+    One exists at a time, the module's _live, guarded by _write_lock. All
+    else pyoco writes to the terminal (trace lines, task output through the
+    tees, warnings) goes through write(): the lines are erased, the text is
+    written and the lines are drawn again below it, so nothing ever shares a
+    row with them. Their text is rendered again by a timer thread at most
+    ten times a second (redraw), never per event: events only count.
+    """
+
+    def __init__(self, stream):
+        import threading
+        self.stream = stream
+        out = getattr(sys.stdout, "_pyoco_original", sys.stdout)
+        try:
+            tty = out is not None and out is not stream and out.isatty()
+        except (AttributeError, OSError, ValueError):
+            tty = False
+        self.neighbour = out if tty else None   # stdout, when it is a terminal too
+        self.sources = []           # the _ProgressTrace of each run drawing here
+        self.lines = []             # the lines on the screen now, top to bottom
+        self.stale = False          # a source or a map came or went: render before drawing
+        self.stop = threading.Event()
+
+    def covers(self, stream):
+        return stream is self.stream or stream is self.neighbour
+
+    def width(self):
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (AttributeError, OSError, ValueError):
+            try:
+                return int(os.environ.get("COLUMNS", "")) or 80
+            except ValueError:
+                return 80
+
+    def render(self):
+        self.stale = False
+        room, now = self.width() - 1, time.time()   # the last column free: no wrap, ever
+        maps, status = [], []
+        for source in self.sources:
+            lines, line = source.live_lines(now, room, len(self.sources) > 1)
+            maps += lines
+            if line is not None:
+                status.append(line)
+        return maps + status
+
+    def erase(self):
+        """From the end of the last live line: erase them all, up to the first's column 0."""
+        n, self.lines = len(self.lines), []
+        return "\r\x1b[K" + "\x1b[A\x1b[K" * (n - 1) if n else ""
+
+    def draw(self, lines):
+        self.lines = lines
+        return "\n".join(lines)
+
+    def write(self, stream, text):
+        """Write whole lines above the live lines (the caller holds _write_lock)."""
+        lines = self.render() if self.stale else self.lines
+        erase = self.erase()
+        if stream is self.stream:
+            _write_now(stream, erase + text + self.draw(lines))
+            return
+        if erase:
+            _write_now(self.stream, erase)
+        _write_now(stream, text)
+        if lines:
+            _write_now(self.stream, self.draw(lines))
+
+    def redraw(self):
+        """The timer's turn (the caller holds _write_lock)."""
+        for source in [s for s in self.sources if s.over()]:
+            self.sources.remove(source)     # its end never came (a dropped observer)
+        lines = self.render()
+        if lines != self.lines:
+            _write_now(self.stream, self.erase() + self.draw(lines))
+
+
+def _live_join(source, stream):
+    """Draw ``source``'s lines on ``stream`` from now on; False when live
+    lines are drawn on another stream already (then it prints lines only)."""
+    global _live
+    with _write_lock:
+        if _live is None:
+            import threading
+            _live = _LiveLines(stream)
+            threading.Thread(target=_redraw_live, args=(_live,), name="pyoco-progress",
+                             daemon=True).start()
+        elif _live.stream is not stream:
+            return False
+        _live.sources.append(source)
+        _live.stale = True
+    return True
+
+
+def _live_changed():
+    """A map's line came or went: render before the next line is written."""
+    live = _live
+    if live is not None:
+        live.stale = True
+
+
+def _live_leave(source, text):
+    """``source``'s run ended: its lines go and ``text`` is written in their place."""
+    global _live
+    if _tees:
+        _end_printed_lines()
+    with _write_lock:
+        if _held_lines:
+            _write_held()
+        live = _live
+        if live is not None and source in live.sources:
+            live.sources.remove(source)
+            live.stale = True
+        if live is not None and live.covers(source.stream):
+            live.write(source.stream, text)
+        else:
+            _write_now(source.stream, text)
+        if live is not None and not live.sources:
+            _live = None
+            live.stop.set()
+
+
+def _redraw_live(live):
+    """The live lines' timer: render and draw at most ten times a second, until they end."""
+    global _live
+    while not live.stop.wait(0.1):
+        with _write_lock:
+            if _live is not live:
+                return
+            live.redraw()
+            if not live.sources:
+                if live.lines:
+                    _write_now(live.stream, live.erase())
+                _live = None
+                return
+
+
 def _logging_observer():
     """An observer feeding the ``pyoco`` logger, if the application set logging up."""
     logging = sys.modules.get("logging")
@@ -4212,20 +4737,28 @@ class Engine:
     task's process) or any ``concurrent.futures.Executor``, such as a Dask
     client's ``get_executor()``. Outside threads, ``ctx`` is a copy: see
     docs/scale-out.md.
+    ``progress``: when the cute trace goes to stderr, stderr is a terminal
+    and tasks run on threads, each running map is one line redrawn in place
+    instead of a line per instance (SPEC section 3). None (default): unless
+    PYOCO_PROGRESS=0; True: even then; False: every event is a line.
     """
 
     def __init__(self, workers=8, trace=True, cute=None, store=None, observers=(),
-                 executor="thread", pools=None):
+                 executor="thread", pools=None, progress=None):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError("workers must be a whole number >= 1, not %r" % (workers,))
         if executor not in ("thread", "process") and not callable(
                 getattr(executor, "submit", None)):
             raise ValueError('executor must be "thread", "process" or a'
                              " concurrent.futures.Executor, not %r" % (executor,))
+        if progress not in (None, True, False):
+            raise ValueError("progress must be None (auto), True or False, not %r"
+                             % (progress,))
         self.workers = workers
         self.executor = executor
         self.trace = trace
         self.cute = _cute_default() if cute is None else bool(cute)
+        self.progress = progress
         self.store = store
         self.observers = list(observers)
         self.pools = dict(pools or {})      # sizes (or {"size", "rate"}) over the flow's own
@@ -4332,7 +4865,9 @@ class Engine:
         run's last event, once the recorder has saved the final record)."""
         observers = list(self.observers)
         if self.trace:
-            observers.append(_TraceWriter(self.trace, self.cute))
+            terminal = _progress_terminal(self.trace, self.cute, self.progress, self.executor)
+            observers.append(_TraceWriter(self.trace, self.cute) if terminal is None
+                             else _ProgressTrace(terminal))
         logger = _logging_observer()
         if logger is not None:
             observers.append(logger)
@@ -5608,6 +6143,9 @@ def _build_parser():
                       help="emoji trace (the default)")
     mode.add_argument("--non-cute", dest="cute", action="store_false",
                       help="plain ASCII trace for CI logs")
+    run.add_argument("--progress", choices=("on", "off"),
+                     help="on a terminal, each running map is one line redrawn in place"
+                          " (default: on, unless PYOCO_PROGRESS=0); off: a line per event")
     run.add_argument("--resume", metavar="RUN_ID",
                      help="run a FAILED or CANCELLED run again, reusing what succeeded")
     run.add_argument("--pool", action="append", default=[], metavar="NAME=SIZE",
@@ -5664,6 +6202,8 @@ def _build_parser():
     serve.add_argument("--port", type=int, default=8080,
                        help="port (default 8080; 0 picks a free one)")
     serve.add_argument("--store", metavar="DIR", help=store_help)
+    serve.add_argument("--progress", choices=("on", "off"),
+                       help="progress lines for the runs it starts, as for run")
 
     plugins = commands.add_parser("plugins", help="installed plugin tasks",
                                   description="Plugin tasks published under the entry-point"
@@ -5690,13 +6230,17 @@ def _parse_pool_sizes(pairs):
     return sizes
 
 
+_PROGRESS_FLAG = {None: None, "on": True, "off": False}     # --progress -> Engine(progress=)
+
+
 def _cmd_run(args):
     if args.workers < 1:
         raise UsageError("--workers must be at least 1, not %d" % args.workers)
     params = _parse_params(args.param)
     flow = load_flow(args.target, args.flow)
     engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args),
-                    pools=_parse_pool_sizes(args.pool))
+                    pools=_parse_pool_sizes(args.pool),
+                    progress=_PROGRESS_FLAG[args.progress])
     try:
         engine.run(flow, params, resume=args.resume)
     except FlowError as exc:            # raised before any task runs
@@ -5844,7 +6388,7 @@ def _cmd_serve(args):
                 raise UsageError("two flows are named %r; give one another name" % flow.name)
     try:
         server = Server(store, host=args.host, port=args.port, flows=flows,
-                        engine=Engine(store=store))
+                        engine=Engine(store=store, progress=_PROGRESS_FLAG[args.progress]))
     except OSError as exc:
         host = "[%s]" % args.host if ":" in args.host and "[" not in args.host else args.host
         raise UsageError("cannot listen on %s:%d: %s" % (host, args.port, exc.strerror

@@ -2455,6 +2455,428 @@ def test_pyoco_logger_at_default_level_still_receives_errors():
         root.setLevel(old_root)
     assert any(r.levelname == "ERROR" and "broken" in r.getMessage() for r in records)
 
+# -- Progress on a terminal: `pyoco run` under a real pseudo-terminal
+
+needs_pty = pytest.mark.skipif(not sys.platform.startswith(("linux", "darwin")),
+                               reason="needs a pseudo-terminal (pty)")
+
+
+def pty_run(cwd, *args, columns=80, env=None, stdout=None, when=None, timeout=60,
+            python=None):
+    """Run ``python -m pyoco ARGS`` (or ``python PYTHON...``) with stderr (and
+    stdout, unless given) on a pseudo-terminal ``columns`` wide. Returns
+    (exit code, all the terminal received, decoded). ``when(proc, received)``
+    is called as output comes in, to send signals."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    command = python or ["-m", "pyoco"] + list(args)
+    proc = subprocess.Popen([sys.executable] + [str(a) for a in command],
+                            cwd=str(cwd), env=env or child_env(TERM="xterm"),
+                            stdin=subprocess.DEVNULL,
+                            stdout=slave if stdout is None else stdout, stderr=slave)
+    os.close(slave)
+    received, deadline = b"", time.monotonic() + timeout
+    try:
+        while True:
+            assert time.monotonic() < deadline, "no end after %s s:\n%s" % (
+                timeout, received.decode("utf-8", "replace")[-2000:])
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:             # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            received += chunk
+            if when is not None:
+                when(proc, received)
+        return proc.wait(WAIT), received.decode("utf-8")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+ESCAPE = re.compile(r"\x1b\[(\d*)([A-Za-z])")
+
+
+def screen_of(received):
+    """The rows a terminal shows after ``received``: carriage returns, line
+    feeds, ESC[K (erase to the end of the row) and ESC[A (up) applied. Any
+    other escape sequence fails the test: pyoco uses no others."""
+    rows, row, col, at = [[]], 0, 0, 0
+    while at < len(received):
+        ch = received[at]
+        if ch == "\x1b":
+            found = ESCAPE.match(received, at)
+            assert found and found.group(2) in "KA", repr(received[at:at + 10])
+            if found.group(2) == "K":
+                del rows[row][col:]
+            else:
+                row = max(0, row - int(found.group(1) or 1))
+            at = found.end()
+            continue
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            row, col = row + 1, 0
+            rows.extend([] for _ in range(row + 1 - len(rows)))
+        else:
+            cells = rows[row]
+            cells.extend(" " * (col - len(cells)))
+            cells[col:col + 1] = [ch]
+            col += 1
+        at += 1
+    return ["".join(cells) for cells in rows]
+
+
+def drawn_lines(received):
+    """Every progress or status line drawn, as it was drawn (between the
+    carriage returns, newlines and escapes around it)."""
+    return [part for part in re.split(r"\r|\n|\x1b\[\d*[A-Za-z]", received)
+            if part.startswith(("🗺️", "⏳"))]
+
+
+def cells(text):
+    """Terminal cells, as SPEC section 3 counts them: an emoji (or a wide
+    character) two, U+FE0F making the character before it an emoji."""
+    import unicodedata
+    widths = []
+    for ch in text:
+        if ch == "\ufe0f":
+            widths[-1:] = [2] if widths[-1:] == [1] else widths[-1:]
+        elif unicodedata.east_asian_width(ch) in "WF":
+            widths.append(2)
+        elif not unicodedata.combining(ch):
+            widths.append(1)
+    return sum(widths)
+
+
+PROGRESS_FLOW = """\
+    import sys, time
+    from pyoco import Flow, task
+
+    @task
+    def items(ctx):
+        return list(range(200))
+
+    @task(retries=1, fail_policy="isolate")
+    def work(ctx, x):
+        time.sleep(0.04)
+        if x == 3 and ctx.attempt == 1:
+            raise ValueError("flaky item")
+        if x == 7:
+            raise ValueError("broken item")
+        if x % 50 == 0:
+            print("item %d says hello" % x)
+            print("item %d on stderr" % x, file=sys.stderr)
+        return x
+
+    @task
+    def total(ctx, work):
+        return sum(work)
+
+    flow = Flow("big")
+    flow >> items >> work.map("$node.items.output") >> total
+"""
+
+MAP_LINE = re.compile(r"🗺️ work \d+/200 done · \d+ running · \d+ failed"
+                      r"( · \d+(\.\d)?/s · ETA \d+s)?")
+TASK_OUTPUT = ["item %d %s" % (x, what) for x in (0, 50, 100, 150)
+               for what in ("says hello", "on stderr")]
+
+
+@needs_pty
+def test_progress_on_a_terminal_shows_a_200_item_map_in_a_few_lines(tmp_path):
+    write(tmp_path / "big.py", PROGRESS_FLOW)
+    code, received = pty_run(tmp_path, "run", "big.py")
+    assert code == 1, received
+    rows = screen_of(received)
+    assert rows[-1] == "", "the cursor ends at column 0 of an empty row"
+    rows = rows[:-1]
+    trace = [row for row in rows if row not in TASK_OUTPUT]
+    assert sorted(set(rows) - set(trace)) == sorted(TASK_OUTPUT), rows   # whole rows each
+    assert len(trace) <= 12, "\n".join(rows)
+    assert "🏃 start node=work" in trace
+    assert "🔁 retry node=work[3] attempt=2/2 in 0s" in trace
+    assert "💥 error node=work[7] ValueError: broken item" in trace
+    final = [row for row in trace if row.startswith("💥 error node=work ")]
+    assert len(final) == 1 and re.fullmatch(r"💥 error node=work 199/200 · 1 failed"
+                                            r" \((\d+\.\d\d ms|\d\.\d\d s)\)", final[0]), trace
+    assert trace.index(final[0]) > trace.index("💥 error node=work[7] ValueError: broken item")
+    assert "💔 failed flow=big (2 tasks failed)" in trace     # as without progress lines
+    assert not [row for row in rows if "🗺️" in row or "⏳" in row], rows
+    assert not [row for row in trace if re.search(r"node=work\[\d+\] \(|start node=work\[",
+                                                  row)], "instances have no lines of their own"
+    drawn = drawn_lines(received)
+    assert drawn, "the progress line was never drawn:\n" + received
+    for line in drawn:
+        assert MAP_LINE.fullmatch(line), line
+        assert cells(line) <= 80, line
+    # Redrawn by a timer: about ten times a second, and once more after each
+    # line written while it is shown; never once per event (400 here).
+    seconds = float(re.search(r"\((\d+\.\d\d) s\)", final[0]).group(1)) if " s)" in \
+        final[0] else 1.0
+    assert len(drawn) <= 11 * seconds + len(rows) + 2, (len(drawn), seconds)
+
+
+@needs_pty
+@pytest.mark.parametrize("how", ["--progress off", "PYOCO_PROGRESS=0", "--non-cute"])
+def test_progress_off_on_a_terminal_prints_every_event_as_a_line(tmp_path, how):
+    write(tmp_path / "big.py", PROGRESS_FLOW)
+    args, env = ["run", "big.py"], child_env(TERM="xterm")
+    if how.startswith("--"):
+        args += how.split()
+    else:
+        env["PYOCO_PROGRESS"] = "0"
+    code, received = pty_run(tmp_path, *args, env=env)
+    assert code == 1, received
+    assert "\x1b" not in received and "🗺️" not in received
+    assert "\r" not in received.replace("\r\n", "\n")
+    rows = screen_of(received)
+    word = "INFO start" if how == "--non-cute" else "🏃 start"
+    starts = [row for row in rows if re.search(r"%s node=work\[\d+\]" % word, row)]
+    assert len(starts) == 200
+    assert len(rows) > 400
+
+
+PIPED_FLOW = """\
+    from pyoco import Flow, task
+
+    @task
+    def items(ctx):
+        return list(range(50))
+
+    @task
+    def work(ctx, x):
+        print("item", x)
+        return x
+
+    flow = Flow("piped")
+    flow >> items >> work.map("$node.items.output")
+"""
+
+
+@needs_pty
+@pytest.mark.parametrize("flag", [[], ["--progress", "on"]], ids=["auto", "on"])
+def test_progress_piped_to_a_file_is_every_event_as_a_line(tmp_path, flag):
+    write(tmp_path / "piped.py", PIPED_FLOW)
+    out = tmp_path / "out.txt"
+    with open(str(out), "wb") as f:
+        proc = subprocess.run([sys.executable, "-m", "pyoco", "run", "piped.py", "--workers",
+                               "1"] + flag, cwd=str(tmp_path), env=child_env(TERM="xterm"),
+                              stdout=f, stderr=subprocess.STDOUT, timeout=60)
+    assert proc.returncode == 0
+    text = out.read_text(encoding="utf-8")
+    assert "\r" not in text and "\x1b" not in text
+    took = r" \(\d+\.\d\d m?s\)"
+    expected = [r"🐇 pyoco > start flow=piped run_id=\S+", "🏃 start node=items",
+                "✅ done node=items" + took, "🏃 start node=work"]
+    for x in range(50):
+        expected += [re.escape("🏃 start node=work[%d]" % x), "item %d" % x,
+                     re.escape("✅ done node=work[%d]" % x) + took]
+    expected += ["✅ done node=work" + took, "🥕 done flow=piped"]
+    lines = text.splitlines()
+    assert len(lines) == len(expected), text
+    for pattern, line in zip(expected, lines):
+        assert re.fullmatch(pattern, line), (pattern, line)
+
+
+def test_progress_flag_is_on_or_off_for_run_and_serve(tmp_path):
+    write(tmp_path / "piped.py", PIPED_FLOW)
+    proc = cli(tmp_path, "run", "piped.py", "--progress", "maybe")
+    assert proc.returncode == 2
+    assert "--progress" in proc.stderr and "'on', 'off'" in proc.stderr
+    parser = pyoco._build_parser()
+    assert parser.parse_args(["run", "f.py"]).progress is None
+    assert parser.parse_args(["run", "f.py", "--progress", "on"]).progress == "on"
+    assert parser.parse_args(["serve", "--progress", "off"]).progress == "off"
+
+
+SLOW_MAP_FLOW = """\
+    import time
+    from pyoco import Flow, task
+
+    @task
+    def items(ctx):
+        return list(range(200))
+
+    @task
+    def work(ctx, x):
+        time.sleep({seconds})
+        return x
+
+    @task
+    def total(ctx, work):
+        return sum(work)
+
+    flow = Flow("slow")
+    flow >> items >> work.map("$node.items.output") >> total
+"""
+
+
+@needs_pty
+@pytest.mark.parametrize("signals", [1, 2], ids=["ctrl-c", "ctrl-c-twice"])
+def test_progress_ctrl_c_leaves_the_terminal_clean(tmp_path, signals):
+    write(tmp_path / "slow.py", SLOW_MAP_FLOW.format(seconds=0.2 if signals == 1 else 2.0))
+    sent = []
+
+    def interrupt(proc, received):
+        if not sent and "🗺️".encode() in received:
+            sent.append(proc.send_signal(signal.SIGINT))
+        elif len(sent) < signals and "🛑 cancel flow".encode() in received:
+            sent.append(proc.send_signal(signal.SIGINT))
+    code, received = pty_run(tmp_path, "run", "slow.py", when=interrupt)
+    assert len(sent) == signals
+    assert code == 130, received
+    rows = screen_of(received)
+    assert rows[-1] == "", "the cursor ends at column 0 of an empty row"
+    assert not [row for row in rows if "🗺️" in row or "\x1b" in row], rows
+    assert "🛑 cancel flow=slow" in rows
+    assert "🛑 cancelled flow=slow" in rows
+    final = [row for row in rows if row.startswith("🚫 cancelled node=work ")]
+    assert len(final) == 1, rows
+    found = re.fullmatch(r"🚫 cancelled node=work (\d+)/200 · (\d+) cancelled \(.*\)", final[0])
+    assert found and int(found.group(1)) + int(found.group(2)) == 200, final
+    line = re.compile(r"(🐇 pyoco > start|🏃 start node=|✅ done node=|🛑 cancel|🚫 cancelled"
+                      r" node=|pyoco: run )")
+    assert all(line.match(row) for row in rows[:-1]), rows
+
+
+LONG_NAMES_FLOW = """\
+    import time
+    from pyoco import Flow, task
+
+    @task(name="fetch_the_customers_from_the_very_far_away_database")
+    def fetch(ctx):
+        time.sleep(2.6)
+
+    @task
+    def items(ctx):
+        return list(range(400))
+
+    @task(name="a_map_whose_name_is_much_too_long_for_a_narrow_terminal")
+    def work(ctx, x):
+        time.sleep(0.05)
+        return x
+
+    flow = Flow("narrow")
+    flow >> fetch
+    flow >> items >> work.map("$node.items.output")
+"""
+
+
+@needs_pty
+def test_progress_lines_fit_the_terminal_and_name_slow_tasks(tmp_path):
+    write(tmp_path / "narrow.py", LONG_NAMES_FLOW)
+    code, received = pty_run(tmp_path, "run", "narrow.py", columns=50)
+    assert code == 0, received
+    drawn = drawn_lines(received)
+    assert drawn and all(cells(line) <= 50 for line in drawn), [
+        (cells(line), line) for line in drawn if cells(line) > 50]
+    maps = [line for line in drawn if line.startswith("🗺️")]
+    assert maps and all(re.fullmatch(r"🗺️ a_map_\S*…\S* \d+/400 done · .*", line)
+                        for line in maps), maps
+    status = [line for line in drawn if line.startswith("⏳")]
+    assert status, "a task ran for more than 2 s: the status line shows it"
+    for line in status:
+        assert re.fullmatch(r"⏳ \d+/40\d tasks done · running: fetch\S*…\S* \(\d s\)",
+                            line), line
+    rows = screen_of(received)
+    assert "✅ done node=fetch_the_customers_from_the_very_far_away_database" \
+           " (2.6" in "\n".join(rows)             # what is not redrawn keeps its full name
+    assert any(re.fullmatch(r"✅ done node=a_map_whose_name_is_much_too_long_for_a_narrow"
+                            r"_terminal 400/400 \(.*\)", row) for row in rows), rows
+    assert rows[-1] == ""
+
+
+WORKER_PROCESSES_SCRIPT = """\
+    import sys
+    from pyoco import Engine, Flow, task
+
+    @task
+    def items(ctx):
+        return list(range(40))
+
+    @task
+    def work(ctx, x):
+        print("item", x)
+        return x
+
+    flow = Flow("processes")
+    flow >> items >> work.map("$node.items.output")
+
+    if __name__ == "__main__":
+        Engine(executor=sys.argv[1], store=False, workers=2).run(flow)
+"""
+
+
+@needs_pty
+def test_progress_is_lines_when_tasks_run_in_worker_processes(tmp_path):
+    """A worker process prints to the terminal itself, where pyoco cannot
+    keep its lines off a progress line: every event is a line then."""
+    write(tmp_path / "processes.py", WORKER_PROCESSES_SCRIPT)
+    code, received = pty_run(tmp_path, python=["processes.py", "process"])
+    assert code == 0, received
+    assert "\x1b" not in received and "🗺️" not in received
+    rows = screen_of(received)
+    assert sum(row.startswith("🏃 start node=work[") for row in rows) == 40
+    assert sorted(row for row in rows if row.startswith("item ")) == sorted(
+        "item %d" % x for x in range(40))
+
+
+@pytest.mark.parametrize("text, room, expected", [
+    ("fetch", 10, "fetch"),
+    ("a_long_task_name", 9, "a_lo…name"),
+    ("a_long_task_name", 3, "a…e"),
+    ("a_long_task_name", 2, "a_"),
+    ("🥕🥕🥕🥕", 5, "🥕…🥕"),
+    ("work[12]", 8, "work[12]"),
+])
+def test_progress_names_are_shortened_in_the_middle(text, room, expected):
+    assert pyoco._shorten(text, room) == expected
+    assert pyoco._cells(expected) <= room
+
+
+@pytest.mark.parametrize("text, width", [
+    ("work", 4), ("🗺️ work", 7), ("⏳ 1/2", 6), ("✅", 2), ("·", 1), ("ｗ", 2), ("e\u0301", 1),
+])
+def test_progress_width_counts_emoji_and_wide_characters_as_two(text, width):
+    assert pyoco._cells(text) == width
+
+
+def test_progress_line_drops_what_does_not_fit():
+    parts = ["120/200 done", "8 running", "1 failed", "35/s", "ETA 2s"]
+    wide = pyoco._fit("🗺️ ", "work", parts, 79)
+    assert wide == "🗺️ work 120/200 done · 8 running · 1 failed · 35/s · ETA 2s"
+    narrow = pyoco._fit("🗺️ ", "a_rather_long_map_name", parts, 49)
+    assert narrow == "🗺️ a_rather_l…g_map_name 120/200 done · 8 running"
+    assert pyoco._cells(narrow) <= 49
+    assert pyoco._cells(pyoco._fit("🗺️ ", "x" * 100, parts, 10)) <= 10
+
+
+@pytest.mark.parametrize("instances", [0, 1, 2, 3, 7, 8, 9, 200, 1025])
+def test_progress_counts_the_instances_of_a_map_from_their_names(instances):
+    class Plan:
+        index = {"other": 0, "work": 1, "work_2[0]": 2}
+    Plan.index.update(("work[%d]" % j, 3 + j) for j in range(instances))
+    assert pyoco._instance_count(Plan, "work") == instances
+
+
+def test_progress_option_is_checked_and_off_the_terminal_changes_nothing():
+    with pytest.raises(ValueError, match="progress"):
+        Engine(progress="on")
+    for progress in (None, True, False):
+        run, lines = _trace_of(_hello_flow(), cute=True, progress=progress)
+        assert len(lines) == len(run.events) == 6
+
 
 # ---------------------------------------------------------------------------
 # The original README example and the pyoco.core.* names
@@ -6617,6 +7039,41 @@ def test_tut_s04_map(tmp_path):
 
     script = tut_ok(tut_script(tmp_path, "s04_map.py"))
     assert "🐇 3 rows, 30 carrots in all" in script.stdout
+
+
+@needs_pty
+def test_tut_s04_map_in_a_terminal(tmp_path):
+    """What the page shows in a terminal: a final line for the map instead of
+    lines per instance, and every instance's lines with --progress off."""
+    def terminal(*args, stdout=None):
+        code, received = pty_run(tmp_path, "run", tut_example("s04_map.py"), *args, "--store",
+                                 tut_store(tmp_path), env=tut_env(TERM="xterm"), stdout=stdout)
+        assert code == 0, received
+        rows = screen_of(received)
+        assert rows[-1] == ""
+        return rows[:-1]
+    took = r" \(\d+\.\d\d m?s\)"
+    rows = terminal()
+    start, done = [row for row in rows if "node=harvest_row" in row]
+    assert start == "🏃 start node=harvest_row"
+    assert re.fullmatch("✅ done node=harvest_row 3/3" + took, done), rows
+    between = rows[rows.index(start) + 1:rows.index(done)]
+    assert sorted(between) == ["🥕 row %d gave %d carrots" % (n, 5 * n) for n in (1, 2, 3)]
+
+    rows = terminal("-p", "rows=2000", stdout=subprocess.DEVNULL)
+    expected = [r"🐇 pyoco > start flow=harvest run_id=\S+", "🏃 start node=list_rows",
+                "✅ done node=list_rows" + took, "🏃 start node=harvest_row",
+                "✅ done node=harvest_row 2000/2000" + took, "🏃 start node=weigh",
+                "✅ done node=weigh" + took, "🥕 done flow=harvest"]
+    assert len(rows) == len(expected), rows
+    for pattern, row in zip(expected, rows):
+        assert re.fullmatch(pattern, row), (pattern, row)
+
+    rows = terminal("--progress", "off")
+    for n in range(3):
+        assert "🏃 start node=harvest_row[%d]" % n in rows
+        assert any(re.fullmatch(re.escape("✅ done node=harvest_row[%d]" % n) + took, row)
+                   for row in rows)
 
 
 # ---------------------------------------------------------------------------
