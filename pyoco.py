@@ -1180,7 +1180,8 @@ class _Plan:
     __slots__ = ("flow_name", "nodes", "names", "index", "npred", "preds", "free", "joins",
                  "roots", "funcs", "ctx", "binds", "varkw", "flowparams", "retries",
                  "timeouts", "isolate", "param_refs", "json_names", "is_async", "maps",
-                 "rules", "whens", "handlers", "pool_of", "max_parallel", "pools", "group")
+                 "rules", "whens", "handlers", "pool_of", "max_parallel", "pools", "group",
+                 "stop_rules")
 
 
     def __init__(self, flow):
@@ -1205,6 +1206,8 @@ class _Plan:
                 bad = next(s for s in sources if s.run_if == rule)
                 _check_flow_option(bad, "run_if", rule)
         self.handlers = any(rule in ("all_done", "any_failed") for rule in self.rules)
+        self.stop_rules = list(self.rules)   # a map instance may run after a stop as its map
+        _parse_pools(flow.pools, "flow %r" % flow.name)
         self.pool_of = [source.pool for source in sources]
         self.max_parallel = [source.max_parallel for source in sources]
         self.pools = flow.pools
@@ -2035,6 +2038,7 @@ class _RunLedger:
                            plan.retries, plan.timeouts, plan.isolate, plan.pool_of):
                 column.extend([column[m]] * k)
             plan.rules.extend([None] * k)
+            plan.stop_rules.extend([plan.stop_rules[m]] * k)
             plan.max_parallel.extend([None] * k)
             plan.group.extend([("map", m) if plan.max_parallel[m] else None] * k)
             plan.npred.extend([1] * k)
@@ -2141,11 +2145,12 @@ class _Scheduler(_RunLedger):
         plan = self.plan
         if i in self.expanded:      # a map's instances are done: settling it starts nothing
             return self.collect(i)
-        rule = plan.rules[i]
+        rule = plan.stop_rules[i]
         if self.stopping and not (rule == "all_done" or (
                 rule == "any_failed" and self.stop_state == TaskState.SKIPPED)):
             self.mark(i, self.stop_state, self.stop_reason)
             return False
+        rule = plan.rules[i]
         why = self.doomed.get(i) if rule is None else _rule_unmet(
             plan, self.run._state, i, rule)
         if why is not None:
@@ -2578,19 +2583,14 @@ class _FutureDriver:
 
     def start_ready(self):
         core, ready = self.core, self.ready
-        while ready:
-            ok = core.admit(ready[0])
-            if ok is _WAIT:
-                ready.popleft()
-            elif ok is not None:
-                i = ready.popleft()
-                ready.extend(ok if isinstance(ok, list) else core.released(i, ok))
-            elif len(self.running) < self.workers:
-                i = ready.popleft()
+        while ready and len(self.running) < self.workers:  # admit only what can start
+            i = ready.popleft()
+            ok = core.admit(i)
+            if ok is None:
                 core.begin(i)
                 self.submit(i, 1)
-            else:
-                break
+            elif ok is not _WAIT:
+                ready.extend(ok if isinstance(ok, list) else core.released(i, ok))
 
     def submit(self, i, attempt):
         core = self.core
@@ -4799,6 +4799,7 @@ class Engine:
         if self.executor == "process":
             _check_picklable(plan)
         reused = store.reusable_outputs(old, plan) if resume else {}
+        pools = self._pools(plan)
         run_id, folder = run_id or _new_run_id(), None
         if store is not None:
             run_id, folder = store.new_run_folder(run_id)
@@ -4806,7 +4807,7 @@ class Engine:
         run.resumed_from = resume
         recorder = _RunRecorder(store, run, folder) if folder is not None else None
         core = _Scheduler(run, binds, self._observers(recorder, folder), reused, recorder,
-                          self._pools(plan))
+                          pools)
         if recorder is not None:
             run.artifacts_dir = recorder.artifacts_dir
             core.cancel_file = recorder.cancel_file
@@ -4853,10 +4854,10 @@ class Engine:
             limits[name] = (size, limits[name][1] if keep_rate else rate)
         for name, pool in zip(plan.names, plan.pool_of):
             if pool is not None and pool not in limits:
-                raise FlowError("task %r uses pool %r, which has no size%s; declare it:"
+                raise FlowError("task %r uses pool %r, which has no size: declare it with"
                                 " Flow(..., pools={%r: 2}), Engine(pools={%r: 2}) or"
-                                " --pool %s=2" % (name, pool, _closest(pool, limits), pool,
-                                                  pool, pool))
+                                " --pool %s=2%s" % (name, pool, pool, pool, pool,
+                                                    _closest(pool, limits)))
         return limits
 
     def _observers(self, recorder, folder):
@@ -6273,8 +6274,10 @@ def _cmd_check(args):
         report = {"ok": not problems, "flow": flow.name, "problems": problems,
                   "tasks": [n.name for n in flow.tasks] if not problems else [],
                   "needs_params": sorted({p for _, p in needs}),
-                  "pools": {name: dict(zip(("size", "rate"), (size, flow.pools[name].get(
-                      "rate") if isinstance(flow.pools[name], dict) else None)))
+                  "pools": {} if problems else {
+                      name: dict(zip(("size", "rate"), (size, flow.pools[name].get("rate")
+                                                        if isinstance(flow.pools[name], dict)
+                                                        else None)))
                       for name, (size, _) in _parse_pools(flow.pools, flow.name).items()},
                   "rules": _rules_report(flow) if not problems else {}}
         _print_json(report)

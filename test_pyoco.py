@@ -2187,10 +2187,6 @@ def _pooled_after_busy():
     return "pooled"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: on a process pool or an Executor instance,"
-                   " a task admitted while every worker is busy takes its pool slot, then"
-                   " takes it again when it is admitted once more, so the slot leaks; with"
-                   " one worker and a pool of 1 the run hangs with the task PENDING")
 @pytest.mark.parametrize("executor", ["process", "executor instance"])
 def test_a_task_queued_behind_a_busy_worker_takes_its_pool_slot_once(executor):
     flow = Flow("slot-once", pools={"api": 1})
@@ -2378,9 +2374,6 @@ def test_a_task_naming_an_undeclared_pool_fails_the_run_before_anything_runs():
     assert quiet(pools={"apy": 1}).run(flow).status == "COMPLETED"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Engine.run checks pools after it has made the"
-                   " run's folder in the store, so a flow naming an undeclared pool leaves an"
-                   " empty run folder behind (a flow missing a parameter leaves none)")
 def test_a_flow_naming_an_undeclared_pool_leaves_nothing_in_the_store(tmp_path):
     @task(pool="nowhere")
     def call(ctx):
@@ -2518,10 +2511,6 @@ def test_a_handler_that_fails_is_a_failed_task(make_engine, load_fails):
     assert first in str(info.value.__cause__)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a map whose run_if is all_done or any_failed"
-                   " expands after a failure under fail_policy='stop' (or after a cancel), but"
-                   " its instances have the default rule, so every one is SKIPPED (CANCELLED)"
-                   " with the stop's reason and the handler never runs")
 @pytest.mark.parametrize("after", ["a failure", "a cancel"])
 def test_a_mapped_handler_runs_its_instances_after_a_stop(after):
     ran = []
@@ -4148,10 +4137,6 @@ def test_cli_check_json_has_the_pools_and_the_rules_of_each_task(tmp_path):
                                "cleanup": ["run_if=all_done"], "resize": ["max_parallel=2"]}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pyoco check does not check a flow's pools when"
-                   " they were set after Flow(...): a pool of size 0 is 'ok' to check while"
-                   " pyoco run rejects it (exit 2), and check --json ends in a FlowError"
-                   " traceback")
 def test_cli_check_reports_a_bad_pool_set_after_the_flow_was_made(tmp_path):
     write(tmp_path / "later.py", RULES_FLOW + 'flow.pools = {"api": 0}\n')
     run = cli(tmp_path, "run", "later.py")
