@@ -1039,7 +1039,8 @@ class Flow:
     """
 
     def __setattr__(self, key, value):
-        _touch()                # a renamed flow, new pools: the next run compiles again
+        if not key.startswith("_"):
+            _touch()            # a renamed flow, new pools: the next run compiles again
         object.__setattr__(self, key, value)
 
     def __init__(self, name="main", **options):
@@ -1720,7 +1721,7 @@ class Run:
     @property
     def events(self):
         """Every transition, oldest first, as dicts (times as ISO strings)."""
-        return [ev.to_dict() for ev in list(self._events)]
+        return [Event.to_dict(ev) for ev in list(self._events)]
 
     def failure(self):
         """Why the run failed, in one line ("task 'x' raised ValueError: ..."), or None."""
@@ -1952,9 +1953,11 @@ class _RunLedger:
             self.binds = list(binds)
 
     def emit(self, ts, kind, i, state, data=None):
-        ev = tuple.__new__(Event, (ts, kind, self.plan.names[i] if i >= 0 else None, state,
-                                   data))
-        self.run._events.append(ev)
+        ev = (ts, kind, self.plan.names[i] if i >= 0 else None, state, data)
+        self.run._events.append(ev)         # kept as plain tuples: what a record is made of
+        if not self.observers:
+            return
+        ev = tuple.__new__(Event, ev)
         for observer in self.observers:
             try:
                 observer(self.run, ev)
@@ -2128,6 +2131,8 @@ class _Scheduler(_RunLedger):
         self.requests = 0           # stop requests acted on: the second one is the hard stop
         self.cancel_file = None     # the store's cancel request file for this run, if recorded
         self.on_abandon = None      # what a driver must do at a hard stop (kill processes)
+        self.plain = not (plan.maps or plan.whens or reused or self.pools is not None
+                          or any(plan.rules))   # no rule, condition, pool, map or reuse
 
     # -- whether a task may start
 
@@ -2140,6 +2145,8 @@ class _Scheduler(_RunLedger):
         a map collected), False (it ended without succeeding), or a list of
         map instances to schedule.
         """
+        if self.plain and not self.stopping and not self.doomed:
+            return None             # nothing in this run can hold a task back
         if self.closed:
             return False
         plan = self.plan
@@ -2390,6 +2397,7 @@ class _Scheduler(_RunLedger):
 # ---------------------------------------------------------------------------
 
 _STOP = None        # put on the ready queue to let a worker thread go
+_NO_KWARGS = {}     # the keyword arguments of a task that has none: shared, never changed
 _STAGING = ".attempts"      # where attempts in other processes write artifacts first
 
 
@@ -2499,19 +2507,21 @@ class _ThreadDriver:
         core = self.core
         run, plan = core.run, core.plan
         fn, timeout, is_async = plan.funcs[i], plan.timeouts[i], plan.is_async[i]
+        binds, takes_ctx = core.binds[i], plan.ctx[i]
+        direct = timeout is None and core.sink is None and not is_async
         core.begin(i)
         attempt = 0
         while True:
             attempt += 1
             run._attempts[i] = attempt
             try:
-                args, kwargs = _arguments(core.run, core.binds[i])
+                args, kwargs = _arguments(run, binds) if binds else ([], _NO_KWARGS)
             except Exception as exc:
                 kind, value = _ERROR, exc
             else:
-                if plan.ctx[i]:
+                if takes_ctx:
                     args.insert(0, Context(run, i, attempt))
-                if timeout is None and core.sink is None and not is_async:
+                if direct:
                     kind, value = _attempt(fn, args, kwargs)
                 else:
                     kind, value = _call(fn, args, kwargs, timeout, plan.names[i], core.sink,
