@@ -4529,7 +4529,7 @@ def _redact(url):
     scheme, sep, rest = url.partition("://")
     if not sep:                 # no telling a scheme from a user name before an @
         return "…" if "@" in url else url.split(":", 1)[0][:16] + ":…"
-    return scheme + sep + re.split(r"[/?#]", rest, 1)[0].rsplit("@", 1)[-1]
+    return scheme + sep + re.split(r"[/?#]", rest, maxsplit=1)[0].rsplit("@", 1)[-1]
 
 
 def _without_credentials(url):
