@@ -171,10 +171,6 @@ class Event(tuple):
                                              ", %r" % (self[4],) if self[4] else "")
 
 
-def _event(ts, kind, task, state, data=None):
-    return tuple.__new__(Event, (ts, kind, task, state, data))
-
-
 # kind -> (log level, the word the trace prints). Every consumer of events (the
 # trace, the logging bridge, the store's recorder, webhooks) reads this table.
 EVENT_KINDS = {

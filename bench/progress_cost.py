@@ -21,24 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
 import sys, time
-from pyoco import Engine, Flow, task
+sys.path.insert(0, "bench")
+from map_cost import mapped_flow       # the same 1 -> N -> 1 map that map_cost.py times
+from pyoco import Engine
 
 n, mode = int(sys.argv[1]), sys.argv[2]
-
-@task
-def items(ctx):
-    return list(range(n))
-
-@task
-def double(ctx, x):
-    return 2 * x
-
-@task
-def total(ctx, double):
-    return sum(double)
-
-flow = Flow("progress_cost")
-flow >> items >> double.map("$node.items.output") >> total
+flow = mapped_flow(n)
 engine = Engine(workers=8, store=False, trace=mode != "none", progress=mode == "on")
 t0 = time.perf_counter()
 run = engine.run(flow)
