@@ -1573,7 +1573,7 @@ class TaskRecord:
     """A snapshot of one task of a run (built on demand from the run's lists)."""
 
     __slots__ = ("name", "state", "attempts", "started", "ended", "error", "exception",
-                 "traceback", "reason", "artifacts", "output")
+                 "traceback", "reason", "artifacts", "output", "reused_from")
 
     def __init__(self, run, i):
         self.name = run._plan.names[i]
@@ -1587,6 +1587,7 @@ class TaskRecord:
         self.reason = run._reasons.get(i)
         self.artifacts = dict(run._task_artifacts.get(i) or {})
         self.output = run.results.get(self.name)
+        self.reused_from = run._reused_from.get(i)
 
     @property
     def duration(self):
@@ -1605,7 +1606,7 @@ class TaskRecord:
                 "started_at": _iso(self.started), "ended_at": _iso(self.ended),
                 "duration_ms": self.duration_ms, "error": self.error,
                 "traceback": self.traceback, "reason": self.reason,
-                "artifacts": self.artifacts}
+                "artifacts": self.artifacts, "reused_from": self.reused_from}
 
     def __repr__(self):
         return "<TaskRecord %r %s>" % (self.name, self.state)
@@ -1676,6 +1677,8 @@ class Run:
         self.error = None                   # the first task exception that failed the run
         self.reason = None
         self.resumed_from = None
+        self.scheduled_for = None           # the schedule's time (epoch seconds) that started it
+        self.executor = "thread"            # what its tasks ran on (SPEC section 14)
         self.cancel_event = threading.Event()
         self._state = [TaskState.PENDING] * n
         self._attempts = [0] * n
@@ -1686,6 +1689,7 @@ class Run:
         self._tracebacks = {}
         self._reasons = {}
         self._task_artifacts = {}
+        self._reused_from = {}               # task number -> the run its output came from
         self._events = []                    # Event records, oldest first
         self.artifact_changes = 0            # bumped by every artifact saved, for the store
 
@@ -1735,6 +1739,7 @@ class Run:
             "params": self.params, "started_at": _iso(self.started_at),
             "ended_at": _iso(self.ended_at), "duration_ms": self.duration_ms,
             "reason": self.reason, "resumed_from": self.resumed_from,
+            "scheduled_for": _iso(self.scheduled_for), "executor": self.executor,
             "tasks": {name: TaskRecord(self, i).to_dict()
                       for i, name in enumerate(self._plan.names)},
         }
@@ -2000,6 +2005,7 @@ class _RunLedger:
             run._add_artifact(i, name, copied)
         run._started[i] = time.time()
         run._reasons[i] = "output reused from run %s" % run.resumed_from
+        run._reused_from[i] = run.resumed_from
         return self.succeed(i, out, {"reused_from": run.resumed_from})
 
     def fail(self, i, exc, tb=None):
@@ -3863,6 +3869,10 @@ class RunStore:
             return None
         if record.get("status") in (RunState.RUNNING, RunState.CANCELLING, RunState.PENDING):
             _settle_if_dead(record, folder)
+        for key in ("scheduled_for", "executor"):    # records saved before these keys
+            record.setdefault(key, None)
+        for task in record["tasks"].values():
+            task.setdefault("reused_from", None)
         if not events:
             record.pop("events", None)
         return record
@@ -4030,11 +4040,12 @@ _JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "a num
 
 
 _RECORD_TYPES = {"started_at": str, "ended_at": str, "duration_ms": (int, float),
-                 "events": list}
+                 "events": list, "scheduled_for": str, "executor": str}
 
 
 _TASK_TYPES = {"state": str, "attempts": int, "started_at": str, "ended_at": str,
-               "duration_ms": (int, float), "error": str, "traceback": str, "reason": str}
+               "duration_ms": (int, float), "error": str, "traceback": str, "reason": str,
+               "reused_from": str}
 
 
 def _record_problem(record):
@@ -4111,7 +4122,8 @@ def _settle_if_dead(record, folder):
             task["reason"] = reason
 
 
-_NULL_TASK_TAIL = ', "error": null, "traceback": null, "reason": null, "artifacts": {}}'
+_NULL_TASK_TAIL = (', "error": null, "traceback": null, "reason": null, "artifacts": {},'
+                   ' "reused_from": null}')
 
 
 _PENDING_TASK = (': {"state": "PENDING", "attempts": 0, "started_at": null, "ended_at": null,'
@@ -4148,10 +4160,12 @@ def _record_json(run):
         "run_id": run.run_id, "flow": run.flow_name, "status": run.status,
         "params": run.params, "started_at": iso(run.started_at),
         "ended_at": iso(run.ended_at), "duration_ms": run.duration_ms,
-        "reason": run.reason, "resumed_from": run.resumed_from})
+        "reason": run.reason, "resumed_from": run.resumed_from,
+        "scheduled_for": iso(run.scheduled_for), "executor": run.executor})
     parts = [head[:-1], ', "tasks": {']
     states, attempts, started, ended = run._state, run._attempts, run._started, run._ended
-    special = set(run._errors) | set(run._reasons) | set(run._task_artifacts)
+    special = set(run._errors) | set(run._reasons) | set(run._task_artifacts) \
+        | set(run._reused_from)
     tasks = []
     pending = TaskState.PENDING
     for i, qname in enumerate(qnames):
@@ -4811,6 +4825,8 @@ class Engine:
             run_id, folder = store.new_run_folder(run_id)
         run = Run(plan, flow, params, run_id)
         run.resumed_from = resume
+        run.executor = self.executor if isinstance(self.executor, str) \
+            else type(self.executor).__name__
         recorder = _RunRecorder(store, run, folder) if folder is not None else None
         core = _Scheduler(run, binds, self._observers(recorder, folder), reused, recorder,
                           pools)

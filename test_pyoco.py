@@ -5551,7 +5551,8 @@ SRV_HERE = Path(__file__).resolve().parent
 SRV_WAIT = 5.0          # the longest a test waits on an Event or a poll before giving up
 SRV_ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 SRV_RECORD_KEYS = {"run_id", "flow", "status", "params", "started_at", "ended_at",
-                   "duration_ms", "reason", "resumed_from", "tasks", "events"}
+                   "duration_ms", "reason", "resumed_from", "scheduled_for", "executor",
+                   "tasks", "events"}
 SRV_WEBHOOK_KEYS = {"event", "run_id", "flow", "status", "started_at", "ended_at",
                     "duration_ms", "tasks"}
 SRV_WEIRD = 'we"ird\\\nname'       # a quote, a backslash and a newline
@@ -8509,9 +8510,10 @@ STORE_WAIT = 10.0       # the longest a test waits for a marker line, an Event o
 
 STORE_ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 STORE_RUN_KEYS = {"run_id", "flow", "status", "params", "started_at", "ended_at",
-                  "duration_ms", "reason", "resumed_from", "tasks", "events"}
+                  "duration_ms", "reason", "resumed_from", "scheduled_for", "executor",
+                   "tasks", "events"}
 STORE_TASK_KEYS = {"state", "attempts", "started_at", "ended_at", "duration_ms", "error",
-                   "traceback", "reason", "artifacts"}
+                   "traceback", "reason", "artifacts", "reused_from"}
 STORE_EVENT_KEYS = {"ts", "event", "task", "state"}
 STORE_UNKNOWN_ID = "20990101-000000-deadbeef"
 
