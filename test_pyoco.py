@@ -8511,7 +8511,7 @@ STORE_WAIT = 10.0       # the longest a test waits for a marker line, an Event o
 STORE_ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 STORE_RUN_KEYS = {"run_id", "flow", "status", "params", "started_at", "ended_at",
                   "duration_ms", "reason", "resumed_from", "scheduled_for", "executor",
-                   "tasks", "events"}
+                  "tasks", "events"}
 STORE_TASK_KEYS = {"state", "attempts", "started_at", "ended_at", "duration_ms", "error",
                    "traceback", "reason", "artifacts", "reused_from"}
 STORE_EVENT_KEYS = {"ts", "event", "task", "state"}
