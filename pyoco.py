@@ -987,7 +987,8 @@ def _parameters(fn):
 # Model: flows
 # ---------------------------------------------------------------------------
 
-_FLOW_OPTIONS = ("pools",)
+_FLOW_OPTIONS = ("pools", "schedule", "schedule_tz", "schedule_overlap", "schedule_catchup")
+_SCHEDULE_OPTIONS = {"schedule_overlap": ("skip", "allow"), "schedule_catchup": ("latest", "none")}
 
 
 def _parse_pools(pools, where):
@@ -1035,7 +1036,7 @@ class Flow:
     """
 
     def __setattr__(self, key, value):
-        if not key.startswith("_"):
+        if not key.startswith(("_", "schedule")):
             _touch()            # a renamed flow, new pools: the next run compiles again
         object.__setattr__(self, key, value)
 
@@ -1049,6 +1050,56 @@ class Flow:
         self._upstream = {}         # node -> {upstream node: None}, insertion ordered
         self._plan = None
         self._plan_generation = -1
+        self._schedule = None       # a _Schedule once `schedule` is set (see Model: schedules)
+        self._schedule_tz = None    # the zone's name as given, or None for the server's local time
+        self._schedule_overlap = "skip"
+        self._schedule_catchup = "latest"
+        for key in ("schedule_tz", "schedule", "schedule_overlap", "schedule_catchup"):
+            if options.get(key) is not None:
+                setattr(self, key, options[key])
+
+    # -- scheduling (only `pyoco serve` acts on it; see Model: schedules)
+
+    @property
+    def schedule(self):
+        """When ``pyoco serve`` starts this flow: cron, ``@daily``, ``every 15m``, or None."""
+        return self._schedule.text if self._schedule is not None else None
+
+    @schedule.setter
+    def schedule(self, text):
+        self._schedule = None if text is None else _Schedule(
+            text, self._schedule_tz, "flow %r" % (self.name,))
+
+    @property
+    def schedule_tz(self):
+        """The schedule's time zone ("Area/City"); None: the server's local time."""
+        return self._schedule_tz
+
+    @schedule_tz.setter
+    def schedule_tz(self, name):
+        where = "flow %r" % (self.name,)
+        _time_zone(name, where)
+        if self._schedule is not None:
+            self._schedule = _Schedule(self._schedule.text, name, where)
+        self._schedule_tz = name
+
+    def _schedule_choice(key):
+        def get(self):
+            return getattr(self, "_" + key)
+
+        def put(self, value):
+            choices = _SCHEDULE_OPTIONS[key]
+            if value not in choices:
+                raise FlowError("flow %r: %s must be %s, not %r%s" % (
+                    self.name, key, " or ".join(map(repr, choices)), value,
+                    _closest(value, choices)))
+            object.__setattr__(self, "_" + key, value)
+        return property(get, put, doc="%s: %s (the first is the default)"
+                        % (key, " or ".join(_SCHEDULE_OPTIONS[key])))
+
+    schedule_overlap = _schedule_choice("schedule_overlap")
+    schedule_catchup = _schedule_choice("schedule_catchup")
+    del _schedule_choice
 
     # -- building
 
@@ -1155,6 +1206,198 @@ class _Chain:
 
     def __repr__(self):
         return "<chain of flow %r at %s>" % (self.flow.name, ", ".join(n.name for n in self.tails))
+
+
+# ---------------------------------------------------------------------------
+# Model: schedules
+# ---------------------------------------------------------------------------
+
+# When `pyoco serve` starts a flow. A cron schedule is searched on the wall
+# clock of its zone, a minute at a time but skipping whole months, days and
+# hours that cannot match. An interval ("every 15m") is the multiples of its
+# length since 1970-01-01T00:00Z, the same instants on every server.
+# Daylight saving time: a wall time that does not exist (the clock jumps
+# forward) fires once, at the first minute that does; a wall time that
+# happens twice (the clock goes back) fires once, at its first occurrence.
+
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+                ("month", 1, 12), ("day of week", 0, 7))
+_CRON_NAMES = {3: ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                   "nov", "dec"),
+               4: ("sun", "mon", "tue", "wed", "thu", "fri", "sat")}
+_CRON_SHORTHANDS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 * * 0",
+                    "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *"}
+_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)     # the most each month has
+_SEARCH_YEARS = 30          # a cron search gives up after this (29 February on a Monday: 28)
+
+
+def _time_zone(name, where):
+    """The tzinfo of schedule_tz ``name``, None for the local time; FlowError if unknown."""
+    if name is None:
+        return None
+    problem = "is not a time zone name ('Area/City', as in 'Europe/Paris')"
+    if isinstance(name, str) and name:
+        import zoneinfo
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            try:
+                known = zoneinfo.available_timezones()
+            except OSError:
+                known = set()
+            if not known:
+                problem += "; this Python has no time zone data: pip install tzdata"
+            problem += _closest(name, sorted(known))
+    raise FlowError("%s: schedule_tz %r %s" % (where, name, problem))
+
+
+def _cron_field(text, index, where):
+    """One cron field as the set of numbers it allows; FlowError names the field."""
+    label, low, high = _CRON_FIELDS[index]
+    names = _CRON_NAMES.get(index, ())
+    offset = 1 if index == 3 else 0             # jan is 1, sun is 0
+
+    def number(word):
+        if word.lower() in names:
+            return names.index(word.lower()) + offset
+        if word.isascii() and word.isdigit() and low <= int(word) <= high:
+            return int(word)
+        raise FlowError("%s: %s field %r: %r is not %s from %d to %d%s%s" % (
+            where, label, text, word, "a number" if not names else "a name or a number",
+            low, high, " (%s..%s)" % (names[0], names[-1]) if names else "",
+            _closest(word.lower(), names) if names else ""))
+
+    allowed = set()
+    for item in text.split(","):
+        body, slash, step = item.partition("/")
+        if slash and not (step.isascii() and step.isdigit() and int(step) >= 1):
+            raise FlowError("%s: %s field %r: the step %r must be a whole number >= 1"
+                            % (where, label, text, step))
+        if body == "*":
+            start, end = low, high
+        else:
+            first, dash, last = body.partition("-")
+            start = number(first)
+            end = number(last) if dash else (high if slash else start)
+            if start > end:
+                raise FlowError("%s: %s field %r: the range %r runs backwards"
+                                % (where, label, text, body))
+        allowed.update(range(start, end + 1, int(step) if slash else 1))
+    return frozenset(allowed)
+
+
+class _Schedule:
+    """A parsed ``Flow.schedule``: ``next_after(ts)`` is its first time after
+    ``ts`` and ``latest_until(ts)`` its last time at or before it (Unix
+    times; None when there is none within _SEARCH_YEARS).
+
+    Raises FlowError, naming the field and the bad value, when ``text`` or
+    the time zone ``tz_name`` is not one.
+    """
+
+    __slots__ = ("text", "tz", "every", "minutes", "hours", "days", "months", "weekdays",
+                 "either_day")
+
+    def __init__(self, text, tz_name, where):
+        if not isinstance(text, str):
+            raise FlowError("%s: schedule must be a string such as '0 3 * * *', '@daily' or"
+                            " 'every 15m', not %r" % (where, text))
+        self.text = text
+        self.tz = _time_zone(tz_name, where)
+        self.every = None           # seconds, for an interval
+        where = "%s: schedule %r" % (where, text)
+        spec = text.strip()
+        if spec.startswith("@"):
+            if spec not in _CRON_SHORTHANDS:
+                raise FlowError("%s: unknown shorthand; use one of %s%s" % (
+                    where, ", ".join(_CRON_SHORTHANDS), _closest(spec, _CRON_SHORTHANDS)))
+            spec = _CRON_SHORTHANDS[spec]
+        elif spec.split(" ", 1)[0] == "every":
+            words = spec.split()
+            amount, unit = (words[1][:-1], words[1][-1:]) if len(words) == 2 else ("", "")
+            if not (amount.isascii() and amount.isdigit() and int(amount) >= 1
+                    and unit in _INTERVAL_UNITS):
+                raise FlowError("%s: an interval is 'every N' with a unit s, m, h or d, as in"
+                                " 'every 15m'" % where)
+            self.every = int(amount) * _INTERVAL_UNITS[unit]
+            return
+        fields = spec.split()
+        if len(fields) != 5:
+            raise FlowError("%s: a cron expression has 5 fields (minute, hour, day of month,"
+                            " month, day of week), not %d; or use @daily or 'every 15m'"
+                            % (where, len(fields)))
+        self.minutes, self.hours, self.days, self.months, weekdays = (
+            _cron_field(field, k, where) for k, field in enumerate(fields))
+        self.weekdays = frozenset(day % 7 for day in weekdays)     # 7 is Sunday too
+        # As in cron: when both day fields are restricted, a day matching either
+        # one fires; a day field starting with * counts as unrestricted.
+        self.either_day = not fields[2].startswith("*") and not fields[4].startswith("*")
+        if not self.either_day and not any(day <= _MONTH_DAYS[month - 1]
+                                           for month in self.months for day in self.days):
+            raise FlowError("%s: day of month %r never comes in month %r"
+                            % (where, fields[2], fields[3]))
+
+    def next_after(self, ts):
+        if self.every is not None:
+            return (ts // self.every + 1) * self.every
+        from datetime import datetime, timedelta
+        wall = datetime.fromtimestamp(ts, self.tz).replace(tzinfo=None, second=0, microsecond=0)
+        wall += timedelta(minutes=1)
+        last_year = wall.year + _SEARCH_YEARS
+        while wall.year <= last_year:
+            if wall.month not in self.months:
+                wall = (wall.replace(day=1, hour=0, minute=0) + timedelta(days=32)).replace(day=1)
+            elif not self._day_fires(wall):
+                wall = wall.replace(hour=0, minute=0) + timedelta(days=1)
+            elif wall.hour not in self.hours:
+                wall = wall.replace(minute=0) + timedelta(hours=1)
+            elif wall.minute not in self.minutes:
+                wall += timedelta(minutes=1)
+            else:
+                at = self._instant(wall)
+                if at > ts:         # not a repeated wall time that already fired
+                    return at
+                wall += timedelta(minutes=1)
+        return None
+
+    def latest_until(self, ts):
+        if self.every is not None:
+            return ts // self.every * self.every
+        for window in (3600, 86400, 32 * 86400, 367 * 86400, _SEARCH_YEARS * 366 * 86400):
+            at = self.next_after(ts - window)
+            if at is not None and at <= ts:
+                later = self.next_after(at)
+                while later is not None and later <= ts:
+                    at, later = later, self.next_after(later)
+                return at
+        return None
+
+    def upcoming(self, count, after):
+        """The next ``count`` times after ``after``."""
+        times = []
+        while len(times) < count:
+            after = self.next_after(after)
+            if after is None:
+                break
+            times.append(after)
+        return times
+
+    def _day_fires(self, wall):
+        in_days = wall.day in self.days
+        in_weekdays = (wall.weekday() + 1) % 7 in self.weekdays      # cron's Sunday is 0
+        return in_days or in_weekdays if self.either_day else in_days and in_weekdays
+
+    def _instant(self, wall):
+        """The Unix time of a wall time: its first occurrence, or, when the
+        clock skipped it, the first minute after it that exists."""
+        from datetime import datetime, timedelta
+        for _ in range(24 * 60):
+            at = wall.replace(tzinfo=self.tz, fold=0).timestamp()
+            if datetime.fromtimestamp(at, self.tz).replace(tzinfo=None) == wall:
+                return at
+            wall += timedelta(minutes=1)
+        return at
 
 
 # ---------------------------------------------------------------------------
@@ -6292,6 +6535,8 @@ def _cmd_check(args):
         needs = flow.validate(params if args.param else None)
     except FlowError as exc:
         problems.append(str(exc))
+    schedule = flow._schedule
+    next_runs = schedule.upcoming(3, time.time()) if schedule is not None else []
     if args.json:
         report = {"ok": not problems, "flow": flow.name, "problems": problems,
                   "tasks": [n.name for n in flow.tasks] if not problems else [],
@@ -6301,13 +6546,18 @@ def _cmd_check(args):
                                                         if isinstance(flow.pools[name], dict)
                                                         else None)))
                       for name, (size, _) in _parse_pools(flow.pools, flow.name).items()},
-                  "rules": _rules_report(flow) if not problems else {}}
+                  "rules": _rules_report(flow) if not problems else {},
+                  "schedule": flow.schedule, "next_runs": [_iso(ts) for ts in next_runs]}
         _print_json(report)
     elif problems:
         for problem in problems:
             print("problem: %s" % problem)
     else:
         print("ok: flow %s, %d task%s" % (flow.name, len(flow), "" if len(flow) == 1 else "s"))
+        if flow.schedule is not None:
+            print("  schedule: %s (%s); next: %s" % (
+                flow.schedule, flow.schedule_tz or "local time", ", ".join(
+                    _iso(ts) for ts in next_runs) or "never"))
         for name, words in _rules_report(flow).items():
             print("  %s: %s" % (name, ", ".join(words)))
         for task_name, pname in needs:

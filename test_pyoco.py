@@ -10751,3 +10751,177 @@ def test_map_instances_share_one_metrics_label(tmp_path):
     assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle[*]",state="SUCCEEDED"} 3' in text
     assert 'task="handle[0]"' not in text
     assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle",state="SUCCEEDED"} 1' in text
+
+
+# ===========================================================================
+# Schedules (SPEC 13): the cron parser, Flow options, check, serve's scheduler
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# The parser: a table of expressions with known next times
+# ---------------------------------------------------------------------------
+
+def sch_ts(text):
+    """'2026-12-01T10:00Z' (seconds optional) as a Unix time."""
+    import calendar
+    fmt = "%Y-%m-%dT%H:%M:%SZ" if text.count(":") == 2 else "%Y-%m-%dT%H:%MZ"
+    return calendar.timegm(time.strptime(text, fmt))
+
+
+def sch_iso(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+SCH_NEXT = [
+    # (schedule, zone, after, the next times)
+    ("0 3 * * *", "UTC", "2026-01-31T12:00Z", ["2026-02-01T03:00:00Z", "2026-02-02T03:00:00Z"]),
+    ("0 0 31 * *", "UTC", "2026-01-31T00:00Z", ["2026-03-31T00:00:00Z", "2026-05-31T00:00:00Z"]),
+    ("0 0 29 2 *", "UTC", "2026-03-01T00:00Z", ["2028-02-29T00:00:00Z", "2032-02-29T00:00:00Z"]),
+    ("0 0 28-31 * *", "UTC", "2027-02-27T00:00Z",
+     ["2027-02-28T00:00:00Z", "2027-03-28T00:00:00Z"]),
+    ("0 0 * * 0", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    ("0 0 * * 7", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    ("0 0 * * sun", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z"]),
+    ("0 0 * * 5-7", "UTC", "2026-12-05T12:00Z", ["2026-12-06T00:00:00Z", "2026-12-11T00:00:00Z"]),
+    # both day fields restricted: the 13th OR a Friday
+    ("0 0 13 * 5", "UTC", "2026-12-01T00:00Z",
+     ["2026-12-04T00:00:00Z", "2026-12-11T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    # a day field starting with * is unrestricted: odd days AND Fridays
+    ("0 0 */2 * fri", "UTC", "2026-12-01T00:00Z", ["2026-12-11T00:00:00Z", "2026-12-25T00:00:00Z"]),
+    ("15,45 9-17/4 * * mon-fri", "UTC", "2026-12-05T00:00Z",
+     ["2026-12-07T09:15:00Z", "2026-12-07T09:45:00Z", "2026-12-07T13:15:00Z"]),
+    ("0 12 * jan,JUL sat,sun", "UTC", "2026-12-01T00:00Z",
+     ["2027-01-02T12:00:00Z", "2027-01-03T12:00:00Z"]),
+    ("*/20 * * * *", "UTC", "2026-12-01T10:59:59Z", ["2026-12-01T11:00:00Z", "2026-12-01T11:20:00Z"]),
+    ("5/20 * * * *", "UTC", "2026-12-01T10:00Z", ["2026-12-01T10:05:00Z", "2026-12-01T10:25:00Z"]),
+    ("59 23 31 dec *", "UTC", "2026-12-31T23:59Z", ["2027-12-31T23:59:00Z"]),
+    ("@hourly", "UTC", "2026-12-01T12:34Z", ["2026-12-01T13:00:00Z"]),
+    ("@daily", "UTC", "2026-12-01T00:00Z", ["2026-12-02T00:00:00Z"]),
+    ("@weekly", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z"]),
+    ("@monthly", "UTC", "2026-12-15T00:00Z", ["2027-01-01T00:00:00Z", "2027-02-01T00:00:00Z"]),
+    ("@yearly", "UTC", "2026-06-01T00:00Z", ["2027-01-01T00:00:00Z"]),
+    ("0 9 * * *", "Asia/Tokyo", "2026-12-01T00:00Z", ["2026-12-02T00:00:00Z"]),
+    # intervals are multiples of N since 1970-01-01T00:00Z, whatever the zone
+    ("every 15m", "UTC", "2026-12-01T10:07:30Z", ["2026-12-01T10:15:00Z", "2026-12-01T10:30:00Z"]),
+    ("every 1d", "Asia/Tokyo", "2026-12-01T10:00Z", ["2026-12-02T00:00:00Z"]),
+    ("every 7s", "UTC", "1970-01-01T00:00:00Z", ["1970-01-01T00:00:07Z", "1970-01-01T00:00:14Z"]),
+    ("every 2h", "Asia/Kolkata", "2026-12-01T01:00Z", ["2026-12-01T02:00:00Z"]),
+    # daylight saving time in New York: 2026-03-08 02:00 -> 03:00, 2026-11-01 02:00 -> 01:00.
+    # A skipped wall time fires once, at the next minute that exists...
+    ("30 2 * * *", "America/New_York", "2026-03-07T12:00Z",
+     ["2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"]),
+    ("*/30 * * * *", "America/New_York", "2026-03-08T06:30Z",
+     ["2026-03-08T07:00:00Z", "2026-03-08T07:30:00Z"]),
+    # ... and a repeated hour fires once, at its first occurrence
+    ("30 1 * * *", "America/New_York", "2026-11-01T04:00Z",
+     ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"]),
+    ("*/30 * * * *", "America/New_York", "2026-11-01T05:15Z",
+     ["2026-11-01T05:30:00Z", "2026-11-01T07:00:00Z", "2026-11-01T07:30:00Z"]),
+]
+
+
+@pytest.mark.parametrize("text, zone, after, expected", SCH_NEXT,
+                         ids=["%s|%s|%s" % row[:3] for row in SCH_NEXT])
+def test_schedule_next_times_match_the_table(text, zone, after, expected):
+    flow = Flow("timed", schedule=text, schedule_tz=zone)
+    times = flow._schedule.upcoming(len(expected), sch_ts(after))
+    assert [sch_iso(ts) for ts in times] == expected
+    # the latest time at or before a time is the one before the next
+    first = sch_ts(expected[0])
+    assert flow._schedule.latest_until(first) == first
+    assert flow._schedule.latest_until(first - 1) < first
+
+
+def test_schedule_without_a_zone_is_the_servers_local_time():
+    flow = Flow("local", schedule="0 3 * * *")
+    ts = flow._schedule.next_after(time.time())
+    local = time.localtime(ts)
+    assert (local.tm_hour, local.tm_min, local.tm_sec) == (3, 0, 0)
+    assert flow.schedule_tz is None
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"schedule": "61 * * * *"}, ["minute", "'61'"]),
+    ({"schedule": "0 24 * * *"}, ["hour", "'24'"]),
+    ({"schedule": "0 0 0 * *"}, ["day of month", "'0'"]),
+    ({"schedule": "0 0 * 13 *"}, ["month", "'13'"]),
+    ({"schedule": "0 0 * * 8"}, ["day of week", "'8'"]),
+    ({"schedule": "0 0 * * mon-fry"}, ["day of week", "'fry'", "did you mean 'fri'"]),
+    ({"schedule": "0 0 * jan-dex *"}, ["month", "'dex'", "did you mean 'dec'"]),
+    ({"schedule": "*/0 * * * *"}, ["minute", "step"]),
+    ({"schedule": "5-1 * * * *"}, ["minute", "backwards"]),
+    ({"schedule": "0 0 30 feb *"}, ["day of month", "never"]),
+    ({"schedule": "0 3 * *"}, ["5 fields", "not 4"]),
+    ({"schedule": "@daly"}, ["'@daly'", "did you mean '@daily'"]),
+    ({"schedule": "every 15x"}, ["'every 15x'", "every 15m"]),
+    ({"schedule": "every 0m"}, ["'every 0m'"]),
+    ({"schedule": 15}, ["schedule must be a string", "15"]),
+    ({"schedule": "@daily", "schedule_tz": "Europe/Pariss"},
+     ["schedule_tz", "'Europe/Pariss'", "did you mean 'Europe/Paris'"]),
+    ({"schedule_tz": "../../etc/passwd"}, ["schedule_tz"]),
+    ({"schedule_overlap": "alow"}, ["schedule_overlap", "'alow'", "did you mean 'allow'"]),
+    ({"schedule_catchup": "all"}, ["schedule_catchup", "'all'", "'latest' or 'none'"]),
+])
+def test_bad_schedule_is_a_flow_error_naming_the_field_and_value(options, words):
+    with pytest.raises(FlowError) as caught:
+        Flow("nightly", **options)
+    for word in words:
+        assert word in str(caught.value)
+    assert "flow 'nightly'" in str(caught.value)
+    flow = Flow("nightly")          # the same check when the attribute is set
+    with pytest.raises(FlowError):
+        for key, value in options.items():
+            setattr(flow, key, value)
+
+
+def test_schedule_attributes_read_back_and_none_unschedules():
+    flow = Flow("nightly", schedule="0 3 * * *", schedule_tz="Europe/Paris",
+                schedule_overlap="allow", schedule_catchup="none")
+    assert (flow.schedule, flow.schedule_tz, flow.schedule_overlap, flow.schedule_catchup) == (
+        "0 3 * * *", "Europe/Paris", "allow", "none")
+    flow.schedule = "every 15m"
+    assert flow.schedule == "every 15m"
+    flow.schedule = None
+    assert flow.schedule is None and flow._schedule is None
+    with pytest.raises(TypeError, match="did you mean 'schedule'"):
+        Flow("x", schedul="@daily")
+    assert Flow("plain").schedule is None
+
+
+SCH_FLOW = '''\
+from pyoco import task, Flow
+
+@task
+def tick(ctx):
+    return 1
+
+flow = Flow("ticker", schedule=%r, schedule_tz="UTC")
+flow >> tick
+'''
+
+
+def test_cli_check_prints_the_schedule_and_its_next_three_times(tmp_path):
+    write(tmp_path / "ticker.py", SCH_FLOW % "0 3 * * *")
+    before = time.time()
+    done = cli(tmp_path, "check", "ticker.py")
+    assert done.returncode == 0, done.stderr
+    expected = [pyoco._iso(ts) for ts in Flow("x", schedule="0 3 * * *", schedule_tz="UTC")
+                ._schedule.upcoming(3, before)]
+    assert "schedule: 0 3 * * * (UTC); next: %s" % ", ".join(expected) in done.stdout
+    report = json.loads(cli(tmp_path, "check", "ticker.py", "--json").stdout)
+    assert report["schedule"] == "0 3 * * *"
+    assert report["next_runs"] == expected
+    for stamp in expected:
+        assert SRV_ISO_UTC.match(stamp) and stamp.endswith("T03:00:00.000Z")
+    write(tmp_path / "plain.py", "from pyoco import Flow\nflow = Flow('plain')\n")
+    plain = json.loads(cli(tmp_path, "check", "plain.py", "--json").stdout)
+    assert (plain["schedule"], plain["next_runs"]) == (None, [])
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_flow_file_with_a_bad_schedule_does_not_load(tmp_path, command):
+    write(tmp_path / "ticker.py", SCH_FLOW % "0 3 * * funday")
+    done = cli(tmp_path, command, "ticker.py")
+    assert done.returncode == 2
+    assert "ticker.py:7:" in done.stderr and "day of week" in done.stderr
+    assert "'funday'" in done.stderr and "Traceback" not in done.stderr
