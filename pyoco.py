@@ -5038,7 +5038,8 @@ class Engine:
         home = os.environ.get("PYOCO_HOME")
         return RunStore(home) if home else None
 
-    def run(self, flow, params=None, *, raise_on_failure=True, run_id=None, resume=None):
+    def run(self, flow, params=None, *, raise_on_failure=True, run_id=None, resume=None,
+            scheduled_for=None):
         """Run ``flow`` and return its ``Run``.
 
         Raises FlowError before anything runs when the flow is invalid,
@@ -5046,6 +5047,8 @@ class Engine:
         RunCancelled when the run was cancelled, unless ``raise_on_failure``
         is False. ``resume``: the id of a FAILED or CANCELLED run in the
         store; tasks that succeeded there are not run again (see RunStore).
+        ``scheduled_for``: the schedule's time (Unix) that starts this run,
+        kept in its record (``pyoco serve`` passes it).
         """
         if not isinstance(flow, Flow):
             raise TypeError("Engine.run needs a Flow, got %r" % (flow,))
@@ -5068,6 +5071,7 @@ class Engine:
             run_id, folder = store.new_run_folder(run_id)
         run = Run(plan, flow, params, run_id)
         run.resumed_from = resume
+        run.scheduled_for = scheduled_for
         run.executor = self.executor if isinstance(self.executor, str) \
             else type(self.executor).__name__
         recorder = _RunRecorder(store, run, folder) if folder is not None else None
@@ -5447,17 +5451,22 @@ class Server:
     """``pyoco serve``: the JSON run API and /metrics over a run store.
 
     ``flows`` (name -> Flow) are the flows ``POST /runs`` may start, in this
-    process. Call ``start()`` for a background thread or ``serve_forever()``.
+    process; ``files`` (name -> path) says where each came from, for GET /flows.
+    Flows with a ``schedule`` are started at its times while the server
+    serves, unless ``schedule`` is False. ``clock``: what the scheduler reads
+    the time from and waits with (see _WallClock). Call ``start()`` for a
+    background thread or ``serve_forever()``.
     """
 
     max_body = 1 << 20
 
     def __init__(self, store, host="127.0.0.1", port=0, flows=None, engine=None,
-                 token=None):
+                 token=None, files=None, schedule=True, clock=None):
         from http.server import ThreadingHTTPServer
         self.store = store if isinstance(store, RunStore) else RunStore(store)
         self.view = MetricsView(self.store)
         self.flows = dict(flows or {})
+        self.files = dict(files or {})
         self.engine = engine or Engine(store=self.store)
         self.token = token if token is not None else os.environ.get("PYOCO_API_TOKEN") or None
         self.allowed_hosts = {name.strip().lower() for name in
@@ -5478,6 +5487,9 @@ class Server:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = None
+        self.timetable = None       # the scheduler thread's state, when a flow has a schedule
+        if schedule and any(flow.schedule is not None for flow in self.flows.values()):
+            self.timetable = _Timetable(self, clock or _WallClock())
 
     @property
     def url(self):
@@ -5490,13 +5502,20 @@ class Server:
                                        name="pyoco-serve",
                                        daemon=True)
         self.thread.start()
+        if self.timetable is not None:
+            self.timetable.start()
         return self
 
     def serve_forever(self):
+        if self.timetable is not None:
+            self.timetable.start()
         self.httpd.serve_forever(0.1)
 
     def close(self, wait=5.0):
-        """Stop serving; cancel runs started through the API and wait a little for them."""
+        """Stop serving and scheduling; cancel the runs this server started
+        (through the API or a schedule) and wait a little for them."""
+        if self.timetable is not None:
+            self.timetable.close()
         self.httpd.shutdown() if self.thread is not None else None
         self.httpd.server_close()
         for run_id in list(self.runs):
@@ -5518,7 +5537,12 @@ class Server:
             return 200, {"status": "ok", "version": __version__}
         if parts == ["metrics"]:
             self.allow(method, "GET")
-            return 200, self.view.render()
+            text = self.view.render()
+            return 200, text if self.timetable is None else text + self.timetable.render()
+        if parts == ["flows"]:
+            self.allow(method, "GET")
+            _query_keys(query, ())
+            return 200, self.flow_list()
         if parts == ["runs"]:
             self.allow(method, "GET", "POST")
             if method == "POST":
@@ -5551,7 +5575,8 @@ class Server:
                 self.allow(method, "POST")
                 self.authorize(client, headers)
                 return self.cancel(run_id)
-        raise HTTPError(404, "no such endpoint: %s (see /healthz, /metrics, /runs)" % path)
+        raise HTTPError(404, "no such endpoint: %s (see /healthz, /metrics, /runs, /flows)"
+                        % path)
 
     @staticmethod
     def allow(method, *methods):
@@ -5674,8 +5699,17 @@ class Server:
         self.store.request_cancel(run_id)
         return 202, {"run_id": run_id, "status": RunState.CANCELLING}
 
+    def flow_list(self):
+        """GET /flows: each loaded flow, its schedule, next time and newest run."""
+        out = []
+        for name, flow in self.flows.items():
+            newest = self.view.runs(flow=name, limit=1)
+            next_at = self.timetable.next_at.get(name) if self.timetable is not None else None
+            out.append({"flow": name, "file": self.files.get(name), "schedule": flow.schedule,
+                        "next_run_at": _iso(next_at), "last_run": newest[0] if newest else None})
+        return out
+
     def start_run(self, body):
-        import threading
         try:
             request = _loads(body or b"{}")
         except ValueError as exc:
@@ -5688,6 +5722,14 @@ class Server:
                                  " (%s)" % (", ".join(sorted(self.flows)) or "none loaded"))
         if not isinstance(params, dict):
             raise HTTPError(400, "params must be a JSON object")
+        run_id = self.launch(name, params)
+        return 202, {"run_id": run_id, "flow": name, "status": RunState.RUNNING}
+
+    def launch(self, name, params, scheduled_for=None):
+        """Start loaded flow ``name`` on a thread of its own and return the run's
+        id once the run has begun: POST /runs and the schedules start runs here.
+        HTTPError when there is no such flow or ``params`` do not fit it."""
+        import threading
         flow = self.flows.get(name)
         if flow is None:
             raise HTTPError(404, "no flow %r here; this server runs: %s"
@@ -5702,7 +5744,8 @@ class Server:
 
         def go():
             try:
-                self.engine.run(flow, params, run_id=run_id, raise_on_failure=False)
+                self.engine.run(flow, params, run_id=run_id, raise_on_failure=False,
+                                scheduled_for=scheduled_for)
             except Exception as exc:
                 _warn("run %s of flow %r failed to start: %s" % (run_id, name, _describe(exc)))
             finally:
@@ -5713,7 +5756,7 @@ class Server:
         self.runs[run_id] = thread
         thread.start()
         started.wait(10)            # answer once the run exists, so its id can be read at once
-        return 202, {"run_id": run_id, "flow": name, "status": RunState.RUNNING}
+        return run_id
 
     def _observe(self, run, ev):
         if ev[1] == "run.started" and run.run_id in self._begun:
@@ -5722,6 +5765,153 @@ class Server:
     def live(self, run_id):
         """The Run object of a run this server's engine is running, else None."""
         return self.engine.live_run(run_id)
+
+
+class _WallClock:
+    """The scheduler's clock: ``now()`` in Unix seconds, and ``wait(seconds,
+    stop)`` that returns after ``seconds`` or as soon as the Event ``stop`` is
+    set. Tests pass their own object with these two methods to drive time."""
+
+    @staticmethod
+    def now():
+        return time.time()
+
+    @staticmethod
+    def wait(seconds, stop):
+        stop.wait(seconds)
+
+
+_CLAIMS_KEPT = 100      # claim files kept per flow; older ones are deleted
+
+
+class _Timetable:
+    """The scheduler thread of ``pyoco serve``: starts each scheduled flow at
+    its times, through Server.launch (as POST /runs does).
+
+    A time is started once between all servers on one store: the first to
+    create its claim file (O_EXCL) in ``<store>/schedule/<flow>/`` starts it,
+    or skips it while a run of that flow is still running; the others do
+    nothing. A server that dies after claiming loses that one time only.
+    """
+
+    def __init__(self, server, clock):
+        import threading
+        self.server, self.clock = server, clock
+        self.flows = {name: flow for name, flow in server.flows.items()
+                      if flow.schedule is not None}
+        now = clock.now()
+        self.next_at = {name: flow._schedule.next_after(now)     # name -> Unix time or None
+                        for name, flow in self.flows.items()}
+        self.skipped = dict.fromkeys(self.flows, 0)     # name -> times skipped for overlap
+        self.claims = os.path.join(server.store.root, "schedule")
+        self.stop = threading.Event()
+        self.thread = None
+
+    def start(self):
+        import threading
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.loop, name="pyoco-schedule", daemon=True)
+            self.thread.start()
+
+    def close(self, wait=5.0):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(wait)
+
+    def loop(self):
+        try:
+            self.catch_up(self.clock.now())
+            while not self.stop.is_set():
+                now = self.clock.now()
+                for name, at in list(self.next_at.items()):
+                    if at is not None and at <= now:
+                        schedule = self.flows[name]._schedule
+                        self.next_at[name] = schedule.next_after(now)
+                        self.fire(name, schedule.latest_until(now))   # one run, however late
+                coming = [at for at in self.next_at.values() if at is not None]
+                # wake at least every minute: a wall clock that was set moves the times
+                self.clock.wait(min([60.0] + [at - now for at in coming]), self.stop)
+        except Exception as exc:        # a bug: say so, and keep serving the API
+            _warn("the scheduler stopped: %s" % _describe(exc))
+
+    def catch_up(self, now):
+        """At start: run each flow once for the latest time missed since its
+        last scheduled run (schedule_catchup="latest")."""
+        for name, flow in self.flows.items():
+            if flow.schedule_catchup != "latest":
+                continue
+            done = [_parse_iso(r.get("scheduled_for")) for r in
+                    self.server.view.runs(flow=name, limit=None) if r.get("scheduled_for")]
+            missed = flow._schedule.latest_until(now) if done else None
+            if missed is not None and missed > max(done) + 0.5:     # records keep milliseconds
+                self.fire(name, missed)
+
+    def fire(self, name, at):
+        if self.stop.is_set() or not self.claim(name, at):
+            return
+        if self.flows[name].schedule_overlap != "allow":
+            running = self.running(name)
+            if running is not None:
+                self.skipped[name] += 1
+                _write_line(None, "pyoco serve: skip flow %r at %s: run %s is still %s\n"
+                            % (name, _iso(at), running["run_id"], running["status"]))
+                return
+        try:
+            self.server.launch(name, {}, scheduled_for=at)
+        except HTTPError as exc:
+            _warn("flow %r was not started for %s: %s" % (name, _iso(at), exc.message))
+
+    def running(self, name):
+        """A record of a run of flow ``name`` still running, from any process, or None."""
+        view = self.server.view
+        view.refresh(force=True)        # settles the runs of processes that died
+        for record in view.runs(flow=name, limit=None):
+            if record["status"] in (RunState.PENDING, RunState.RUNNING, RunState.CANCELLING):
+                return record
+        for run_id in list(self.server.runs):       # begun here, not yet in the store
+            run = self.server.live(run_id)
+            if run is not None and run.flow_name == name:
+                return run.to_dict(events=False)
+        return None
+
+    def claim(self, name, at):
+        """Whether this server starts flow ``name``'s time ``at`` (it is the first to ask)."""
+        folder = os.path.join(self.claims, _safe_file_name(name))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(os.path.join(folder, "%d.claim" % at),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            _warn("flow %r was not started for %s: cannot claim it in %s (%s)"
+                  % (name, _iso(at), folder, exc))
+            return False
+        try:
+            os.write(fd, _dumps({"flow": name, "scheduled_for": _iso(at), "pid": os.getpid(),
+                                 "host": _hostname()}).encode("utf-8"))
+        finally:
+            os.close(fd)
+        try:
+            old = sorted((n for n in os.listdir(folder) if n.endswith(".claim")),
+                         key=lambda n: int(n.partition(".")[0]) if n[0].isdigit() else 0)
+            for stale in old[:-_CLAIMS_KEPT]:
+                os.unlink(os.path.join(folder, stale))
+        except (OSError, ValueError):
+            pass                        # another server pruned them first
+        return True
+
+    def render(self):
+        """The scheduler's lines of /metrics."""
+        out = []
+        next_at = dict(self.next_at)
+        _metric(out, "pyoco_schedule_next_run_timestamp_seconds", "gauge",
+                "When each scheduled flow runs next (Unix time).",
+                [({"flow": name}, at) for name, at in sorted(next_at.items()) if at is not None])
+        _metric(out, "pyoco_schedule_skipped_total", "counter",
+                "Scheduled times skipped because a run of the flow was still running.",
+                [({"flow": name}, n) for name, n in sorted(self.skipped.items())])
+        return "".join(out)
 
 
 class _Raw:
@@ -6470,6 +6660,8 @@ def _build_parser():
     serve.add_argument("--store", metavar="DIR", help=store_help)
     serve.add_argument("--progress", choices=("on", "off"),
                        help="progress lines for the runs it starts, as for run")
+    serve.add_argument("--no-schedule", dest="schedule", action="store_false",
+                       help="do not start the flows' scheduled runs (POST /runs still can)")
 
     plugins = commands.add_parser("plugins", help="installed plugin tasks",
                                   description="Plugin tasks published under the entry-point"
@@ -6656,14 +6848,16 @@ def _cmd_serve(args):
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be from 0 to 65535, not %d" % args.port)
     store = _cli_store(args)
-    flows = {}
+    flows, files = {}, {}
     for target in args.flows:
         for var, flow in _module_flows(_load_target(target)):
             if flows.setdefault(flow.name, flow) is not flow:
                 raise UsageError("two flows are named %r; give one another name" % flow.name)
+            files[flow.name] = target
     try:
-        server = Server(store, host=args.host, port=args.port, flows=flows,
-                        engine=Engine(store=store, progress=_PROGRESS_FLAG[args.progress]))
+        server = Server(store, host=args.host, port=args.port, flows=flows, files=files,
+                        engine=Engine(store=store, progress=_PROGRESS_FLAG[args.progress]),
+                        schedule=args.schedule)
     except OSError as exc:
         host = "[%s]" % args.host if ":" in args.host and "[" not in args.host else args.host
         raise UsageError("cannot listen on %s:%d: %s" % (host, args.port, exc.strerror
@@ -6677,6 +6871,14 @@ def _cmd_serve(args):
     print("pyoco serve: listening on %s (store %s%s)" % (
         server.url, store.root, "; flows: " + ", ".join(sorted(flows)) if flows else ""),
         flush=True)
+    for name, flow in flows.items():
+        if flow.schedule is not None:
+            next_at = server.timetable.next_at[name] if server.timetable is not None else None
+            _write_line(None, "pyoco serve: flow %r runs at %r (%s); %s\n" % (
+                name, flow.schedule, "UTC" if flow._schedule.every else
+                flow.schedule_tz or "local time",
+                "next at %s" % _iso(next_at) if next_at is not None else
+                "not scheduled here (--no-schedule)" if server.timetable is None else "never"))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

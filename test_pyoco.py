@@ -10925,3 +10925,267 @@ def test_flow_file_with_a_bad_schedule_does_not_load(tmp_path, command):
     assert done.returncode == 2
     assert "ticker.py:7:" in done.stderr and "day of week" in done.stderr
     assert "'funday'" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# pyoco serve's scheduler: an injected clock on a real Server, real HTTP
+# ---------------------------------------------------------------------------
+
+class SchClock:
+    """The scheduler's clock, moved by the test. ``wait`` returns when the time
+    moves (or the scheduler stops); ``move_to`` returns once the scheduler has
+    looked at the new time and waits again, so nothing waits for real minutes."""
+
+    def __init__(self, now):
+        self.t = self.read = now
+        self.idle_at = None         # the time the scheduler is waiting at, if it waits
+        self.cond = threading.Condition()
+
+    def now(self):
+        with self.cond:
+            self.read = self.t
+            return self.t
+
+    def wait(self, seconds, stop):
+        with self.cond:
+            if self.read != self.t:         # moved since the scheduler looked: look again
+                return
+            self.idle_at = self.t
+            self.cond.notify_all()
+            while self.t == self.idle_at and not stop.is_set():
+                self.cond.wait(0.05)        # also notices stop, which sets no condition
+            self.idle_at = None
+
+    def set(self, t):
+        with self.cond:
+            self.t = t
+            self.cond.notify_all()
+
+    def settled(self):
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.idle_at == self.t, WAIT), \
+                "the scheduler did not come back to waiting at %s" % sch_iso(self.t)
+
+
+def sch_move(clocks, when):
+    """Move every clock to ``when`` at once, then wait until each scheduler is idle."""
+    for clock in clocks:
+        clock.set(sch_ts(when))
+    for clock in clocks:
+        clock.settled()
+
+
+def sch_scheduled(store, flow=None):
+    """The scheduled_for of every run in the store (of ``flow``), oldest first."""
+    records = RunStore(store).list(flow=flow)
+    return sorted(r["scheduled_for"] for r in records if r["scheduled_for"])
+
+
+def sch_wait_runs(store, expected, flow=None):
+    """Wait until the store's scheduled runs are ``expected`` (ISO minutes) and all finished."""
+    def reached():
+        records = RunStore(store).list(flow=flow)
+        done = all(r["status"] == "COMPLETED" for r in records)
+        return done and sorted(r["scheduled_for"] for r in records) == expected and [records]
+    return srv_poll(reached, what="scheduled runs %s" % expected)[0]
+
+
+def sch_server(srv_serve, store, flows, now, **options):
+    clock = SchClock(sch_ts(now))
+    server = srv_serve(store, flows={f.name: f for f in flows}, clock=clock,
+                       engine=srv_engine(store), **options)
+    clock.settled()
+    return server, clock
+
+
+def sch_quick_flow(name="every5", schedule="*/5 * * * *", **options):
+    @task(name="work_" + name)
+    def work(ctx):
+        return ctx.run_id
+
+    flow = Flow(name, schedule=schedule, schedule_tz="UTC", **options)
+    flow >> work
+    return flow
+
+
+def test_scheduled_runs_start_at_their_times_with_scheduled_for(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server, clock = sch_server(srv_serve, store, [sch_quick_flow()], "2026-12-01T10:02Z")
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="every5") == sch_ts("2026-12-01T10:05Z")
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow="every5") == 0
+    assert sch_scheduled(store) == []
+    sch_move([clock], "2026-12-01T10:05Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z"])
+    sch_move([clock], "2026-12-01T10:09:59Z")           # not yet
+    sch_move([clock], "2026-12-01T10:10:30Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z", "2026-12-01T10:10:00.000Z"])
+    sch_move([clock], "2026-12-01T10:31Z")              # asleep for four times: one run, the latest
+    records = sch_wait_runs(store, ["2026-12-01T10:05:00.000Z", "2026-12-01T10:10:00.000Z",
+                                    "2026-12-01T10:30:00.000Z"])
+    assert all(r["params"] == {} for r in records)
+    status, full = srv_json(server.url, "GET", "/runs/" + records[0]["run_id"])
+    assert status == 200 and set(full) == SRV_RECORD_KEYS
+    assert full["tasks"]["work_every5"]["state"] == "SUCCEEDED"
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="every5") == sch_ts("2026-12-01T10:35Z")
+    srv_poll(lambda: srv_value(srv_metrics(server.url)[2], "pyoco_runs_total", flow="every5",
+                               status="COMPLETED") == 3, what="three runs in /metrics")
+
+
+def sch_blocking_flow(release, overlap):
+    @task
+    def hold(ctx):
+        release.wait(WAIT)
+
+    flow = Flow("held", schedule="every 1m", schedule_overlap=overlap)
+    flow >> hold
+    return flow
+
+
+@pytest.mark.parametrize("overlap, expected, skipped", [
+    ("skip", ["10:01", "10:03"], 1),
+    ("allow", ["10:01", "10:02", "10:03"], 0),
+])
+def test_scheduled_time_is_skipped_while_the_flow_still_runs(tmp_path, srv_serve, capsys,
+                                                             overlap, expected, skipped):
+    store = tmp_path / "store"
+    release = threading.Event()
+    server, clock = sch_server(srv_serve, store, [sch_blocking_flow(release, overlap)],
+                               "2026-12-01T10:00:30Z")
+    sch_move([clock], "2026-12-01T10:01Z")
+    first = srv_poll(lambda: RunStore(store).list(status="RUNNING"), what="the first run")
+    sch_move([clock], "2026-12-01T10:02Z")
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow="held") == skipped
+    err = capsys.readouterr().err
+    skip_lines = [line for line in err.splitlines() if "skip" in line]
+    if skipped:
+        assert skip_lines == ["pyoco serve: skip flow 'held' at 2026-12-01T10:02:00.000Z: run"
+                              " %s is still RUNNING" % first[0]["run_id"]]
+    else:
+        assert skip_lines == []
+    release.set()
+    srv_poll(lambda: not RunStore(store).list(status="RUNNING"), what="the runs to end")
+    sch_move([clock], "2026-12-01T10:03Z")
+    sch_wait_runs(store, ["2026-12-01T%s:00.000Z" % hm for hm in expected])
+
+
+def sch_history(store, flow, when):
+    """A finished scheduled run of ``flow`` for time ``when``, as a previous server made it."""
+    srv_engine(store).run(flow, scheduled_for=sch_ts(when))
+
+
+@pytest.mark.parametrize("catchup, history, expected", [
+    ("latest", "2026-12-01T09:00Z", ["2026-12-01T09:00:00.000Z", "2026-12-01T12:00:00.000Z"]),
+    ("none", "2026-12-01T09:00Z", ["2026-12-01T09:00:00.000Z"]),
+    ("latest", None, []),                   # never scheduled here yet: nothing was missed
+    ("latest", "2026-12-01T12:00Z", ["2026-12-01T12:00:00.000Z"]),     # nothing missed since
+])
+def test_catch_up_runs_the_latest_missed_time_once_at_start(tmp_path, srv_serve, catchup,
+                                                            history, expected):
+    store = tmp_path / "store"
+    flow = sch_quick_flow("hourly", "@hourly", schedule_catchup=catchup)
+    if history:
+        sch_history(store, flow, history)
+    server, clock = sch_server(srv_serve, store, [flow], "2026-12-01T12:30Z")
+    sch_wait_runs(store, expected)
+    sch_move([clock], "2026-12-01T12:59Z")
+    assert sch_scheduled(store) == expected
+    sch_move([clock], "2026-12-01T13:00Z")
+    sch_wait_runs(store, expected + ["2026-12-01T13:00:00.000Z"])
+
+
+def test_two_servers_on_one_store_start_each_time_once(tmp_path, srv_serve):
+    # Two Server objects rather than two processes: their clocks must be injected
+    # to go through several times at once, and they share only the store's files,
+    # as two processes do. A claim left by a server that died costs only its time.
+    store = tmp_path / "store"
+    flow = sch_quick_flow("shared", "every 1m")
+    claims = store / "schedule" / "shared"
+    claims.mkdir(parents=True)
+    (claims / ("%d.claim" % sch_ts("2026-12-01T10:03Z"))).write_text("{}")
+    servers = [sch_server(srv_serve, store, [flow], "2026-12-01T10:00:30Z") for _ in range(2)]
+    clocks = [clock for _, clock in servers]
+    expected = []
+    for minute in range(1, 6):
+        sch_move(clocks, "2026-12-01T10:%02d:00Z" % minute)
+        if minute != 3:
+            expected.append("2026-12-01T10:%02d:00.000Z" % minute)
+        sch_wait_runs(store, expected)
+    assert len(RunStore(store).ids()) == 4          # the claims are not runs to any reader
+    listing = cli(tmp_path, "runs", "list", "--store", store, "--json")
+    assert listing.returncode == 0 and len(json.loads(listing.stdout)) == 4
+    assert sorted(os.listdir(claims)) == sorted("%d.claim" % sch_ts("2026-12-01T10:%02dZ" % m)
+                                                for m in range(1, 6))
+
+
+def test_server_close_stops_the_scheduler(tmp_path):
+    store = tmp_path / "store"
+    clock = SchClock(sch_ts("2026-12-01T10:02Z"))
+    server = pyoco.Server(str(store), port=0, flows={"every5": sch_quick_flow()}, clock=clock,
+                          engine=srv_engine(store)).start()
+    clock.settled()
+    thread = server.timetable.thread
+    server.close()
+    assert not thread.is_alive()
+    clock.set(sch_ts("2026-12-01T10:05Z"))
+    assert sch_scheduled(store) == []
+
+
+def test_unscheduled_flows_start_no_scheduler(tmp_path, srv_serve):
+    server = srv_serve(tmp_path / "store", flows={"plain": Flow("plain")})
+    assert server.timetable is None
+    assert "pyoco_schedule" not in srv_metrics(server.url)[1]
+
+
+SCH_HELD_FLOW = '''\
+from pyoco import task, Flow
+
+@task
+def hold(ctx):
+    ctx.cancelled.wait(30)
+
+flow = Flow("held", schedule="every 1s")
+flow >> hold
+'''
+
+
+def test_pyoco_serve_starts_scheduled_runs_and_ctrl_c_cancels_them(tmp_path, srv_cli_serve):
+    # Real time, but only a second: "every 1s" starts one run; the next
+    # times are skipped while it runs; SIGTERM (Ctrl+C's path) cancels it.
+    store = tmp_path / "store"
+    flow_file = srv_flow_file(tmp_path, "held", SCH_HELD_FLOW)
+    server = srv_cli_serve(store, flow_file)
+    record = srv_poll(lambda: RunStore(store).list(status="RUNNING"), what="a scheduled run")[0]
+    assert SRV_ISO_UTC.match(record["scheduled_for"])
+    assert record["scheduled_for"].endswith(".000Z")
+    srv_poll(lambda: "pyoco serve: skip flow 'held' at " in server.stderr(), what="a skip line")
+    assert "pyoco serve: flow 'held' runs at 'every 1s' (UTC); next at " in server.stderr()
+    assert server.stop() == 0
+    final = RunStore(store).get(record["run_id"])
+    assert final["status"] == "CANCELLED"
+    assert final["scheduled_for"] == record["scheduled_for"]
+    assert [r["run_id"] for r in RunStore(store).list()] == [record["run_id"]]
+
+
+def test_pyoco_serve_no_schedule_starts_no_scheduled_runs(tmp_path, srv_cli_serve):
+    store = tmp_path / "store"
+    flow_file = srv_flow_file(tmp_path, "held", SCH_HELD_FLOW.replace(
+        "ctx.cancelled.wait(30)", "return 1"))
+    server = srv_cli_serve(store, flow_file, options=["--no-schedule"])
+    assert "not scheduled here (--no-schedule)" in server.stderr()
+    status, flows = srv_json(server.url, "GET", "/flows")
+    assert status == 200
+    assert [(f["flow"], f["schedule"], f["next_run_at"]) for f in flows] == [
+        ("held", "every 1s", None)]
+    assert "pyoco_schedule" not in srv_metrics(server.url)[1]
+    status, body = srv_json(server.url, "POST", "/runs", {"flow": "held"})     # by hand still
+    assert status == 202
+    record = srv_wait_status(server, body["run_id"], "COMPLETED")
+    assert record["scheduled_for"] is None
+    assert server.stop() == 0
+    assert [r["run_id"] for r in RunStore(store).list()] == [body["run_id"]]
+    assert not (store / "schedule").exists()
