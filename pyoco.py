@@ -7051,6 +7051,13 @@ svg .rule { font-size:9px; fill:var(--muted); }
 #status { font-size:.8rem; }
 .error { color:var(--fail); }
 details summary { cursor:pointer; }
+.cells { display:flex; gap:3px; flex-wrap:wrap; align-items:center; max-width:330px; }
+.cell { display:inline-block; width:12px; height:18px; border-radius:3px; }
+.cell:hover { outline:2px solid var(--carrot); }
+svg.trend polyline { fill:none; stroke:var(--accent); stroke-width:1.5; }
+svg.trend circle { fill:var(--carrot); }
+td.actions { white-space:nowrap; }
+td.actions button { margin:0 .3rem .2rem 0; }
 </style>
 </head>
 <body>
@@ -7100,6 +7107,78 @@ const ms = (v) => v === null || v === undefined ? "–" : v < 1000 ? v.toFixed(1
 const when = (iso) => iso ? iso.replace("T", " ").replace("Z", "") : "–";
 const t = (iso) => iso ? Date.parse(iso) : null;
 const runPath = (id) => "/runs/" + encodeURIComponent(id);
+const FINISHED = ["COMPLETED", "FAILED", "CANCELLED"];
+let flowNote = "";
+
+// Changes (Run now, Cancel) follow the API's rules: the browser sends this page's
+// Origin, and with PYOCO_API_TOKEN set the page asks for the token once and keeps
+// it in sessionStorage, so it lives as long as this tab.
+async function post(path, body) {
+  for (let asked = false; ; asked = true) {
+    const headers = {"Content-Type": "application/json", "Accept": "application/json"};
+    const token = sessionStorage.getItem("pyoco-token");
+    if (token) headers["Authorization"] = "Bearer " + token;
+    const r = await fetch(path, {method: "POST", headers, body: JSON.stringify(body || {}), cache: "no-store"});
+    const answer = await r.json().catch(() => ({}));
+    if (r.status === 401) {
+      sessionStorage.removeItem("pyoco-token");
+      const given = asked ? null : prompt("This server needs its API token (PYOCO_API_TOKEN) to start or cancel runs. It is kept in this tab only.");
+      if (given && given.trim()) { sessionStorage.setItem("pyoco-token", given.trim()); continue; }
+    }
+    if (!r.ok) throw new Error(answer.error || ("HTTP " + r.status));
+    return answer;
+  }
+}
+async function act(what, path, body) {
+  try {
+    const answer = await post(path, body);
+    flowNote = `${what}: run ${answer.run_id}`;
+  } catch (err) { flowNote = `${what} refused: ${err.message}`; }
+  refresh();
+}
+const cancelButton = (r) => h("button", {type: "button", class: "cancel", "data-run": r.run_id,
+  title: "ask run " + r.run_id + " to stop", onclick: () => act("cancel", runPath(r.run_id) + "/cancel")}, "■ Cancel");
+
+function trend(runs) {
+  const d = runs.map((r) => r.duration_ms).filter((v) => v !== null && v !== undefined);
+  const W = 120, H = 28;
+  const box = svg("svg", {width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "trend", role: "img",
+    "aria-label": d.length ? `durations of the last ${d.length} finished runs, the latest ${ms(d[d.length - 1])}` : "no finished runs yet"});
+  if (!d.length) return box;
+  const lo = Math.min(...d), span = Math.max(...d) - lo || 1;
+  const pts = d.map((v, i) => [d.length === 1 ? W / 2 : 3 + i * (W - 6) / (d.length - 1), H - 4 - (v - lo) / span * (H - 8)]);
+  box.append(svg("polyline", {points: pts.map((p) => p.join(",")).join(" ")}));
+  const [x, y] = pts[pts.length - 1];
+  box.append(svg("circle", {cx: x, cy: y, r: 2.5}));
+  const tip = svg("title", {}); tip.textContent = d.map(ms).join(" → "); box.append(tip);
+  return box;
+}
+
+async function flowsCard() {
+  const flows = await api("/flows");
+  if (!flows.length) return "";
+  const rows = await Promise.all(flows.map(async (f) => {
+    const runs = (await api("/runs?" + new URLSearchParams({flow: f.flow, limit: "20"}))).reverse();
+    const finished = runs.filter((r) => FINISHED.includes(r.status));
+    const ok = finished.filter((r) => r.status === "COMPLETED").length;
+    const cells = runs.map((r) => h("a", {class: "cell s-" + r.status, href: runPath(r.run_id) + "/view", "data-run": r.run_id,
+      "aria-label": `run ${r.run_id}: ${r.status}`, title: `${when(r.started_at)} · ${r.status} · ${ms(r.duration_ms)}` + (r.scheduled_for ? ` · scheduled for ${when(r.scheduled_for)}` : "")}));
+    return h("tr", {"data-flow": f.flow},
+      h("td", {}, h("strong", {}, f.flow), f.file ? h("div", {class: "muted mono"}, f.file) : ""),
+      h("td", {class: "mono schedule"}, f.schedule || h("span", {class: "muted"}, "–")),
+      h("td", {class: "mono next"}, when(f.next_run_at)),
+      h("td", {}, h("div", {class: "cells"}, cells.length ? cells : h("span", {class: "muted"}, "no runs yet"))),
+      h("td", {class: "rate", title: `${ok} of ${finished.length} finished runs completed`}, finished.length ? Math.round(ok / finished.length * 100) + "%" : "–"),
+      h("td", {}, trend(finished)),
+      h("td", {class: "actions"}, h("button", {type: "button", class: "run-now", "data-flow": f.flow, title: "POST /runs " + f.flow,
+        onclick: () => act("run now", "/runs", {flow: f.flow})}, "▶ Run now"),
+        runs.filter((r) => r.status === "RUNNING").map(cancelButton)));
+  }));
+  return h("div", {class: "card", id: "flows"}, h("h2", {}, "Flows"),
+    h("table", {id: "flow-table"}, h("thead", {}, h("tr", {}, ["Flow", "Schedule", "Next run (UTC)", "Last runs", "Success", "Duration", ""].map((c) => h("th", {scope: "col"}, c)))),
+      h("tbody", {}, rows)),
+    h("p", {id: "flow-note", class: flowNote.includes("refused") ? "error" : "muted", "aria-live": "polite"}, flowNote));
+}
 
 function currentRun() {
   const m = location.pathname.match(/^\/runs\/([^/]+)\/view$/);
@@ -7110,7 +7189,7 @@ async function renderList() {
   const q = new URLSearchParams({limit: "100"});
   if (filters.flow) q.set("flow", filters.flow);
   if (filters.status) q.set("status", filters.status);
-  const runs = await api("/runs?" + q);
+  const [runs, flows] = await Promise.all([api("/runs?" + q), flowsCard()]);
   runs.forEach((r) => knownFlows.add(r.flow));
   const flowSel = h("select", {id: "flow-filter", "aria-label": "flow",
       onchange: (e) => { filters.flow = e.target.value; refresh(); }},
@@ -7125,10 +7204,11 @@ async function renderList() {
     return h("tr", {"data-run": r.run_id},
       h("td", {}, h("a", {href: runPath(r.run_id) + "/view", class: "mono"}, r.run_id)),
       h("td", {}, r.flow), h("td", {}, badge(r.status)), h("td", {class: "mono"}, when(r.started_at)),
-      h("td", {}, ms(r.duration_ms)), h("td", {class: failed.length ? "error" : "muted"}, failed.join(", ") || r.reason || ""));
+      h("td", {}, ms(r.duration_ms)), h("td", {class: failed.length ? "error" : "muted"}, failed.join(", ") || r.reason || "",
+        r.status === "RUNNING" ? [" ", cancelButton(r)] : ""));
   });
   const main = document.getElementById("main");
-  main.replaceChildren(
+  main.replaceChildren(flows,
     h("div", {class: "filters"}, h("label", {}, "Flow ", flowSel), h("label", {}, "Status ", statusSel),
       h("span", {class: "muted"}, runs.length + " run" + (runs.length === 1 ? "" : "s"))),
     runs.length ? h("table", {id: "runs"},

@@ -11189,3 +11189,159 @@ def test_pyoco_serve_no_schedule_starts_no_scheduled_runs(tmp_path, srv_cli_serv
     assert server.stop() == 0
     assert [r["run_id"] for r in RunStore(store).list()] == [body["run_id"]]
     assert not (store / "schedule").exists()
+
+
+# ---------------------------------------------------------------------------
+# GET /flows and the page's flows view (real server, headless Chromium)
+# ---------------------------------------------------------------------------
+
+SCH_FLOWS_KEYS = {"flow", "file", "schedule", "next_run_at", "last_run"}
+
+
+def test_get_flows_lists_loaded_flows_with_schedule_next_time_and_last_run(tmp_path,
+                                                                           srv_cli_serve):
+    store = tmp_path / "store"
+    yearly = srv_flow_file(tmp_path, "yearly", SCH_FLOW.replace("ticker", "yearly")
+                           % "0 3 1 jan *")
+    greet = srv_flow_file(tmp_path)
+    server = srv_cli_serve(store, yearly, greet)
+    status, flows = srv_json(server.url, "GET", "/flows")
+    assert status == 200
+    assert [set(f) for f in flows] == [SCH_FLOWS_KEYS, SCH_FLOWS_KEYS]
+    assert flows[0] == {"flow": "yearly", "file": str(yearly), "schedule": "0 3 1 jan *",
+                        "next_run_at": "%d-01-01T03:00:00.000Z" % (time.gmtime().tm_year + 1),
+                        "last_run": None}
+    assert flows[1] == {"flow": "greet", "file": str(greet), "schedule": None,
+                        "next_run_at": None, "last_run": None}
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="yearly") == sch_ts(flows[0]["next_run_at"][:16] + "Z")
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds", flow="greet") is None
+    _, body = srv_json(server.url, "POST", "/runs", {"flow": "greet", "params": {"who": "flows"}})
+    srv_wait_status(server, body["run_id"], "COMPLETED")
+
+    def last_run():
+        last = srv_json(server.url, "GET", "/flows")[1][1]["last_run"]
+        return last and last["status"] == "COMPLETED" and last
+    last = srv_poll(last_run, what="greet's last run")
+    assert last["run_id"] == body["run_id"] and "events" not in last
+    assert set(last) == SRV_RECORD_KEYS - {"events"}
+    assert srv_request(server.url, "GET", "/flows?x=1")[0] == 400
+    assert srv_request(server.url, "POST", "/flows")[0] == 405
+
+
+def sch_site_flows(hold):
+    """Three flows for the flows view: nightly (fails now and then), sync (can be
+    held running by a parameter) and an unscheduled report."""
+    @task
+    def extract(ctx, n=0):
+        time.sleep(0.01 + 0.004 * (n % 5))      # work of varying length
+        if n in (3, 8):
+            raise ValueError("upstream was down")
+
+    @task
+    def sync(ctx, n=0, held=False):
+        time.sleep(0.005 + 0.002 * n)           # work
+        if held:
+            hold.wait(60)
+
+    @task
+    def report(ctx):
+        return "ok"
+
+    nightly = Flow("nightly_etl", schedule="0 3 * * *", schedule_tz="Europe/Paris")
+    nightly >> extract
+    hourly = Flow("hourly_sync", schedule="every 15m")
+    hourly >> sync
+    adhoc = Flow("adhoc_report")
+    adhoc >> report
+    return [nightly, hourly, adhoc]
+
+
+@pytest.fixture
+def sch_flows_site(tmp_path, srv_serve):
+    """A server with a history of runs of three flows and one run still running;
+    its clock stands still just after the last scheduled times, so no scheduled
+    run starts (or is caught up) while the page is read."""
+    store = tmp_path / "store"
+    hold = threading.Event()
+    flows = sch_site_flows(hold)
+    engine = srv_engine(store)
+    for n in range(12):
+        engine.run(flows[0], {"n": n}, raise_on_failure=False,
+                   scheduled_for=sch_ts("2026-11-20T02:00Z") + n * 86400)
+    for n in range(7):
+        engine.run(flows[1], {"n": n}, scheduled_for=sch_ts("2026-12-01T07:30Z") + n * 900)
+    engine.run(flows[2])
+    clock = SchClock(sch_ts("2026-12-01T09:10Z"))
+    server = srv_serve(store, flows={f.name: f for f in flows}, clock=clock, engine=engine,
+                       files={f.name: "flows/%s.py" % f.name for f in flows})
+    clock.settled()
+    _, body = srv_json(server.url, "POST", "/runs",
+                       {"flow": "hourly_sync", "params": {"n": 7, "held": True}})
+    srv_wait_status(server, body["run_id"], "RUNNING")
+    server.running_id = body["run_id"]
+    yield server
+    hold.set()
+
+
+SCH_SCREENSHOT = os.environ.get("PYOCO_UPDATE_FLOWS_SCREENSHOT")   # read before fixtures clear it
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_browser_flows_view_shows_each_flow_with_runs_rate_trend_and_buttons(sch_flows_site,
+                                                                             tmp_path):
+    server = sch_flows_site
+    done = page_browser(server.url + "/", "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    assert 'id="flows"' in dom
+    rows = {name: re.search(r'<tr data-flow="%s">(.*?)</tr>' % name, dom, re.S).group(1)
+            for name in ("nightly_etl", "hourly_sync", "adhoc_report")}
+    nightly = rows["nightly_etl"]
+    assert "0 3 * * *" in nightly and "2026-12-02 02:00:00.000" in nightly   # 03:00 in Paris
+    assert nightly.count('class="cell s-COMPLETED"') == 10
+    assert nightly.count('class="cell s-FAILED"') == 2
+    assert '<td class="rate" title="10 of 12 finished runs completed">83%</td>' in nightly
+    assert nightly.count("<polyline") == 1 and 'data-flow="nightly_etl"' in nightly
+    for record in RunStore(server.store.root).list(flow="nightly_etl"):
+        assert 'href="/runs/%s/view"' % record["run_id"] in nightly      # each cell is a link
+    sync = rows["hourly_sync"]
+    assert "every 15m" in sync and "2026-12-01 09:15:00.000" in sync
+    assert 'class="cell s-RUNNING" href="/runs/%s/view"' % server.running_id in sync
+    assert '<button type="button" class="cancel" data-run="%s"' % server.running_id in sync
+    assert ">100%<" in sync
+    adhoc = rows["adhoc_report"]
+    assert "class=\"mono next\">–<" in adhoc and adhoc.count('class="cell s-') == 1
+    assert "Run now" in adhoc and "cancel" not in adhoc
+
+    shot = tmp_path / "flows.png"
+    done = page_browser(server.url + "/", "--screenshot=%s" % shot)
+    assert done.returncode == 0 and shot.stat().st_size > 10000
+    if SCH_SCREENSHOT:              # how docs/flows-view.png is made
+        shutil.copyfile(shot, SCH_SCREENSHOT)
+
+
+def test_page_buttons_are_refused_without_the_token_when_one_is_set(tmp_path, srv_serve):
+    # The buttons send what this sends: a POST from the page's own origin.
+    store = tmp_path / "store"
+    hold = threading.Event()
+    flows = {f.name: f for f in sch_site_flows(hold)}
+    server = srv_serve(store, flows=flows, token="s3cret", clock=SchClock(time.time()))
+    page = {"Origin": server.url}
+    body = {"flow": "hourly_sync", "params": {"held": True}}
+    assert srv_json(server.url, "POST", "/runs", body, page)[0] == 401
+    assert srv_json(server.url, "POST", "/runs", body, {
+        "Origin": "http://evil.example", "Authorization": "Bearer s3cret"})[0] == 403
+    status, started = srv_json(server.url, "POST", "/runs", body,
+                               dict(page, Authorization="Bearer s3cret"))
+    assert status == 202
+    cancel = "/runs/%s/cancel" % started["run_id"]
+    assert srv_json(server.url, "POST", cancel, None, page)[0] == 401
+    assert srv_json(server.url, "POST", cancel, None,
+                    dict(page, Authorization="Bearer s3cret"))[0] == 202
+    hold.set()
+    srv_wait_status(server, started["run_id"], "CANCELLED")
+    text = page_get(server.url + "/")[2].decode("utf-8")
+    assert 'sessionStorage.setItem("pyoco-token"' in text and 'localStorage.setItem("pyoco-token"' not in text
+    assert '"Authorization"] = "Bearer " + token' in text
