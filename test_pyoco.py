@@ -11345,3 +11345,22 @@ def test_page_buttons_are_refused_without_the_token_when_one_is_set(tmp_path, sr
     text = page_get(server.url + "/")[2].decode("utf-8")
     assert 'sessionStorage.setItem("pyoco-token"' in text and 'localStorage.setItem("pyoco-token"' not in text
     assert '"Authorization"] = "Bearer " + token' in text
+
+
+# ---------------------------------------------------------------------------
+# The scheduling docs' example runs
+# ---------------------------------------------------------------------------
+
+def test_scheduled_report_example_checks_and_runs(tmp_path):
+    example = HERE / "examples" / "scheduled_report.py"
+    report = json.loads(cli(tmp_path, "check", example, "--json").stdout)
+    assert report["ok"] and report["schedule"] == "30 6 * * mon-fri"
+    for stamp in report["next_runs"]:                   # 06:30 in Tokyo, Monday to Friday
+        day = time.gmtime(sch_ts(stamp[:19] + "Z") + 9 * 3600)
+        assert (day.tm_hour, day.tm_min, day.tm_wday < 5) == (6, 30, True)
+    done = cli(tmp_path, "run", example, "--store", tmp_path / "store")
+    assert done.returncode == 0, done.stderr
+    record = RunStore(tmp_path / "store").list()[0]
+    assert record["status"] == "COMPLETED" and record["scheduled_for"] is None
+    assert "report.txt" in record["tasks"]["write_report"]["artifacts"]
+    assert "docs/scheduling.md" in (HERE / "README.md").read_text(encoding="utf-8")
