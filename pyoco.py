@@ -6810,7 +6810,7 @@ def _cmd_runs(args):
         print("started %s  ended %s  duration %s" % (
             record.get("started_at"), record.get("ended_at"),
             _ms(record["duration_ms"] / 1000) if record.get("duration_ms") is not None else "-"))
-        for key in ("params", "reason", "resumed_from"):
+        for key in ("params", "reason", "resumed_from", "scheduled_for"):
             if record.get(key):
                 print("%s: %s" % (key, _dumps(record[key]) if key == "params" else record[key]))
         rows = [("TASK", "STATE", "ATTEMPTS", "DURATION", "NOTE")]
@@ -7298,7 +7298,8 @@ async function renderRun(id) {
   const summary = h("div", {class: "card", id: "summary"},
     h("h2", {}, "Run ", h("span", {class: "mono"}, record.run_id), " ", badge(record.status)),
     h("p", {}, "Flow ", h("strong", {}, record.flow), " · started ", h("span", {class: "mono"}, when(record.started_at)),
-      " · ", ms(record.duration_ms), record.resumed_from ? [" · resumed from ", h("a", {href: runPath(record.resumed_from) + "/view", class: "mono"}, record.resumed_from)] : "",
+      " · ", ms(record.duration_ms), record.scheduled_for ? h("span", {class: "muted"}, " · scheduled for " + when(record.scheduled_for)) : "",
+      record.resumed_from ? [" · resumed from ", h("a", {href: runPath(record.resumed_from) + "/view", class: "mono"}, record.resumed_from)] : "",
       record.reason ? h("span", {class: "muted"}, " · " + record.reason) : ""),
     Object.keys(record.params || {}).length ? h("p", {class: "mono muted"}, "params " + JSON.stringify(record.params)) : "");
   const errors = failures.length ? h("div", {class: "card", id: "failures"}, h("h2", {}, "Failures"),

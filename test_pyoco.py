@@ -11364,3 +11364,16 @@ def test_scheduled_report_example_checks_and_runs(tmp_path):
     assert record["status"] == "COMPLETED" and record["scheduled_for"] is None
     assert "report.txt" in record["tasks"]["write_report"]["artifacts"]
     assert "docs/scheduling.md" in (HERE / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_schedule_metrics_pass_promtool_check_metrics(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server, clock = sch_server(srv_serve, store, [sch_quick_flow(SRV_WEIRD)], "2026-12-01T10:02Z")
+    sch_move([clock], "2026-12-01T10:05Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z"])
+    _, text, samples = srv_metrics(server.url)
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow=SRV_WEIRD) == 0
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode("utf-8"),
+                           capture_output=True, timeout=30)
+    assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
