@@ -1229,7 +1229,7 @@ _CRON_SHORTHANDS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0
                     "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *"}
 _INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)     # the most each month has
-_SEARCH_YEARS = 30          # a cron search gives up after this (29 February on a Monday: 28)
+_SEARCH_YEARS = 30          # a cron search gives up after this; the rarest days recur sooner
 
 
 def _time_zone(name, where):
