@@ -987,7 +987,8 @@ def _parameters(fn):
 # Model: flows
 # ---------------------------------------------------------------------------
 
-_FLOW_OPTIONS = ("pools",)
+_FLOW_OPTIONS = ("pools", "schedule", "schedule_tz", "schedule_overlap", "schedule_catchup")
+_SCHEDULE_OPTIONS = {"schedule_overlap": ("skip", "allow"), "schedule_catchup": ("latest", "none")}
 
 
 def _parse_pools(pools, where):
@@ -1035,7 +1036,7 @@ class Flow:
     """
 
     def __setattr__(self, key, value):
-        if not key.startswith("_"):
+        if not key.startswith(("_", "schedule")):
             _touch()            # a renamed flow, new pools: the next run compiles again
         object.__setattr__(self, key, value)
 
@@ -1049,6 +1050,56 @@ class Flow:
         self._upstream = {}         # node -> {upstream node: None}, insertion ordered
         self._plan = None
         self._plan_generation = -1
+        self._schedule = None       # a _Schedule once `schedule` is set (see Model: schedules)
+        self._schedule_tz = None    # the zone's name as given, or None for the server's local time
+        self._schedule_overlap = "skip"
+        self._schedule_catchup = "latest"
+        for key in ("schedule_tz", "schedule", "schedule_overlap", "schedule_catchup"):
+            if options.get(key) is not None:
+                setattr(self, key, options[key])
+
+    # -- scheduling (only `pyoco serve` acts on it; see Model: schedules)
+
+    @property
+    def schedule(self):
+        """When ``pyoco serve`` starts this flow: cron, ``@daily``, ``every 15m``, or None."""
+        return self._schedule.text if self._schedule is not None else None
+
+    @schedule.setter
+    def schedule(self, text):
+        self._schedule = None if text is None else _Schedule(
+            text, self._schedule_tz, "flow %r" % (self.name,))
+
+    @property
+    def schedule_tz(self):
+        """The schedule's time zone ("Area/City"); None: the server's local time."""
+        return self._schedule_tz
+
+    @schedule_tz.setter
+    def schedule_tz(self, name):
+        where = "flow %r" % (self.name,)
+        _time_zone(name, where)
+        if self._schedule is not None:
+            self._schedule = _Schedule(self._schedule.text, name, where)
+        self._schedule_tz = name
+
+    def _schedule_choice(key):
+        def get(self):
+            return getattr(self, "_" + key)
+
+        def put(self, value):
+            choices = _SCHEDULE_OPTIONS[key]
+            if value not in choices:
+                raise FlowError("flow %r: %s must be %s, not %r%s" % (
+                    self.name, key, " or ".join(map(repr, choices)), value,
+                    _closest(value, choices)))
+            object.__setattr__(self, "_" + key, value)
+        return property(get, put, doc="%s: %s (the first is the default)"
+                        % (key, " or ".join(_SCHEDULE_OPTIONS[key])))
+
+    schedule_overlap = _schedule_choice("schedule_overlap")
+    schedule_catchup = _schedule_choice("schedule_catchup")
+    del _schedule_choice
 
     # -- building
 
@@ -1155,6 +1206,198 @@ class _Chain:
 
     def __repr__(self):
         return "<chain of flow %r at %s>" % (self.flow.name, ", ".join(n.name for n in self.tails))
+
+
+# ---------------------------------------------------------------------------
+# Model: schedules
+# ---------------------------------------------------------------------------
+
+# When `pyoco serve` starts a flow. A cron schedule is searched on the wall
+# clock of its zone, a minute at a time but skipping whole months, days and
+# hours that cannot match. An interval ("every 15m") is the multiples of its
+# length since 1970-01-01T00:00Z, the same instants on every server.
+# Daylight saving time: a wall time that does not exist (the clock jumps
+# forward) fires once, at the first minute that does; a wall time that
+# happens twice (the clock goes back) fires once, at its first occurrence.
+
+_CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+                ("month", 1, 12), ("day of week", 0, 7))
+_CRON_NAMES = {3: ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                   "nov", "dec"),
+               4: ("sun", "mon", "tue", "wed", "thu", "fri", "sat")}
+_CRON_SHORTHANDS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 * * 0",
+                    "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *"}
+_INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)     # the most each month has
+_SEARCH_YEARS = 30          # a cron search gives up after this; the rarest days recur sooner
+
+
+def _time_zone(name, where):
+    """The tzinfo of schedule_tz ``name``, None for the local time; FlowError if unknown."""
+    if name is None:
+        return None
+    problem = "is not a time zone name ('Area/City', as in 'Europe/Paris')"
+    if isinstance(name, str) and name:
+        import zoneinfo
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            try:
+                known = zoneinfo.available_timezones()
+            except OSError:
+                known = set()
+            if not known:
+                problem += "; this Python has no time zone data: pip install tzdata"
+            problem += _closest(name, sorted(known))
+    raise FlowError("%s: schedule_tz %r %s" % (where, name, problem))
+
+
+def _cron_field(text, index, where):
+    """One cron field as the set of numbers it allows; FlowError names the field."""
+    label, low, high = _CRON_FIELDS[index]
+    names = _CRON_NAMES.get(index, ())
+    offset = 1 if index == 3 else 0             # jan is 1, sun is 0
+
+    def number(word):
+        if word.lower() in names:
+            return names.index(word.lower()) + offset
+        if word.isascii() and word.isdigit() and low <= int(word) <= high:
+            return int(word)
+        raise FlowError("%s: %s field %r: %r is not %s from %d to %d%s%s" % (
+            where, label, text, word, "a number" if not names else "a name or a number",
+            low, high, " (%s..%s)" % (names[0], names[-1]) if names else "",
+            _closest(word.lower(), names) if names else ""))
+
+    allowed = set()
+    for item in text.split(","):
+        body, slash, step = item.partition("/")
+        if slash and not (step.isascii() and step.isdigit() and int(step) >= 1):
+            raise FlowError("%s: %s field %r: the step %r must be a whole number >= 1"
+                            % (where, label, text, step))
+        if body == "*":
+            start, end = low, high
+        else:
+            first, dash, last = body.partition("-")
+            start = number(first)
+            end = number(last) if dash else (high if slash else start)
+            if start > end:
+                raise FlowError("%s: %s field %r: the range %r runs backwards"
+                                % (where, label, text, body))
+        allowed.update(range(start, end + 1, int(step) if slash else 1))
+    return frozenset(allowed)
+
+
+class _Schedule:
+    """A parsed ``Flow.schedule``: ``next_after(ts)`` is its first time after
+    ``ts`` and ``latest_until(ts)`` its last time at or before it (Unix
+    times; None when there is none within _SEARCH_YEARS).
+
+    Raises FlowError, naming the field and the bad value, when ``text`` or
+    the time zone ``tz_name`` is not one.
+    """
+
+    __slots__ = ("text", "tz", "every", "minutes", "hours", "days", "months", "weekdays",
+                 "either_day")
+
+    def __init__(self, text, tz_name, where):
+        if not isinstance(text, str):
+            raise FlowError("%s: schedule must be a string such as '0 3 * * *', '@daily' or"
+                            " 'every 15m', not %r" % (where, text))
+        self.text = text
+        self.tz = _time_zone(tz_name, where)
+        self.every = None           # seconds, for an interval
+        where = "%s: schedule %r" % (where, text)
+        spec = text.strip()
+        if spec.startswith("@"):
+            if spec not in _CRON_SHORTHANDS:
+                raise FlowError("%s: unknown shorthand; use one of %s%s" % (
+                    where, ", ".join(_CRON_SHORTHANDS), _closest(spec, _CRON_SHORTHANDS)))
+            spec = _CRON_SHORTHANDS[spec]
+        elif spec.split(" ", 1)[0] == "every":
+            words = spec.split()
+            amount, unit = (words[1][:-1], words[1][-1:]) if len(words) == 2 else ("", "")
+            if not (amount.isascii() and amount.isdigit() and int(amount) >= 1
+                    and unit in _INTERVAL_UNITS):
+                raise FlowError("%s: an interval is 'every N' with a unit s, m, h or d, as in"
+                                " 'every 15m'" % where)
+            self.every = int(amount) * _INTERVAL_UNITS[unit]
+            return
+        fields = spec.split()
+        if len(fields) != 5:
+            raise FlowError("%s: a cron expression has 5 fields (minute, hour, day of month,"
+                            " month, day of week), not %d; or use @daily or 'every 15m'"
+                            % (where, len(fields)))
+        self.minutes, self.hours, self.days, self.months, weekdays = (
+            _cron_field(field, k, where) for k, field in enumerate(fields))
+        self.weekdays = frozenset(day % 7 for day in weekdays)     # 7 is Sunday too
+        # As in cron: when both day fields are restricted, a day matching either
+        # one fires; a day field starting with * counts as unrestricted.
+        self.either_day = not fields[2].startswith("*") and not fields[4].startswith("*")
+        if not self.either_day and not any(day <= _MONTH_DAYS[month - 1]
+                                           for month in self.months for day in self.days):
+            raise FlowError("%s: day of month %r never comes in month %r"
+                            % (where, fields[2], fields[3]))
+
+    def next_after(self, ts):
+        if self.every is not None:
+            return (ts // self.every + 1) * self.every
+        from datetime import datetime, timedelta
+        wall = datetime.fromtimestamp(ts, self.tz).replace(tzinfo=None, second=0, microsecond=0)
+        wall += timedelta(minutes=1)
+        last_year = wall.year + _SEARCH_YEARS
+        while wall.year <= last_year:
+            if wall.month not in self.months:
+                wall = (wall.replace(day=1, hour=0, minute=0) + timedelta(days=32)).replace(day=1)
+            elif not self._day_fires(wall):
+                wall = wall.replace(hour=0, minute=0) + timedelta(days=1)
+            elif wall.hour not in self.hours:
+                wall = wall.replace(minute=0) + timedelta(hours=1)
+            elif wall.minute not in self.minutes:
+                wall += timedelta(minutes=1)
+            else:
+                at = self._instant(wall)
+                if at > ts:         # not a repeated wall time that already fired
+                    return at
+                wall += timedelta(minutes=1)
+        return None
+
+    def latest_until(self, ts):
+        if self.every is not None:
+            return ts // self.every * self.every
+        for window in (3600, 86400, 32 * 86400, 367 * 86400, _SEARCH_YEARS * 366 * 86400):
+            at = self.next_after(ts - window)
+            if at is not None and at <= ts:
+                later = self.next_after(at)
+                while later is not None and later <= ts:
+                    at, later = later, self.next_after(later)
+                return at
+        return None
+
+    def upcoming(self, count, after):
+        """The next ``count`` times after ``after``."""
+        times = []
+        while len(times) < count:
+            after = self.next_after(after)
+            if after is None:
+                break
+            times.append(after)
+        return times
+
+    def _day_fires(self, wall):
+        in_days = wall.day in self.days
+        in_weekdays = (wall.weekday() + 1) % 7 in self.weekdays      # cron's Sunday is 0
+        return in_days or in_weekdays if self.either_day else in_days and in_weekdays
+
+    def _instant(self, wall):
+        """The Unix time of a wall time: its first occurrence, or, when the
+        clock skipped it, the first minute after it that exists."""
+        from datetime import datetime, timedelta
+        for _ in range(24 * 60):
+            at = wall.replace(tzinfo=self.tz, fold=0).timestamp()
+            if datetime.fromtimestamp(at, self.tz).replace(tzinfo=None) == wall:
+                return at
+            wall += timedelta(minutes=1)
+        return at
 
 
 # ---------------------------------------------------------------------------
@@ -4795,7 +5038,8 @@ class Engine:
         home = os.environ.get("PYOCO_HOME")
         return RunStore(home) if home else None
 
-    def run(self, flow, params=None, *, raise_on_failure=True, run_id=None, resume=None):
+    def run(self, flow, params=None, *, raise_on_failure=True, run_id=None, resume=None,
+            scheduled_for=None):
         """Run ``flow`` and return its ``Run``.
 
         Raises FlowError before anything runs when the flow is invalid,
@@ -4803,6 +5047,8 @@ class Engine:
         RunCancelled when the run was cancelled, unless ``raise_on_failure``
         is False. ``resume``: the id of a FAILED or CANCELLED run in the
         store; tasks that succeeded there are not run again (see RunStore).
+        ``scheduled_for``: the schedule's time (Unix) that starts this run,
+        kept in its record (``pyoco serve`` passes it).
         """
         if not isinstance(flow, Flow):
             raise TypeError("Engine.run needs a Flow, got %r" % (flow,))
@@ -4825,6 +5071,7 @@ class Engine:
             run_id, folder = store.new_run_folder(run_id)
         run = Run(plan, flow, params, run_id)
         run.resumed_from = resume
+        run.scheduled_for = scheduled_for
         run.executor = self.executor if isinstance(self.executor, str) \
             else type(self.executor).__name__
         recorder = _RunRecorder(store, run, folder) if folder is not None else None
@@ -5204,17 +5451,22 @@ class Server:
     """``pyoco serve``: the JSON run API and /metrics over a run store.
 
     ``flows`` (name -> Flow) are the flows ``POST /runs`` may start, in this
-    process. Call ``start()`` for a background thread or ``serve_forever()``.
+    process; ``files`` (name -> path) says where each came from, for GET /flows.
+    Flows with a ``schedule`` are started at its times while the server
+    serves, unless ``schedule`` is False. ``clock``: what the scheduler reads
+    the time from and waits with (see _WallClock). Call ``start()`` for a
+    background thread or ``serve_forever()``.
     """
 
     max_body = 1 << 20
 
     def __init__(self, store, host="127.0.0.1", port=0, flows=None, engine=None,
-                 token=None):
+                 token=None, files=None, schedule=True, clock=None):
         from http.server import ThreadingHTTPServer
         self.store = store if isinstance(store, RunStore) else RunStore(store)
         self.view = MetricsView(self.store)
         self.flows = dict(flows or {})
+        self.files = dict(files or {})
         self.engine = engine or Engine(store=self.store)
         self.token = token if token is not None else os.environ.get("PYOCO_API_TOKEN") or None
         self.allowed_hosts = {name.strip().lower() for name in
@@ -5235,6 +5487,9 @@ class Server:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = None
+        self.timetable = None       # the scheduler thread's state, when a flow has a schedule
+        if schedule and any(flow.schedule is not None for flow in self.flows.values()):
+            self.timetable = _Timetable(self, clock or _WallClock())
 
     @property
     def url(self):
@@ -5247,13 +5502,20 @@ class Server:
                                        name="pyoco-serve",
                                        daemon=True)
         self.thread.start()
+        if self.timetable is not None:
+            self.timetable.start()
         return self
 
     def serve_forever(self):
+        if self.timetable is not None:
+            self.timetable.start()
         self.httpd.serve_forever(0.1)
 
     def close(self, wait=5.0):
-        """Stop serving; cancel runs started through the API and wait a little for them."""
+        """Stop serving and scheduling; cancel the runs this server started
+        (through the API or a schedule) and wait a little for them."""
+        if self.timetable is not None:
+            self.timetable.close()
         self.httpd.shutdown() if self.thread is not None else None
         self.httpd.server_close()
         for run_id in list(self.runs):
@@ -5275,7 +5537,12 @@ class Server:
             return 200, {"status": "ok", "version": __version__}
         if parts == ["metrics"]:
             self.allow(method, "GET")
-            return 200, self.view.render()
+            text = self.view.render()
+            return 200, text if self.timetable is None else text + self.timetable.render()
+        if parts == ["flows"]:
+            self.allow(method, "GET")
+            _query_keys(query, ())
+            return 200, self.flow_list()
         if parts == ["runs"]:
             self.allow(method, "GET", "POST")
             if method == "POST":
@@ -5308,7 +5575,8 @@ class Server:
                 self.allow(method, "POST")
                 self.authorize(client, headers)
                 return self.cancel(run_id)
-        raise HTTPError(404, "no such endpoint: %s (see /healthz, /metrics, /runs)" % path)
+        raise HTTPError(404, "no such endpoint: %s (see /healthz, /metrics, /runs, /flows)"
+                        % path)
 
     @staticmethod
     def allow(method, *methods):
@@ -5431,8 +5699,17 @@ class Server:
         self.store.request_cancel(run_id)
         return 202, {"run_id": run_id, "status": RunState.CANCELLING}
 
+    def flow_list(self):
+        """GET /flows: each loaded flow, its schedule, next time and newest run."""
+        out = []
+        for name, flow in self.flows.items():
+            newest = self.view.runs(flow=name, limit=1)
+            next_at = self.timetable.next_at.get(name) if self.timetable is not None else None
+            out.append({"flow": name, "file": self.files.get(name), "schedule": flow.schedule,
+                        "next_run_at": _iso(next_at), "last_run": newest[0] if newest else None})
+        return out
+
     def start_run(self, body):
-        import threading
         try:
             request = _loads(body or b"{}")
         except ValueError as exc:
@@ -5445,6 +5722,14 @@ class Server:
                                  " (%s)" % (", ".join(sorted(self.flows)) or "none loaded"))
         if not isinstance(params, dict):
             raise HTTPError(400, "params must be a JSON object")
+        run_id = self.launch(name, params)
+        return 202, {"run_id": run_id, "flow": name, "status": RunState.RUNNING}
+
+    def launch(self, name, params, scheduled_for=None):
+        """Start loaded flow ``name`` on a thread of its own and return the run's
+        id once the run has begun: POST /runs and the schedules start runs here.
+        HTTPError when there is no such flow or ``params`` do not fit it."""
+        import threading
         flow = self.flows.get(name)
         if flow is None:
             raise HTTPError(404, "no flow %r here; this server runs: %s"
@@ -5459,7 +5744,8 @@ class Server:
 
         def go():
             try:
-                self.engine.run(flow, params, run_id=run_id, raise_on_failure=False)
+                self.engine.run(flow, params, run_id=run_id, raise_on_failure=False,
+                                scheduled_for=scheduled_for)
             except Exception as exc:
                 _warn("run %s of flow %r failed to start: %s" % (run_id, name, _describe(exc)))
             finally:
@@ -5470,7 +5756,7 @@ class Server:
         self.runs[run_id] = thread
         thread.start()
         started.wait(10)            # answer once the run exists, so its id can be read at once
-        return 202, {"run_id": run_id, "flow": name, "status": RunState.RUNNING}
+        return run_id
 
     def _observe(self, run, ev):
         if ev[1] == "run.started" and run.run_id in self._begun:
@@ -5479,6 +5765,153 @@ class Server:
     def live(self, run_id):
         """The Run object of a run this server's engine is running, else None."""
         return self.engine.live_run(run_id)
+
+
+class _WallClock:
+    """The scheduler's clock: ``now()`` in Unix seconds, and ``wait(seconds,
+    stop)`` that returns after ``seconds`` or as soon as the Event ``stop`` is
+    set. Tests pass their own object with these two methods to drive time."""
+
+    @staticmethod
+    def now():
+        return time.time()
+
+    @staticmethod
+    def wait(seconds, stop):
+        stop.wait(seconds)
+
+
+_CLAIMS_KEPT = 100      # claim files kept per flow; older ones are deleted
+
+
+class _Timetable:
+    """The scheduler thread of ``pyoco serve``: starts each scheduled flow at
+    its times, through Server.launch (as POST /runs does).
+
+    A time is started once between all servers on one store: the first to
+    create its claim file (O_EXCL) in ``<store>/schedule/<flow>/`` starts it,
+    or skips it while a run of that flow is still running; the others do
+    nothing. A server that dies after claiming loses that one time only.
+    """
+
+    def __init__(self, server, clock):
+        import threading
+        self.server, self.clock = server, clock
+        self.flows = {name: flow for name, flow in server.flows.items()
+                      if flow.schedule is not None}
+        now = clock.now()
+        self.next_at = {name: flow._schedule.next_after(now)     # name -> Unix time or None
+                        for name, flow in self.flows.items()}
+        self.skipped = dict.fromkeys(self.flows, 0)     # name -> times skipped for overlap
+        self.claims = os.path.join(server.store.root, "schedule")
+        self.stop = threading.Event()
+        self.thread = None
+
+    def start(self):
+        import threading
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.loop, name="pyoco-schedule", daemon=True)
+            self.thread.start()
+
+    def close(self, wait=5.0):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(wait)
+
+    def loop(self):
+        try:
+            self.catch_up(self.clock.now())
+            while not self.stop.is_set():
+                now = self.clock.now()
+                for name, at in list(self.next_at.items()):
+                    if at is not None and at <= now:
+                        schedule = self.flows[name]._schedule
+                        self.next_at[name] = schedule.next_after(now)
+                        self.fire(name, schedule.latest_until(now))   # one run, however late
+                coming = [at for at in self.next_at.values() if at is not None]
+                # wake at least every minute: a wall clock that was set moves the times
+                self.clock.wait(min([60.0] + [at - now for at in coming]), self.stop)
+        except Exception as exc:        # a bug: say so, and keep serving the API
+            _warn("the scheduler stopped: %s" % _describe(exc))
+
+    def catch_up(self, now):
+        """At start: run each flow once for the latest time missed since its
+        last scheduled run (schedule_catchup="latest")."""
+        for name, flow in self.flows.items():
+            if flow.schedule_catchup != "latest":
+                continue
+            done = [_parse_iso(r.get("scheduled_for")) for r in
+                    self.server.view.runs(flow=name, limit=None) if r.get("scheduled_for")]
+            missed = flow._schedule.latest_until(now) if done else None
+            if missed is not None and missed > max(done) + 0.5:     # records keep milliseconds
+                self.fire(name, missed)
+
+    def fire(self, name, at):
+        if self.stop.is_set() or not self.claim(name, at):
+            return
+        if self.flows[name].schedule_overlap != "allow":
+            running = self.running(name)
+            if running is not None:
+                self.skipped[name] += 1
+                _write_line(None, "pyoco serve: skip flow %r at %s: run %s is still %s\n"
+                            % (name, _iso(at), running["run_id"], running["status"]))
+                return
+        try:
+            self.server.launch(name, {}, scheduled_for=at)
+        except HTTPError as exc:
+            _warn("flow %r was not started for %s: %s" % (name, _iso(at), exc.message))
+
+    def running(self, name):
+        """A record of a run of flow ``name`` still running, from any process, or None."""
+        view = self.server.view
+        view.refresh(force=True)        # settles the runs of processes that died
+        for record in view.runs(flow=name, limit=None):
+            if record["status"] in (RunState.PENDING, RunState.RUNNING, RunState.CANCELLING):
+                return record
+        for run_id in list(self.server.runs):       # begun here, not yet in the store
+            run = self.server.live(run_id)
+            if run is not None and run.flow_name == name:
+                return run.to_dict(events=False)
+        return None
+
+    def claim(self, name, at):
+        """Whether this server starts flow ``name``'s time ``at`` (it is the first to ask)."""
+        folder = os.path.join(self.claims, _safe_file_name(name))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(os.path.join(folder, "%d.claim" % at),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            _warn("flow %r was not started for %s: cannot claim it in %s (%s)"
+                  % (name, _iso(at), folder, exc))
+            return False
+        try:
+            os.write(fd, _dumps({"flow": name, "scheduled_for": _iso(at), "pid": os.getpid(),
+                                 "host": _hostname()}).encode("utf-8"))
+        finally:
+            os.close(fd)
+        try:
+            old = sorted((n for n in os.listdir(folder) if n.endswith(".claim")),
+                         key=lambda n: int(n.partition(".")[0]) if n[0].isdigit() else 0)
+            for stale in old[:-_CLAIMS_KEPT]:
+                os.unlink(os.path.join(folder, stale))
+        except (OSError, ValueError):
+            pass                        # another server pruned them first
+        return True
+
+    def render(self):
+        """The scheduler's lines of /metrics."""
+        out = []
+        next_at = dict(self.next_at)
+        _metric(out, "pyoco_schedule_next_run_timestamp_seconds", "gauge",
+                "When each scheduled flow runs next (Unix time).",
+                [({"flow": name}, at) for name, at in sorted(next_at.items()) if at is not None])
+        _metric(out, "pyoco_schedule_skipped_total", "counter",
+                "Scheduled times skipped because a run of the flow was still running.",
+                [({"flow": name}, n) for name, n in sorted(self.skipped.items())])
+        return "".join(out)
 
 
 class _Raw:
@@ -6227,6 +6660,8 @@ def _build_parser():
     serve.add_argument("--store", metavar="DIR", help=store_help)
     serve.add_argument("--progress", choices=("on", "off"),
                        help="progress lines for the runs it starts, as for run")
+    serve.add_argument("--no-schedule", dest="schedule", action="store_false",
+                       help="do not start the flows' scheduled runs (POST /runs still can)")
 
     plugins = commands.add_parser("plugins", help="installed plugin tasks",
                                   description="Plugin tasks published under the entry-point"
@@ -6292,6 +6727,8 @@ def _cmd_check(args):
         needs = flow.validate(params if args.param else None)
     except FlowError as exc:
         problems.append(str(exc))
+    schedule = flow._schedule
+    next_runs = schedule.upcoming(3, time.time()) if schedule is not None else []
     if args.json:
         report = {"ok": not problems, "flow": flow.name, "problems": problems,
                   "tasks": [n.name for n in flow.tasks] if not problems else [],
@@ -6301,13 +6738,18 @@ def _cmd_check(args):
                                                         if isinstance(flow.pools[name], dict)
                                                         else None)))
                       for name, (size, _) in _parse_pools(flow.pools, flow.name).items()},
-                  "rules": _rules_report(flow) if not problems else {}}
+                  "rules": _rules_report(flow) if not problems else {},
+                  "schedule": flow.schedule, "next_runs": [_iso(ts) for ts in next_runs]}
         _print_json(report)
     elif problems:
         for problem in problems:
             print("problem: %s" % problem)
     else:
         print("ok: flow %s, %d task%s" % (flow.name, len(flow), "" if len(flow) == 1 else "s"))
+        if flow.schedule is not None:
+            print("  schedule: %s (%s); next: %s" % (
+                flow.schedule, flow.schedule_tz or "local time", ", ".join(
+                    _iso(ts) for ts in next_runs) or "never"))
         for name, words in _rules_report(flow).items():
             print("  %s: %s" % (name, ", ".join(words)))
         for task_name, pname in needs:
@@ -6368,7 +6810,7 @@ def _cmd_runs(args):
         print("started %s  ended %s  duration %s" % (
             record.get("started_at"), record.get("ended_at"),
             _ms(record["duration_ms"] / 1000) if record.get("duration_ms") is not None else "-"))
-        for key in ("params", "reason", "resumed_from"):
+        for key in ("params", "reason", "resumed_from", "scheduled_for"):
             if record.get(key):
                 print("%s: %s" % (key, _dumps(record[key]) if key == "params" else record[key]))
         rows = [("TASK", "STATE", "ATTEMPTS", "DURATION", "NOTE")]
@@ -6406,14 +6848,16 @@ def _cmd_serve(args):
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be from 0 to 65535, not %d" % args.port)
     store = _cli_store(args)
-    flows = {}
+    flows, files = {}, {}
     for target in args.flows:
         for var, flow in _module_flows(_load_target(target)):
             if flows.setdefault(flow.name, flow) is not flow:
                 raise UsageError("two flows are named %r; give one another name" % flow.name)
+            files[flow.name] = target
     try:
-        server = Server(store, host=args.host, port=args.port, flows=flows,
-                        engine=Engine(store=store, progress=_PROGRESS_FLAG[args.progress]))
+        server = Server(store, host=args.host, port=args.port, flows=flows, files=files,
+                        engine=Engine(store=store, progress=_PROGRESS_FLAG[args.progress]),
+                        schedule=args.schedule)
     except OSError as exc:
         host = "[%s]" % args.host if ":" in args.host and "[" not in args.host else args.host
         raise UsageError("cannot listen on %s:%d: %s" % (host, args.port, exc.strerror
@@ -6427,6 +6871,14 @@ def _cmd_serve(args):
     print("pyoco serve: listening on %s (store %s%s)" % (
         server.url, store.root, "; flows: " + ", ".join(sorted(flows)) if flows else ""),
         flush=True)
+    for name, flow in flows.items():
+        if flow.schedule is not None:
+            next_at = server.timetable.next_at[name] if server.timetable is not None else None
+            _write_line(None, "pyoco serve: flow %r runs at %r (%s); %s\n" % (
+                name, flow.schedule, "UTC" if flow._schedule.every else
+                flow.schedule_tz or "local time",
+                "next at %s" % _iso(next_at) if next_at is not None else
+                "not scheduled here (--no-schedule)" if server.timetable is None else "never"))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -6599,6 +7051,13 @@ svg .rule { font-size:9px; fill:var(--muted); }
 #status { font-size:.8rem; }
 .error { color:var(--fail); }
 details summary { cursor:pointer; }
+.cells { display:flex; gap:3px; flex-wrap:wrap; align-items:center; max-width:330px; }
+.cell { display:inline-block; width:12px; height:18px; border-radius:3px; }
+.cell:hover { outline:2px solid var(--carrot); }
+svg.trend polyline { fill:none; stroke:var(--accent); stroke-width:1.5; }
+svg.trend circle { fill:var(--carrot); }
+td.actions { white-space:nowrap; }
+td.actions button { margin:0 .3rem .2rem 0; }
 </style>
 </head>
 <body>
@@ -6648,6 +7107,78 @@ const ms = (v) => v === null || v === undefined ? "–" : v < 1000 ? v.toFixed(1
 const when = (iso) => iso ? iso.replace("T", " ").replace("Z", "") : "–";
 const t = (iso) => iso ? Date.parse(iso) : null;
 const runPath = (id) => "/runs/" + encodeURIComponent(id);
+const FINISHED = ["COMPLETED", "FAILED", "CANCELLED"];
+let flowNote = "";
+
+// Changes (Run now, Cancel) follow the API's rules: the browser sends this page's
+// Origin, and with PYOCO_API_TOKEN set the page asks for the token once and keeps
+// it in sessionStorage, so it lives as long as this tab.
+async function post(path, body) {
+  for (let asked = false; ; asked = true) {
+    const headers = {"Content-Type": "application/json", "Accept": "application/json"};
+    const token = sessionStorage.getItem("pyoco-token");
+    if (token) headers["Authorization"] = "Bearer " + token;
+    const r = await fetch(path, {method: "POST", headers, body: JSON.stringify(body || {}), cache: "no-store"});
+    const answer = await r.json().catch(() => ({}));
+    if (r.status === 401) {
+      sessionStorage.removeItem("pyoco-token");
+      const given = asked ? null : prompt("This server needs its API token (PYOCO_API_TOKEN) to start or cancel runs. It is kept in this tab only.");
+      if (given && given.trim()) { sessionStorage.setItem("pyoco-token", given.trim()); continue; }
+    }
+    if (!r.ok) throw new Error(answer.error || ("HTTP " + r.status));
+    return answer;
+  }
+}
+async function act(what, path, body) {
+  try {
+    const answer = await post(path, body);
+    flowNote = `${what}: run ${answer.run_id}`;
+  } catch (err) { flowNote = `${what} refused: ${err.message}`; }
+  refresh();
+}
+const cancelButton = (r) => h("button", {type: "button", class: "cancel", "data-run": r.run_id,
+  title: "ask run " + r.run_id + " to stop", onclick: () => act("cancel", runPath(r.run_id) + "/cancel")}, "■ Cancel");
+
+function trend(runs) {
+  const d = runs.map((r) => r.duration_ms).filter((v) => v !== null && v !== undefined);
+  const W = 120, H = 28;
+  const box = svg("svg", {width: W, height: H, viewBox: `0 0 ${W} ${H}`, class: "trend", role: "img",
+    "aria-label": d.length ? `durations of the last ${d.length} finished runs, the latest ${ms(d[d.length - 1])}` : "no finished runs yet"});
+  if (!d.length) return box;
+  const lo = Math.min(...d), span = Math.max(...d) - lo || 1;
+  const pts = d.map((v, i) => [d.length === 1 ? W / 2 : 3 + i * (W - 6) / (d.length - 1), H - 4 - (v - lo) / span * (H - 8)]);
+  box.append(svg("polyline", {points: pts.map((p) => p.join(",")).join(" ")}));
+  const [x, y] = pts[pts.length - 1];
+  box.append(svg("circle", {cx: x, cy: y, r: 2.5}));
+  const tip = svg("title", {}); tip.textContent = d.map(ms).join(" → "); box.append(tip);
+  return box;
+}
+
+async function flowsCard() {
+  const flows = await api("/flows");
+  if (!flows.length) return "";
+  const rows = await Promise.all(flows.map(async (f) => {
+    const runs = (await api("/runs?" + new URLSearchParams({flow: f.flow, limit: "20"}))).reverse();
+    const finished = runs.filter((r) => FINISHED.includes(r.status));
+    const ok = finished.filter((r) => r.status === "COMPLETED").length;
+    const cells = runs.map((r) => h("a", {class: "cell s-" + r.status, href: runPath(r.run_id) + "/view", "data-run": r.run_id,
+      "aria-label": `run ${r.run_id}: ${r.status}`, title: `${when(r.started_at)} · ${r.status} · ${ms(r.duration_ms)}` + (r.scheduled_for ? ` · scheduled for ${when(r.scheduled_for)}` : "")}));
+    return h("tr", {"data-flow": f.flow},
+      h("td", {}, h("strong", {}, f.flow), f.file ? h("div", {class: "muted mono"}, f.file) : ""),
+      h("td", {class: "mono schedule"}, f.schedule || h("span", {class: "muted"}, "–")),
+      h("td", {class: "mono next"}, when(f.next_run_at)),
+      h("td", {}, h("div", {class: "cells"}, cells.length ? cells : h("span", {class: "muted"}, "no runs yet"))),
+      h("td", {class: "rate", title: `${ok} of ${finished.length} finished runs completed`}, finished.length ? Math.round(ok / finished.length * 100) + "%" : "–"),
+      h("td", {}, trend(finished)),
+      h("td", {class: "actions"}, h("button", {type: "button", class: "run-now", "data-flow": f.flow, title: "POST /runs " + f.flow,
+        onclick: () => act("run now", "/runs", {flow: f.flow})}, "▶ Run now"),
+        runs.filter((r) => r.status === "RUNNING").map(cancelButton)));
+  }));
+  return h("div", {class: "card", id: "flows"}, h("h2", {}, "Flows"),
+    h("table", {id: "flow-table"}, h("thead", {}, h("tr", {}, ["Flow", "Schedule", "Next run (UTC)", "Last runs", "Success", "Duration", ""].map((c) => h("th", {scope: "col"}, c)))),
+      h("tbody", {}, rows)),
+    h("p", {id: "flow-note", class: flowNote.includes("refused") ? "error" : "muted", "aria-live": "polite"}, flowNote));
+}
 
 function currentRun() {
   const m = location.pathname.match(/^\/runs\/([^/]+)\/view$/);
@@ -6658,7 +7189,7 @@ async function renderList() {
   const q = new URLSearchParams({limit: "100"});
   if (filters.flow) q.set("flow", filters.flow);
   if (filters.status) q.set("status", filters.status);
-  const runs = await api("/runs?" + q);
+  const [runs, flows] = await Promise.all([api("/runs?" + q), flowsCard()]);
   runs.forEach((r) => knownFlows.add(r.flow));
   const flowSel = h("select", {id: "flow-filter", "aria-label": "flow",
       onchange: (e) => { filters.flow = e.target.value; refresh(); }},
@@ -6673,10 +7204,11 @@ async function renderList() {
     return h("tr", {"data-run": r.run_id},
       h("td", {}, h("a", {href: runPath(r.run_id) + "/view", class: "mono"}, r.run_id)),
       h("td", {}, r.flow), h("td", {}, badge(r.status)), h("td", {class: "mono"}, when(r.started_at)),
-      h("td", {}, ms(r.duration_ms)), h("td", {class: failed.length ? "error" : "muted"}, failed.join(", ") || r.reason || ""));
+      h("td", {}, ms(r.duration_ms)), h("td", {class: failed.length ? "error" : "muted"}, failed.join(", ") || r.reason || "",
+        r.status === "RUNNING" ? [" ", cancelButton(r)] : ""));
   });
   const main = document.getElementById("main");
-  main.replaceChildren(
+  main.replaceChildren(flows,
     h("div", {class: "filters"}, h("label", {}, "Flow ", flowSel), h("label", {}, "Status ", statusSel),
       h("span", {class: "muted"}, runs.length + " run" + (runs.length === 1 ? "" : "s"))),
     runs.length ? h("table", {id: "runs"},
@@ -6766,7 +7298,8 @@ async function renderRun(id) {
   const summary = h("div", {class: "card", id: "summary"},
     h("h2", {}, "Run ", h("span", {class: "mono"}, record.run_id), " ", badge(record.status)),
     h("p", {}, "Flow ", h("strong", {}, record.flow), " · started ", h("span", {class: "mono"}, when(record.started_at)),
-      " · ", ms(record.duration_ms), record.resumed_from ? [" · resumed from ", h("a", {href: runPath(record.resumed_from) + "/view", class: "mono"}, record.resumed_from)] : "",
+      " · ", ms(record.duration_ms), record.scheduled_for ? h("span", {class: "muted"}, " · scheduled for " + when(record.scheduled_for)) : "",
+      record.resumed_from ? [" · resumed from ", h("a", {href: runPath(record.resumed_from) + "/view", class: "mono"}, record.resumed_from)] : "",
       record.reason ? h("span", {class: "muted"}, " · " + record.reason) : ""),
     Object.keys(record.params || {}).length ? h("p", {class: "mono muted"}, "params " + JSON.stringify(record.params)) : "");
   const errors = failures.length ? h("div", {class: "card", id: "failures"}, h("h2", {}, "Failures"),

@@ -10751,3 +10751,629 @@ def test_map_instances_share_one_metrics_label(tmp_path):
     assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle[*]",state="SUCCEEDED"} 3' in text
     assert 'task="handle[0]"' not in text
     assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle",state="SUCCEEDED"} 1' in text
+
+
+# ===========================================================================
+# Schedules (SPEC 13): the cron parser, Flow options, check, serve's scheduler
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# The parser: a table of expressions with known next times
+# ---------------------------------------------------------------------------
+
+def sch_ts(text):
+    """'2026-12-01T10:00Z' (seconds optional) as a Unix time."""
+    import calendar
+    fmt = "%Y-%m-%dT%H:%M:%SZ" if text.count(":") == 2 else "%Y-%m-%dT%H:%MZ"
+    return calendar.timegm(time.strptime(text, fmt))
+
+
+def sch_iso(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+SCH_NEXT = [
+    # (schedule, zone, after, the next times)
+    ("0 3 * * *", "UTC", "2026-01-31T12:00Z", ["2026-02-01T03:00:00Z", "2026-02-02T03:00:00Z"]),
+    ("0 0 31 * *", "UTC", "2026-01-31T00:00Z", ["2026-03-31T00:00:00Z", "2026-05-31T00:00:00Z"]),
+    ("0 0 29 2 *", "UTC", "2026-03-01T00:00Z", ["2028-02-29T00:00:00Z", "2032-02-29T00:00:00Z"]),
+    ("0 0 28-31 * *", "UTC", "2027-02-27T00:00Z",
+     ["2027-02-28T00:00:00Z", "2027-03-28T00:00:00Z"]),
+    ("0 0 * * 0", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    ("0 0 * * 7", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    ("0 0 * * sun", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z"]),
+    ("0 0 * * 5-7", "UTC", "2026-12-05T12:00Z", ["2026-12-06T00:00:00Z", "2026-12-11T00:00:00Z"]),
+    # both day fields restricted: the 13th OR a Friday
+    ("0 0 13 * 5", "UTC", "2026-12-01T00:00Z",
+     ["2026-12-04T00:00:00Z", "2026-12-11T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    # a day field starting with * is unrestricted: odd days AND Fridays
+    ("0 0 */2 * fri", "UTC", "2026-12-01T00:00Z", ["2026-12-11T00:00:00Z", "2026-12-25T00:00:00Z"]),
+    ("15,45 9-17/4 * * mon-fri", "UTC", "2026-12-05T00:00Z",
+     ["2026-12-07T09:15:00Z", "2026-12-07T09:45:00Z", "2026-12-07T13:15:00Z"]),
+    ("0 12 * jan,JUL sat,sun", "UTC", "2026-12-01T00:00Z",
+     ["2027-01-02T12:00:00Z", "2027-01-03T12:00:00Z"]),
+    ("*/20 * * * *", "UTC", "2026-12-01T10:59:59Z", ["2026-12-01T11:00:00Z", "2026-12-01T11:20:00Z"]),
+    ("5/20 * * * *", "UTC", "2026-12-01T10:00Z", ["2026-12-01T10:05:00Z", "2026-12-01T10:25:00Z"]),
+    ("59 23 31 dec *", "UTC", "2026-12-31T23:59Z", ["2027-12-31T23:59:00Z"]),
+    ("@hourly", "UTC", "2026-12-01T12:34Z", ["2026-12-01T13:00:00Z"]),
+    ("@daily", "UTC", "2026-12-01T00:00Z", ["2026-12-02T00:00:00Z"]),
+    ("@weekly", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z"]),
+    ("@monthly", "UTC", "2026-12-15T00:00Z", ["2027-01-01T00:00:00Z", "2027-02-01T00:00:00Z"]),
+    ("@yearly", "UTC", "2026-06-01T00:00Z", ["2027-01-01T00:00:00Z"]),
+    ("0 9 * * *", "Asia/Tokyo", "2026-12-01T00:00Z", ["2026-12-02T00:00:00Z"]),
+    # intervals are multiples of N since 1970-01-01T00:00Z, whatever the zone
+    ("every 15m", "UTC", "2026-12-01T10:07:30Z", ["2026-12-01T10:15:00Z", "2026-12-01T10:30:00Z"]),
+    ("every 1d", "Asia/Tokyo", "2026-12-01T10:00Z", ["2026-12-02T00:00:00Z"]),
+    ("every 7s", "UTC", "1970-01-01T00:00:00Z", ["1970-01-01T00:00:07Z", "1970-01-01T00:00:14Z"]),
+    ("every 2h", "Asia/Kolkata", "2026-12-01T01:00Z", ["2026-12-01T02:00:00Z"]),
+    # daylight saving time in New York: 2026-03-08 02:00 -> 03:00, 2026-11-01 02:00 -> 01:00.
+    # A skipped wall time fires once, at the next minute that exists...
+    ("30 2 * * *", "America/New_York", "2026-03-07T12:00Z",
+     ["2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"]),
+    ("*/30 * * * *", "America/New_York", "2026-03-08T06:30Z",
+     ["2026-03-08T07:00:00Z", "2026-03-08T07:30:00Z"]),
+    # ... and a repeated hour fires once, at its first occurrence
+    ("30 1 * * *", "America/New_York", "2026-11-01T04:00Z",
+     ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"]),
+    ("*/30 * * * *", "America/New_York", "2026-11-01T05:15Z",
+     ["2026-11-01T05:30:00Z", "2026-11-01T07:00:00Z", "2026-11-01T07:30:00Z"]),
+]
+
+
+@pytest.mark.parametrize("text, zone, after, expected", SCH_NEXT,
+                         ids=["%s|%s|%s" % row[:3] for row in SCH_NEXT])
+def test_schedule_next_times_match_the_table(text, zone, after, expected):
+    flow = Flow("timed", schedule=text, schedule_tz=zone)
+    times = flow._schedule.upcoming(len(expected), sch_ts(after))
+    assert [sch_iso(ts) for ts in times] == expected
+    # the latest time at or before a time is the one before the next
+    first = sch_ts(expected[0])
+    assert flow._schedule.latest_until(first) == first
+    assert flow._schedule.latest_until(first - 1) < first
+
+
+def test_schedule_without_a_zone_is_the_servers_local_time():
+    flow = Flow("local", schedule="0 3 * * *")
+    ts = flow._schedule.next_after(time.time())
+    local = time.localtime(ts)
+    assert (local.tm_hour, local.tm_min, local.tm_sec) == (3, 0, 0)
+    assert flow.schedule_tz is None
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"schedule": "61 * * * *"}, ["minute", "'61'"]),
+    ({"schedule": "0 24 * * *"}, ["hour", "'24'"]),
+    ({"schedule": "0 0 0 * *"}, ["day of month", "'0'"]),
+    ({"schedule": "0 0 * 13 *"}, ["month", "'13'"]),
+    ({"schedule": "0 0 * * 8"}, ["day of week", "'8'"]),
+    ({"schedule": "0 0 * * mon-fry"}, ["day of week", "'fry'", "did you mean 'fri'"]),
+    ({"schedule": "0 0 * jan-dex *"}, ["month", "'dex'", "did you mean 'dec'"]),
+    ({"schedule": "*/0 * * * *"}, ["minute", "step"]),
+    ({"schedule": "5-1 * * * *"}, ["minute", "backwards"]),
+    ({"schedule": "0 0 30 feb *"}, ["day of month", "never"]),
+    ({"schedule": "0 3 * *"}, ["5 fields", "not 4"]),
+    ({"schedule": "@daly"}, ["'@daly'", "did you mean '@daily'"]),
+    ({"schedule": "every 15x"}, ["'every 15x'", "every 15m"]),
+    ({"schedule": "every 0m"}, ["'every 0m'"]),
+    ({"schedule": 15}, ["schedule must be a string", "15"]),
+    ({"schedule": "@daily", "schedule_tz": "Europe/Pariss"},
+     ["schedule_tz", "'Europe/Pariss'", "did you mean 'Europe/Paris'"]),
+    ({"schedule_tz": "../../etc/passwd"}, ["schedule_tz"]),
+    ({"schedule_overlap": "alow"}, ["schedule_overlap", "'alow'", "did you mean 'allow'"]),
+    ({"schedule_catchup": "all"}, ["schedule_catchup", "'all'", "'latest' or 'none'"]),
+])
+def test_bad_schedule_is_a_flow_error_naming_the_field_and_value(options, words):
+    with pytest.raises(FlowError) as caught:
+        Flow("nightly", **options)
+    for word in words:
+        assert word in str(caught.value)
+    assert "flow 'nightly'" in str(caught.value)
+    flow = Flow("nightly")          # the same check when the attribute is set
+    with pytest.raises(FlowError):
+        for key, value in options.items():
+            setattr(flow, key, value)
+
+
+def test_schedule_attributes_read_back_and_none_unschedules():
+    flow = Flow("nightly", schedule="0 3 * * *", schedule_tz="Europe/Paris",
+                schedule_overlap="allow", schedule_catchup="none")
+    assert (flow.schedule, flow.schedule_tz, flow.schedule_overlap, flow.schedule_catchup) == (
+        "0 3 * * *", "Europe/Paris", "allow", "none")
+    flow.schedule = "every 15m"
+    assert flow.schedule == "every 15m"
+    flow.schedule = None
+    assert flow.schedule is None and flow._schedule is None
+    with pytest.raises(TypeError, match="did you mean 'schedule'"):
+        Flow("x", schedul="@daily")
+    assert Flow("plain").schedule is None
+
+
+SCH_FLOW = '''\
+from pyoco import task, Flow
+
+@task
+def tick(ctx):
+    return 1
+
+flow = Flow("ticker", schedule=%r, schedule_tz="UTC")
+flow >> tick
+'''
+
+
+def test_cli_check_prints_the_schedule_and_its_next_three_times(tmp_path):
+    write(tmp_path / "ticker.py", SCH_FLOW % "0 3 * * *")
+    before = time.time()
+    done = cli(tmp_path, "check", "ticker.py")
+    assert done.returncode == 0, done.stderr
+    expected = [pyoco._iso(ts) for ts in Flow("x", schedule="0 3 * * *", schedule_tz="UTC")
+                ._schedule.upcoming(3, before)]
+    assert "schedule: 0 3 * * * (UTC); next: %s" % ", ".join(expected) in done.stdout
+    report = json.loads(cli(tmp_path, "check", "ticker.py", "--json").stdout)
+    assert report["schedule"] == "0 3 * * *"
+    assert report["next_runs"] == expected
+    for stamp in expected:
+        assert SRV_ISO_UTC.match(stamp) and stamp.endswith("T03:00:00.000Z")
+    write(tmp_path / "plain.py", "from pyoco import Flow\nflow = Flow('plain')\n")
+    plain = json.loads(cli(tmp_path, "check", "plain.py", "--json").stdout)
+    assert (plain["schedule"], plain["next_runs"]) == (None, [])
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_flow_file_with_a_bad_schedule_does_not_load(tmp_path, command):
+    write(tmp_path / "ticker.py", SCH_FLOW % "0 3 * * funday")
+    done = cli(tmp_path, command, "ticker.py")
+    assert done.returncode == 2
+    assert "ticker.py:7:" in done.stderr and "day of week" in done.stderr
+    assert "'funday'" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# pyoco serve's scheduler: an injected clock on a real Server, real HTTP
+# ---------------------------------------------------------------------------
+
+class SchClock:
+    """The scheduler's clock, moved by the test. ``wait`` returns when the time
+    moves (or the scheduler stops); ``move_to`` returns once the scheduler has
+    looked at the new time and waits again, so nothing waits for real minutes."""
+
+    def __init__(self, now):
+        self.t = self.read = now
+        self.idle_at = None         # the time the scheduler is waiting at, if it waits
+        self.cond = threading.Condition()
+
+    def now(self):
+        with self.cond:
+            self.read = self.t
+            return self.t
+
+    def wait(self, seconds, stop):
+        with self.cond:
+            if self.read != self.t:         # moved since the scheduler looked: look again
+                return
+            self.idle_at = self.t
+            self.cond.notify_all()
+            while self.t == self.idle_at and not stop.is_set():
+                self.cond.wait(0.05)        # also notices stop, which sets no condition
+            self.idle_at = None
+
+    def set(self, t):
+        with self.cond:
+            self.t = t
+            self.cond.notify_all()
+
+    def settled(self):
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.idle_at == self.t, WAIT), \
+                "the scheduler did not come back to waiting at %s" % sch_iso(self.t)
+
+
+def sch_move(clocks, when):
+    """Move every clock to ``when`` at once, then wait until each scheduler is idle."""
+    for clock in clocks:
+        clock.set(sch_ts(when))
+    for clock in clocks:
+        clock.settled()
+
+
+def sch_scheduled(store, flow=None):
+    """The scheduled_for of every run in the store (of ``flow``), oldest first."""
+    records = RunStore(store).list(flow=flow)
+    return sorted(r["scheduled_for"] for r in records if r["scheduled_for"])
+
+
+def sch_wait_runs(store, expected, flow=None):
+    """Wait until the store's scheduled runs are ``expected`` (ISO minutes) and all finished."""
+    def reached():
+        records = RunStore(store).list(flow=flow)
+        done = all(r["status"] == "COMPLETED" for r in records)
+        return done and sorted(r["scheduled_for"] for r in records) == expected and [records]
+    return srv_poll(reached, what="scheduled runs %s" % expected)[0]
+
+
+def sch_server(srv_serve, store, flows, now, **options):
+    clock = SchClock(sch_ts(now))
+    server = srv_serve(store, flows={f.name: f for f in flows}, clock=clock,
+                       engine=srv_engine(store), **options)
+    clock.settled()
+    return server, clock
+
+
+def sch_quick_flow(name="every5", schedule="*/5 * * * *", **options):
+    @task(name="work_" + name)
+    def work(ctx):
+        return ctx.run_id
+
+    flow = Flow(name, schedule=schedule, schedule_tz="UTC", **options)
+    flow >> work
+    return flow
+
+
+def test_scheduled_runs_start_at_their_times_with_scheduled_for(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server, clock = sch_server(srv_serve, store, [sch_quick_flow()], "2026-12-01T10:02Z")
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="every5") == sch_ts("2026-12-01T10:05Z")
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow="every5") == 0
+    assert sch_scheduled(store) == []
+    sch_move([clock], "2026-12-01T10:05Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z"])
+    sch_move([clock], "2026-12-01T10:09:59Z")           # not yet
+    sch_move([clock], "2026-12-01T10:10:30Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z", "2026-12-01T10:10:00.000Z"])
+    sch_move([clock], "2026-12-01T10:31Z")              # asleep for four times: one run, the latest
+    records = sch_wait_runs(store, ["2026-12-01T10:05:00.000Z", "2026-12-01T10:10:00.000Z",
+                                    "2026-12-01T10:30:00.000Z"])
+    assert all(r["params"] == {} for r in records)
+    status, full = srv_json(server.url, "GET", "/runs/" + records[0]["run_id"])
+    assert status == 200 and set(full) == SRV_RECORD_KEYS
+    assert full["tasks"]["work_every5"]["state"] == "SUCCEEDED"
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="every5") == sch_ts("2026-12-01T10:35Z")
+    srv_poll(lambda: srv_value(srv_metrics(server.url)[2], "pyoco_runs_total", flow="every5",
+                               status="COMPLETED") == 3, what="three runs in /metrics")
+
+
+def sch_blocking_flow(release, overlap):
+    @task
+    def hold(ctx):
+        release.wait(WAIT)
+
+    flow = Flow("held", schedule="every 1m", schedule_overlap=overlap)
+    flow >> hold
+    return flow
+
+
+@pytest.mark.parametrize("overlap, expected, skipped", [
+    ("skip", ["10:01", "10:03"], 1),
+    ("allow", ["10:01", "10:02", "10:03"], 0),
+])
+def test_scheduled_time_is_skipped_while_the_flow_still_runs(tmp_path, srv_serve, capsys,
+                                                             overlap, expected, skipped):
+    store = tmp_path / "store"
+    release = threading.Event()
+    server, clock = sch_server(srv_serve, store, [sch_blocking_flow(release, overlap)],
+                               "2026-12-01T10:00:30Z")
+    sch_move([clock], "2026-12-01T10:01Z")
+    first = srv_poll(lambda: RunStore(store).list(status="RUNNING"), what="the first run")
+    sch_move([clock], "2026-12-01T10:02Z")
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow="held") == skipped
+    err = capsys.readouterr().err
+    skip_lines = [line for line in err.splitlines() if "skip" in line]
+    if skipped:
+        assert skip_lines == ["pyoco serve: skip flow 'held' at 2026-12-01T10:02:00.000Z: run"
+                              " %s is still RUNNING" % first[0]["run_id"]]
+    else:
+        assert skip_lines == []
+    release.set()
+    srv_poll(lambda: not RunStore(store).list(status="RUNNING"), what="the runs to end")
+    sch_move([clock], "2026-12-01T10:03Z")
+    sch_wait_runs(store, ["2026-12-01T%s:00.000Z" % hm for hm in expected])
+
+
+def sch_history(store, flow, when):
+    """A finished scheduled run of ``flow`` for time ``when``, as a previous server made it."""
+    srv_engine(store).run(flow, scheduled_for=sch_ts(when))
+
+
+@pytest.mark.parametrize("catchup, history, expected", [
+    ("latest", "2026-12-01T09:00Z", ["2026-12-01T09:00:00.000Z", "2026-12-01T12:00:00.000Z"]),
+    ("none", "2026-12-01T09:00Z", ["2026-12-01T09:00:00.000Z"]),
+    ("latest", None, []),                   # never scheduled here yet: nothing was missed
+    ("latest", "2026-12-01T12:00Z", ["2026-12-01T12:00:00.000Z"]),     # nothing missed since
+])
+def test_catch_up_runs_the_latest_missed_time_once_at_start(tmp_path, srv_serve, catchup,
+                                                            history, expected):
+    store = tmp_path / "store"
+    flow = sch_quick_flow("hourly", "@hourly", schedule_catchup=catchup)
+    if history:
+        sch_history(store, flow, history)
+    server, clock = sch_server(srv_serve, store, [flow], "2026-12-01T12:30Z")
+    sch_wait_runs(store, expected)
+    sch_move([clock], "2026-12-01T12:59Z")
+    assert sch_scheduled(store) == expected
+    sch_move([clock], "2026-12-01T13:00Z")
+    sch_wait_runs(store, expected + ["2026-12-01T13:00:00.000Z"])
+
+
+def test_two_servers_on_one_store_start_each_time_once(tmp_path, srv_serve):
+    # Two Server objects rather than two processes: their clocks must be injected
+    # to go through several times at once, and they share only the store's files,
+    # as two processes do. A claim left by a server that died costs only its time.
+    store = tmp_path / "store"
+    flow = sch_quick_flow("shared", "every 1m")
+    claims = store / "schedule" / "shared"
+    claims.mkdir(parents=True)
+    (claims / ("%d.claim" % sch_ts("2026-12-01T10:03Z"))).write_text("{}")
+    servers = [sch_server(srv_serve, store, [flow], "2026-12-01T10:00:30Z") for _ in range(2)]
+    clocks = [clock for _, clock in servers]
+    expected = []
+    for minute in range(1, 6):
+        sch_move(clocks, "2026-12-01T10:%02d:00Z" % minute)
+        if minute != 3:
+            expected.append("2026-12-01T10:%02d:00.000Z" % minute)
+        sch_wait_runs(store, expected)
+    assert len(RunStore(store).ids()) == 4          # the claims are not runs to any reader
+    listing = cli(tmp_path, "runs", "list", "--store", store, "--json")
+    assert listing.returncode == 0 and len(json.loads(listing.stdout)) == 4
+    assert sorted(os.listdir(claims)) == sorted("%d.claim" % sch_ts("2026-12-01T10:%02dZ" % m)
+                                                for m in range(1, 6))
+
+
+def test_server_close_stops_the_scheduler(tmp_path):
+    store = tmp_path / "store"
+    clock = SchClock(sch_ts("2026-12-01T10:02Z"))
+    server = pyoco.Server(str(store), port=0, flows={"every5": sch_quick_flow()}, clock=clock,
+                          engine=srv_engine(store)).start()
+    clock.settled()
+    thread = server.timetable.thread
+    server.close()
+    assert not thread.is_alive()
+    clock.set(sch_ts("2026-12-01T10:05Z"))
+    assert sch_scheduled(store) == []
+
+
+def test_unscheduled_flows_start_no_scheduler(tmp_path, srv_serve):
+    server = srv_serve(tmp_path / "store", flows={"plain": Flow("plain")})
+    assert server.timetable is None
+    assert "pyoco_schedule" not in srv_metrics(server.url)[1]
+
+
+SCH_HELD_FLOW = '''\
+from pyoco import task, Flow
+
+@task
+def hold(ctx):
+    ctx.cancelled.wait(30)
+
+flow = Flow("held", schedule="every 1s")
+flow >> hold
+'''
+
+
+def test_pyoco_serve_starts_scheduled_runs_and_ctrl_c_cancels_them(tmp_path, srv_cli_serve):
+    # Real time, but only a second: "every 1s" starts one run; the next
+    # times are skipped while it runs; SIGTERM (Ctrl+C's path) cancels it.
+    store = tmp_path / "store"
+    flow_file = srv_flow_file(tmp_path, "held", SCH_HELD_FLOW)
+    server = srv_cli_serve(store, flow_file)
+    record = srv_poll(lambda: RunStore(store).list(status="RUNNING"), what="a scheduled run")[0]
+    assert SRV_ISO_UTC.match(record["scheduled_for"])
+    assert record["scheduled_for"].endswith(".000Z")
+    srv_poll(lambda: "pyoco serve: skip flow 'held' at " in server.stderr(), what="a skip line")
+    assert "pyoco serve: flow 'held' runs at 'every 1s' (UTC); next at " in server.stderr()
+    assert server.stop() == 0
+    final = RunStore(store).get(record["run_id"])
+    assert final["status"] == "CANCELLED"
+    assert final["scheduled_for"] == record["scheduled_for"]
+    assert [r["run_id"] for r in RunStore(store).list()] == [record["run_id"]]
+
+
+def test_pyoco_serve_no_schedule_starts_no_scheduled_runs(tmp_path, srv_cli_serve):
+    store = tmp_path / "store"
+    flow_file = srv_flow_file(tmp_path, "held", SCH_HELD_FLOW.replace(
+        "ctx.cancelled.wait(30)", "return 1"))
+    server = srv_cli_serve(store, flow_file, options=["--no-schedule"])
+    assert "not scheduled here (--no-schedule)" in server.stderr()
+    status, flows = srv_json(server.url, "GET", "/flows")
+    assert status == 200
+    assert [(f["flow"], f["schedule"], f["next_run_at"]) for f in flows] == [
+        ("held", "every 1s", None)]
+    assert "pyoco_schedule" not in srv_metrics(server.url)[1]
+    status, body = srv_json(server.url, "POST", "/runs", {"flow": "held"})     # by hand still
+    assert status == 202
+    record = srv_wait_status(server, body["run_id"], "COMPLETED")
+    assert record["scheduled_for"] is None
+    assert server.stop() == 0
+    assert [r["run_id"] for r in RunStore(store).list()] == [body["run_id"]]
+    assert not (store / "schedule").exists()
+
+
+# ---------------------------------------------------------------------------
+# GET /flows and the page's flows view (real server, headless Chromium)
+# ---------------------------------------------------------------------------
+
+SCH_FLOWS_KEYS = {"flow", "file", "schedule", "next_run_at", "last_run"}
+
+
+def test_get_flows_lists_loaded_flows_with_schedule_next_time_and_last_run(tmp_path,
+                                                                           srv_cli_serve):
+    store = tmp_path / "store"
+    yearly = srv_flow_file(tmp_path, "yearly", SCH_FLOW.replace("ticker", "yearly")
+                           % "0 3 1 jan *")
+    greet = srv_flow_file(tmp_path)
+    server = srv_cli_serve(store, yearly, greet)
+    status, flows = srv_json(server.url, "GET", "/flows")
+    assert status == 200
+    assert [set(f) for f in flows] == [SCH_FLOWS_KEYS, SCH_FLOWS_KEYS]
+    assert flows[0] == {"flow": "yearly", "file": str(yearly), "schedule": "0 3 1 jan *",
+                        "next_run_at": "%d-01-01T03:00:00.000Z" % (time.gmtime().tm_year + 1),
+                        "last_run": None}
+    assert flows[1] == {"flow": "greet", "file": str(greet), "schedule": None,
+                        "next_run_at": None, "last_run": None}
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="yearly") == sch_ts(flows[0]["next_run_at"][:16] + "Z")
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds", flow="greet") is None
+    _, body = srv_json(server.url, "POST", "/runs", {"flow": "greet", "params": {"who": "flows"}})
+    srv_wait_status(server, body["run_id"], "COMPLETED")
+
+    def last_run():
+        last = srv_json(server.url, "GET", "/flows")[1][1]["last_run"]
+        return last and last["status"] == "COMPLETED" and last
+    last = srv_poll(last_run, what="greet's last run")
+    assert last["run_id"] == body["run_id"] and "events" not in last
+    assert set(last) == SRV_RECORD_KEYS - {"events"}
+    assert srv_request(server.url, "GET", "/flows?x=1")[0] == 400
+    assert srv_request(server.url, "POST", "/flows")[0] == 405
+
+
+def sch_site_flows(hold):
+    """Three flows for the flows view: nightly (fails now and then), sync (can be
+    held running by a parameter) and an unscheduled report."""
+    @task
+    def extract(ctx, n=0):
+        time.sleep(0.01 + 0.004 * (n % 5))      # work of varying length
+        if n in (3, 8):
+            raise ValueError("upstream was down")
+
+    @task
+    def sync(ctx, n=0, held=False):
+        time.sleep(0.005 + 0.002 * n)           # work
+        if held:
+            hold.wait(60)
+
+    @task
+    def report(ctx):
+        return "ok"
+
+    nightly = Flow("nightly_etl", schedule="0 3 * * *", schedule_tz="Europe/Paris")
+    nightly >> extract
+    hourly = Flow("hourly_sync", schedule="every 15m")
+    hourly >> sync
+    adhoc = Flow("adhoc_report")
+    adhoc >> report
+    return [nightly, hourly, adhoc]
+
+
+@pytest.fixture
+def sch_flows_site(tmp_path, srv_serve):
+    """A server with a history of runs of three flows and one run still running;
+    its clock stands still just after the last scheduled times, so no scheduled
+    run starts (or is caught up) while the page is read."""
+    store = tmp_path / "store"
+    hold = threading.Event()
+    flows = sch_site_flows(hold)
+    engine = srv_engine(store)
+    for n in range(12):
+        engine.run(flows[0], {"n": n}, raise_on_failure=False,
+                   scheduled_for=sch_ts("2026-11-20T02:00Z") + n * 86400)
+    for n in range(7):
+        engine.run(flows[1], {"n": n}, scheduled_for=sch_ts("2026-12-01T07:30Z") + n * 900)
+    engine.run(flows[2])
+    clock = SchClock(sch_ts("2026-12-01T09:10Z"))
+    server = srv_serve(store, flows={f.name: f for f in flows}, clock=clock, engine=engine,
+                       files={f.name: "flows/%s.py" % f.name for f in flows})
+    clock.settled()
+    _, body = srv_json(server.url, "POST", "/runs",
+                       {"flow": "hourly_sync", "params": {"n": 7, "held": True}})
+    srv_wait_status(server, body["run_id"], "RUNNING")
+    server.running_id = body["run_id"]
+    yield server
+    hold.set()
+
+
+SCH_SCREENSHOT = os.environ.get("PYOCO_UPDATE_FLOWS_SCREENSHOT")   # read before fixtures clear it
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_browser_flows_view_shows_each_flow_with_runs_rate_trend_and_buttons(sch_flows_site,
+                                                                             tmp_path):
+    server = sch_flows_site
+    done = page_browser(server.url + "/", "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    assert 'id="flows"' in dom
+    rows = {name: re.search(r'<tr data-flow="%s">(.*?)</tr>' % name, dom, re.S).group(1)
+            for name in ("nightly_etl", "hourly_sync", "adhoc_report")}
+    nightly = rows["nightly_etl"]
+    assert "0 3 * * *" in nightly and "2026-12-02 02:00:00.000" in nightly   # 03:00 in Paris
+    assert nightly.count('class="cell s-COMPLETED"') == 10
+    assert nightly.count('class="cell s-FAILED"') == 2
+    assert '<td class="rate" title="10 of 12 finished runs completed">83%</td>' in nightly
+    assert nightly.count("<polyline") == 1 and 'data-flow="nightly_etl"' in nightly
+    for record in RunStore(server.store.root).list(flow="nightly_etl"):
+        assert 'href="/runs/%s/view"' % record["run_id"] in nightly      # each cell is a link
+    sync = rows["hourly_sync"]
+    assert "every 15m" in sync and "2026-12-01 09:15:00.000" in sync
+    assert 'class="cell s-RUNNING" href="/runs/%s/view"' % server.running_id in sync
+    assert '<button type="button" class="cancel" data-run="%s"' % server.running_id in sync
+    assert ">100%<" in sync
+    adhoc = rows["adhoc_report"]
+    assert "class=\"mono next\">–<" in adhoc and adhoc.count('class="cell s-') == 1
+    assert "Run now" in adhoc and "cancel" not in adhoc
+
+    shot = tmp_path / "flows.png"
+    done = page_browser(server.url + "/", "--screenshot=%s" % shot)
+    assert done.returncode == 0 and shot.stat().st_size > 10000
+    if SCH_SCREENSHOT:              # how docs/flows-view.png is made
+        shutil.copyfile(shot, SCH_SCREENSHOT)
+
+
+def test_page_buttons_are_refused_without_the_token_when_one_is_set(tmp_path, srv_serve):
+    # The buttons send what this sends: a POST from the page's own origin.
+    store = tmp_path / "store"
+    hold = threading.Event()
+    flows = {f.name: f for f in sch_site_flows(hold)}
+    server = srv_serve(store, flows=flows, token="s3cret", clock=SchClock(time.time()))
+    page = {"Origin": server.url}
+    body = {"flow": "hourly_sync", "params": {"held": True}}
+    assert srv_json(server.url, "POST", "/runs", body, page)[0] == 401
+    assert srv_json(server.url, "POST", "/runs", body, {
+        "Origin": "http://evil.example", "Authorization": "Bearer s3cret"})[0] == 403
+    status, started = srv_json(server.url, "POST", "/runs", body,
+                               dict(page, Authorization="Bearer s3cret"))
+    assert status == 202
+    cancel = "/runs/%s/cancel" % started["run_id"]
+    assert srv_json(server.url, "POST", cancel, None, page)[0] == 401
+    assert srv_json(server.url, "POST", cancel, None,
+                    dict(page, Authorization="Bearer s3cret"))[0] == 202
+    hold.set()
+    srv_wait_status(server, started["run_id"], "CANCELLED")
+    text = page_get(server.url + "/")[2].decode("utf-8")
+    assert 'sessionStorage.setItem("pyoco-token"' in text and 'localStorage.setItem("pyoco-token"' not in text
+    assert '"Authorization"] = "Bearer " + token' in text
+
+
+# ---------------------------------------------------------------------------
+# The scheduling docs' example runs
+# ---------------------------------------------------------------------------
+
+def test_scheduled_report_example_checks_and_runs(tmp_path):
+    example = HERE / "examples" / "scheduled_report.py"
+    report = json.loads(cli(tmp_path, "check", example, "--json").stdout)
+    assert report["ok"] and report["schedule"] == "30 6 * * mon-fri"
+    for stamp in report["next_runs"]:                   # 06:30 in Tokyo, Monday to Friday
+        day = time.gmtime(sch_ts(stamp[:19] + "Z") + 9 * 3600)
+        assert (day.tm_hour, day.tm_min, day.tm_wday < 5) == (6, 30, True)
+    done = cli(tmp_path, "run", example, "--store", tmp_path / "store")
+    assert done.returncode == 0, done.stderr
+    record = RunStore(tmp_path / "store").list()[0]
+    assert record["status"] == "COMPLETED" and record["scheduled_for"] is None
+    assert "report.txt" in record["tasks"]["write_report"]["artifacts"]
+    assert "docs/scheduling.md" in (HERE / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_schedule_metrics_pass_promtool_check_metrics(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server, clock = sch_server(srv_serve, store, [sch_quick_flow(SRV_WEIRD)], "2026-12-01T10:02Z")
+    sch_move([clock], "2026-12-01T10:05Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z"])
+    _, text, samples = srv_metrics(server.url)
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow=SRV_WEIRD) == 0
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode("utf-8"),
+                           capture_output=True, timeout=30)
+    assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
