@@ -8145,7 +8145,7 @@ def test_tut_s08_history_and_resume(tmp_path):
 
     resumed = tut_ok(tut_run(tmp_path, "s08_resume.py", "--resume", first))
     second = tut_run_id(resumed)
-    assert "♻️ reuse node=buy_seeds (output of run %s)" % first in resumed.stderr
+    assert "♻️ reuse node=buy_seeds (run %s)" % first in resumed.stderr
     assert "buying seeds" not in resumed.stdout         # the costly task did not run again
     assert "🌱 planted 3 kinds of carrots" in resumed.stdout
     record = tut_record(tmp_path, second)
@@ -10751,3 +10751,312 @@ def test_map_instances_share_one_metrics_label(tmp_path):
     assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle[*]",state="SUCCEEDED"} 3' in text
     assert 'task="handle[0]"' not in text
     assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle",state="SUCCEEDED"} 1' in text
+
+
+# ---------------------------------------------------------------------------
+# Incremental runs: cache=True, fingerprints and reuse (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+_CACHED_FLOW = '''
+from pyoco import task, Flow
+
+@task(cache=True{options})
+def fetch(ctx, day):
+    {body}
+
+flow = Flow(name="cached")
+flow >> fetch
+'''
+
+
+def _cached_flow_file(tmp_path, name, body, options=""):
+    return write(tmp_path / ("%s.py" % name), _CACHED_FLOW.format(body=body, options=options))
+
+
+def _reuse_of(run):
+    """Task name -> the run it was reused from, None for tasks that ran."""
+    return {name: record.reused_from for name, record in run.tasks.items()}
+
+
+@pytest.mark.parametrize("first, second, options, day, reused", [
+    ("return day * 2", "return day * 2", ("", ""), 1, True),
+    ("return day * 2", "return day * 3", ("", ""), 1, False),        # a changed constant
+    ("return day * 2", "return day + day", ("", ""), 1, False),      # a changed body
+    ("return day * 2", "# the double\n    return day * 2\n\n", ("", ""), 1, True),  # a comment
+    ("return day * 2", "return day * 2", ("", ""), 2, False),        # a changed parameter
+    ("return day * 2", "return day * 3", (", version=1", ", version=1"), 1, True),
+    ("return day * 2", "return day * 2", (", version=1", ", version=2"), 1, False),
+    ("return [day, (lambda: 1)()]", "return [day, (lambda: 2)()]", ("", ""), 1, False),
+])
+def test_a_cached_task_is_reused_only_while_its_code_and_inputs_are_unchanged(
+        tmp_path, first, second, options, day, reused):
+    engine = Engine(trace=False, store=tmp_path / "store")
+    old = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "one", first, options[0]))),
+                     {"day": 1})
+    new = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "two", second,
+                                                           options[1]))), {"day": day})
+    assert old.tasks["fetch"].reused_from is None and old.tasks["fetch"].attempts == 1
+    assert _reuse_of(new)["fetch"] == (old.run_id if reused else None)
+    assert new.tasks["fetch"].attempts == (0 if reused else 1)
+    assert new.status == "COMPLETED"
+
+
+def _cutoff_flow(calls):
+    @task(cache=False)
+    def source(ctx, day):
+        calls.append("source")
+        return day // 10            # 11 and 12 give the same output
+
+    @task(cache=True)
+    def report(ctx, source):
+        calls.append("report")
+        return "report of %d" % source
+
+    flow = Flow(name="cutoff")
+    flow >> source >> report
+    return flow
+
+
+@pytest.mark.parametrize("second_day, report_reused", [(12, True), (21, False)])
+def test_early_cut_off_judges_a_cached_task_by_its_own_inputs(tmp_path, second_day,
+                                                            report_reused):
+    calls = []
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(_cutoff_flow(calls), {"day": 11})
+    del calls[:]
+    second = engine.run(_cutoff_flow(calls), {"day": second_day})
+    assert calls == (["source"] if report_reused else ["source", "report"])
+    assert second.tasks["report"].reused_from == (first.run_id if report_reused else None)
+    assert second.results["report"] == "report of %d" % (second_day // 10)
+
+
+def test_a_reused_task_succeeds_with_the_origin_runs_output_reason_trace_and_artifacts(
+        tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx, day):
+        calls.append(day)
+        ctx.save_artifact("day.txt", "day %d" % day)
+        return {"day": day}
+
+    flow = Flow(name="origin")
+    flow >> fetch
+    trace = io.StringIO()
+    engine = Engine(trace=trace, cute=True, store=tmp_path)
+    first = engine.run(flow, {"day": 3})
+    second = engine.run(flow, {"day": 3})
+    plain = Engine(trace=io.StringIO(), cute=False, store=tmp_path)
+    third = plain.run(flow, {"day": 3})
+    assert calls == [3]
+    for run in (second, third):     # a reuse of a reuse names the run where it last ran
+        record = run.to_dict()["tasks"]["fetch"]
+        assert record["state"] == "SUCCEEDED" and record["reused_from"] == first.run_id
+        assert record["reason"] == "same code and inputs as run %s" % first.run_id
+        assert run.results["fetch"] == {"day": 3}
+        with open(record["artifacts"]["day.txt"]) as f:
+            assert f.read() == "day 3"
+    assert "♻️ reuse node=fetch (run %s)" % first.run_id in trace.getvalue()
+    assert re.search(r"INFO reuse node=fetch from_run=%s .*run_id=%s"
+                     % (first.run_id, third.run_id), plain.trace.getvalue())
+    stored = RunStore(tmp_path).get(third.run_id)
+    assert stored["tasks"]["fetch"]["reused_from"] == first.run_id
+
+
+def test_cache_ttl_ignores_entries_older_than_it_counting_from_the_origin_run(
+        tmp_path, monkeypatch):
+    calls = []
+
+    @task(cache=True, cache_ttl=3600)
+    def fetch(ctx):
+        calls.append(1)
+        return 1
+
+    flow = Flow(name="ttl")
+    flow >> fetch
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow)
+    later = first.started_at
+    monkeypatch.setattr(pyoco._CacheIndex, "clock", staticmethod(lambda: later + 3599))
+    assert engine.run(flow).tasks["fetch"].reused_from == first.run_id
+    monkeypatch.setattr(pyoco._CacheIndex, "clock", staticmethod(lambda: later + 3601))
+    assert engine.run(flow).tasks["fetch"].reused_from is None
+    assert len(calls) == 2
+
+
+def test_cache_false_runs_again_even_on_resume_while_the_default_is_reused(tmp_path):
+    calls = []
+    broken = [True]
+
+    @task(cache=False)
+    def clock_in(ctx):
+        calls.append("clock_in")
+        return 1
+
+    @task
+    def seeds(ctx):
+        calls.append("seeds")
+        return 2
+
+    @task
+    def plant(ctx, clock_in, seeds):
+        if broken[0]:
+            raise RuntimeError("frozen")
+        return clock_in + seeds
+
+    flow = Flow(name="resumed")
+    flow.add(plant, after=[clock_in, seeds])
+    engine = Engine(trace=False, store=tmp_path)
+    failed = engine.run(flow, raise_on_failure=False)
+    broken[0] = False
+    resumed = engine.run(flow, resume=failed.run_id)
+    assert sorted(calls) == ["clock_in", "clock_in", "seeds"]
+    assert _reuse_of(resumed) == {"clock_in": None, "seeds": failed.run_id, "plant": None}
+    assert resumed.results["plant"] == 3
+
+
+def test_a_value_without_fingerprint_makes_the_task_run_saying_why(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def use(ctx, conn):
+        calls.append(conn)
+        return "used"
+
+    use.task.inputs = {"conn": threading.Lock()}     # neither JSON nor picklable
+    flow = Flow(name="lock")
+    flow >> use
+    engine = Engine(trace=False, store=tmp_path)
+    runs = [engine.run(flow), engine.run(flow)]
+    assert len(calls) == 2
+    for run in runs:
+        assert run.tasks["use"].reused_from is None
+        assert run.tasks["use"].reason == "not cacheable: input 'conn' has no fingerprint"
+
+
+def test_pruned_runs_take_their_outputs_out_of_the_cache(tmp_path, monkeypatch):
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx, day):
+        calls.append(day)
+        return day
+
+    flow = Flow(name="pruned")
+    flow >> fetch
+    monkeypatch.setenv("PYOCO_MAX_RUN_HISTORY", "1")
+    engine = Engine(trace=False, store=tmp_path)
+    for day in (1, 2, 1):           # day 1's run was pruned when day 2's ended
+        engine.run(flow, {"day": day})
+    assert calls == [1, 2, 1]
+
+
+@pytest.mark.parametrize("damaged", ["outputs.jsonl", "cache.jsonl"])
+@pytest.mark.parametrize("content", [b"", b"{not json\n", b'{"task": "fetch"}\n[1]\n'])
+def test_an_unreadable_output_or_cache_file_means_run_it(tmp_path, damaged, content):
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx):
+        calls.append(1)
+        return {"big": "output"}
+
+    flow = Flow(name="damaged")
+    flow >> fetch
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow)
+    (tmp_path / "runs" / first.run_id / damaged).write_bytes(content)
+    second = engine.run(flow)
+    assert second.status == "COMPLETED" and second.tasks["fetch"].reused_from is None
+    assert second.results["fetch"] == {"big": "output"} and len(calls) == 2
+
+
+def test_cached_map_instances_are_reused_one_by_one(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def square(ctx, n):
+        calls.append(n)
+        return n * n
+
+    def flow_over(items):
+        flow = Flow(name="squares")
+        flow >> square.map(items)
+        return flow
+    engine = Engine(trace=False, store=tmp_path)
+    engine.run(flow_over([1, 2]))
+    run = engine.run(flow_over([1, 2, 3]))
+    assert calls == [1, 2, 3] and run.results["square"] == [1, 4, 9]
+
+
+def test_resume_of_a_map_with_one_failed_instance_runs_only_that_instance(tmp_path):
+    calls = []
+    broken = [True]
+
+    @task
+    def items(ctx):
+        return ["a", "b", "c"]
+
+    @task(fail_policy="isolate")      # the other instances run on
+    def handle(ctx, item):
+        calls.append(item)
+        if item == "b" and broken[0]:
+            raise ValueError("bad b")
+        return item.upper()
+
+    flow = Flow(name="map-resume")
+    flow >> items >> handle.map("$node.items.output")
+    engine = Engine(trace=False, store=tmp_path)
+    failed = engine.run(flow, raise_on_failure=False)
+    assert [failed.tasks["handle[%d]" % k].state for k in range(3)] == [
+        "SUCCEEDED", "FAILED", "SUCCEEDED"]
+    broken[0] = False
+    del calls[:]
+    resumed = engine.run(flow, resume=failed.run_id)
+    assert calls == ["b"]
+    assert resumed.results["handle"] == ["A", "B", "C"]
+    assert _reuse_of(resumed)["handle[0]"] == failed.run_id
+    assert _reuse_of(resumed)["handle[1]"] is None
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"cache": "yes"}, "cache must be True, False or 'resume'"),
+    ({"cache": "resum"}, "did you mean 'resume'"),
+    ({"cache_ttl": 0}, "cache_ttl must be seconds > 0"),
+    ({"cache_key": "path"}, "cache_key must be a function"),
+    ({"version": [1]}, "version must be a string or a number"),
+])
+def test_bad_cache_options_are_clear_errors(options, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        task(**options)(lambda ctx: None)
+
+
+def test_cache_key_replaces_the_inputs_in_the_fingerprint(tmp_path):
+    calls = []
+
+    @task(cache_key=lambda ctx, inputs: inputs["path"].split("?")[0])
+    def read(ctx, path):
+        calls.append(path)
+        return len(path)
+
+    flow = Flow(name="keyed")
+    flow >> read
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow, {"path": "a.txt?v=1"})
+    assert engine.run(flow, {"path": "a.txt?v=2"}).tasks["read"].reused_from == first.run_id
+    assert engine.run(flow, {"path": "b.txt"}).tasks["read"].reused_from is None
+    assert calls == ["a.txt?v=1", "b.txt"]
+
+
+def test_without_a_store_nothing_is_reused_across_runs():
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx):
+        calls.append(1)
+
+    flow = Flow(name="no-store")
+    flow >> fetch
+    run_quiet(flow)
+    run_quiet(flow)
+    assert len(calls) == 2
