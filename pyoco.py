@@ -2387,11 +2387,10 @@ class _Scheduler(_RunLedger):
                 run._cache_entries[i] = dict(entry)
                 return self.reuse(i, out, entry["artifacts"], entry["origin"], reason)
         blank = next((p for p, h in hashes.items() if h is None), None)
-        if blank is not None:
+        if blank is not None:       # recorded all the same: later plans can say why
             run._reasons[i] = "not cacheable: input %r has no fingerprint" % blank
-        else:
-            run._cache_entries[i] = {"code": code, "inputs": hashes, "origin": run.run_id,
-                                     "at": run.started_at}
+        run._cache_entries[i] = {"code": code, "inputs": hashes, "origin": run.run_id,
+                                 "at": run.started_at}
         return None
 
     def released(self, i, ok):
@@ -5203,6 +5202,118 @@ class Engine:
                                    % (run.run_id, run.flow_name, run.reason), run)
         return run
 
+    def plan(self, flow, params=None, only=None, rerun_from=None, *, resume=None):
+        """What ``run`` would do with these arguments, without calling any task
+        or writing anything: one dict per task, in topological order, with
+        ``task``, ``action`` (``run``, ``reuse``, ``skip`` or ``depends``: decided
+        when an upstream task that runs has returned), ``reason`` (SPEC section
+        11's words) and ``reused_from``. Raises FlowError like ``run``.
+        """
+        if not isinstance(flow, Flow):
+            raise TypeError("Engine.plan needs a Flow, got %r" % (flow,))
+        store = self._store()
+        plan, binds, params, old, fixed, forced = self._prepare(
+            flow, dict(params or {}), store, resume, only, rerun_from, None)
+        if old is not None:
+            reused = store.reusable_outputs(old, plan, forced)
+        elif rerun_from and store is not None:
+            reused = store.newest_outputs(plan, forced)
+        else:
+            reused = {}
+        cache = _CacheIndex(store, plan.flow_name) if plan.cached and store is not None \
+            else None
+        run = Run(plan, flow, params, None)     # holds the outputs known before running
+        order = range(len(plan.names))
+        if not all(p < i for i, ups in enumerate(plan.preds) for p in ups):
+            order = [plan.index[name] for name in _topological(plan)]
+        entries = []
+        for i in order:
+            action, reason, origin = self._plan_task(plan, binds, run, i, fixed, forced,
+                                                     reused, cache)
+            entries.append({"task": plan.names[i], "action": action, "reason": reason,
+                            "reused_from": origin})
+        return entries
+
+    def _plan_task(self, plan, binds, run, i, fixed, forced, reused, cache):
+        """One task's (action, reason, reused_from) for plan(); a task it reuses
+        leaves its output in ``run`` for the tasks below it."""
+        name = plan.names[i]
+        if i in fixed:
+            return "skip", fixed[i][1], None
+        if not plan.cache_level[i]:
+            return "run", "cache=False", None
+        if name in reused:
+            out, _, origin = reused[name]
+            run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
+            return "reuse", "output reused from run %s" % origin, origin
+        if i in forced:
+            return "run", "selected by --from", None
+        if plan.cache_level[i] == 1:
+            return "run", "not cached (cache='resume')", None
+        node = plan.nodes[i]
+        source = getattr(node, "base", node)
+        later = next((_Later(plan.names[b[1]]) for b in binds[i] + (
+            (plan.maps[i][0],) if i in plan.maps else ())
+            if b[0] == _B_NODE and run._state[b[1]] != TaskState.SUCCEEDED), None)
+        code = _task_code(source, plan.funcs[i])
+        if i in plan.maps:          # each instance has its fingerprint; the first to run says why
+            if later is not None:
+                return "depends", "upstream %r runs: decided when it returns" % later.name, None
+            try:
+                items = _arguments(run, (plan.maps[i][0],))[0][0]
+            except Exception:
+                return "run", "not cacheable: input %r has no fingerprint" % "over", None
+            over, item_name, kwonly = plan.maps[i]
+            verdicts = [self._plan_cached(run, i, source, code, "%s[%d]" % (name, k), cache,
+                                          ((_B_CONST, item, (), None, item_name, kwonly),)
+                                          + binds[i], None) for k, item in enumerate(items)]
+            verdict = next((v for v in verdicts if v[0] != "reuse"), None)
+            if verdict is not None or not verdicts:
+                return verdict or ("run", "no earlier run", None)
+            run._state[i] = TaskState.SUCCEEDED
+            run._outputs[i] = [v[3] for v in verdicts]
+            return verdicts[0][:3]
+        action, reason, origin, out = self._plan_cached(run, i, source, code, name, cache,
+                                                        binds[i], later)
+        if action == "reuse":
+            run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
+        return action, reason, origin
+
+    @staticmethod
+    def _plan_cached(run, i, source, code, name, cache, binds, later):
+        """A cache=True task's (action, reason, reused_from, output) for plan()."""
+        if later is not None and source.cache_key is not None:
+            hashes = {"cache_key": later}
+        else:
+            named = {}
+            for b in binds:
+                if b[0] == _B_NODE and run._state[b[1]] != TaskState.SUCCEEDED:
+                    named[b[4]] = later = _Later(run._plan.names[b[1]])
+                elif b[0] == _B_SCRATCH:
+                    named[b[4]] = _Later("ctx.scratch")
+                else:
+                    try:
+                        args, kwargs = _arguments(run, (b,))
+                    except Exception:
+                        named[b[4]] = _MISSING
+                        continue
+                    named[b[4]] = args[0] if args else kwargs[b[4]]
+            unknown = {p: v for p, v in named.items() if isinstance(v, _Later)}
+            if unknown and source.cache_key is not None:
+                hashes = {"cache_key": next(iter(unknown.values()))}
+            elif unknown:
+                hashes = {p: v if isinstance(v, _Later) else _value_hash(v)
+                          for p, v in named.items()}
+            else:
+                try:
+                    hashes = _input_hashes(run, i, source, named)
+                except Exception as exc:
+                    return "run", "cache_key failed: %s" % _describe(exc), None, None
+        if cache is None:
+            return "run", "no earlier run", None, None
+        action, reason, entry, out = cache.decide(name, code, hashes, source.cache_ttl)
+        return action, reason, entry and entry["origin"], out
+
     def _prepare(self, flow, params, store, resume, only, rerun_from, overrides):
         """What run() and plan() share: the compiled plan, its bindings and the
         run's params, the record being resumed (or None), the tasks settled before they start
@@ -6553,6 +6664,14 @@ def _build_parser():
     run.add_argument("--pool", action="append", default=[], metavar="NAME=SIZE",
                      help="the size of a pool, over the flow's (repeatable)")
     run.add_argument("--store", metavar="DIR", help=store_help)
+    run.add_argument("--only", action="append", default=[], metavar="NAME",
+                     help="run only this task and the upstream tasks it needs (repeatable)")
+    run.add_argument("--from", dest="rerun_from", action="append", default=[], metavar="NAME",
+                     help="run this task and everything downstream, reusing the other"
+                          " tasks' stored outputs (repeatable)")
+    run.add_argument("--plan", action="store_true",
+                     help="say what the run would do, per task; nothing runs or is written")
+    run.add_argument("--json", action="store_true", help="with --plan: the plan as JSON")
 
     check = commands.add_parser("check", help="validate a flow without running it",
                                 description="Validate a flow; nothing runs.")
@@ -6643,8 +6762,14 @@ def _cmd_run(args):
     engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args),
                     pools=_parse_pool_sizes(args.pool),
                     progress=_PROGRESS_FLAG[args.progress])
+    if args.json and not args.plan:
+        raise UsageError("--json goes with --plan (pyoco run FLOW --plan --json)")
+    targets = {"only": args.only or None, "rerun_from": args.rerun_from or None}
     try:
-        engine.run(flow, params, resume=args.resume)
+        if args.plan:
+            _print_plan(engine.plan(flow, params, resume=args.resume, **targets), args.json)
+            return 0
+        engine.run(flow, params, resume=args.resume, **targets)
     except FlowError as exc:            # raised before any task runs
         raise UsageError("%s: %s" % (args.target, exc)) from None
     except RunFailed as exc:
@@ -6654,6 +6779,17 @@ def _cmd_run(args):
         _write_line(None, "pyoco: %s\n" % exc)
         return 130
     return 0
+
+
+def _print_plan(entries, as_json):
+    """`pyoco run --plan`: ACTION  TASK  REASON lines under a header, or a JSON list."""
+    if as_json:
+        _write_line(sys.stdout, _dumps(entries, indent=2) + "\n")
+        return
+    width = max([len(e["task"]) for e in entries] + [4])
+    lines = ["%-8s %-*s  %s" % ("ACTION", width, "TASK", "REASON")]
+    lines += ["%-8s %-*s  %s" % (e["action"], width, e["task"], e["reason"]) for e in entries]
+    _write_line(sys.stdout, "\n".join(lines) + "\n")
 
 
 def _rules_report(flow):

@@ -11060,3 +11060,224 @@ def test_without_a_store_nothing_is_reused_across_runs():
     run_quiet(flow)
     run_quiet(flow)
     assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------
+# Incremental runs: overrides, --only / --from and --plan (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+def _targets_flow(calls, cache="resume"):
+    """fetch -> clean -> report, and fetch -> audit: a flow to select parts of."""
+    fetch = task(name="fetch", cache=cache)(lambda ctx: (calls.append("fetch"), [3, 1, 2])[1])
+    clean = task(name="clean", cache=cache)(
+        lambda ctx, fetch: (calls.append("clean"), sorted(fetch))[1])
+    report = task(name="report", cache=cache)(
+        lambda ctx, clean: (calls.append("report"), sum(clean))[1])
+    audit = task(name="audit", cache=cache)(
+        lambda ctx, fetch: (calls.append("audit"), len(fetch))[1])
+    flow = Flow(name="targets")
+    flow >> fetch >> clean >> report
+    flow.add(audit, after=[fetch])
+    return flow
+
+
+def test_overrides_give_a_task_its_output_without_calling_it():
+    calls = []
+    run = run_quiet(_targets_flow(calls), overrides={"fetch": [9, 8]})
+    assert "fetch" not in calls and sorted(calls) == ["audit", "clean", "report"]
+    record = run.tasks["fetch"]
+    assert record.state == "SUCCEEDED" and record.reason == "overridden"
+    assert record.attempts == 0 and record.reused_from is None
+    assert run.results["report"] == 17 and run.results["audit"] == 2
+
+
+@pytest.mark.parametrize("call, closest", [
+    (dict(overrides={"fetc": 1}), "'fetch'"),
+    (dict(only=["reprot"]), "'report'"),
+    (dict(rerun_from=["claen"]), "'clean'"),
+])
+def test_an_unknown_task_name_in_targets_or_overrides_is_a_flow_error_naming_the_closest(
+        call, closest):
+    calls = []
+    with pytest.raises(pyoco.FlowError, match="did you mean %s" % re.escape(closest)):
+        run_quiet(_targets_flow(calls), **call)
+    with pytest.raises(pyoco.FlowError, match="did you mean %s" % re.escape(closest)):
+        quiet().plan(_targets_flow(calls), **{k: v for k, v in call.items()
+                                             if k != "overrides"}) if "overrides" not in call \
+            else run_quiet(_targets_flow(calls), **call)
+    assert calls == []
+
+
+def test_only_runs_the_named_tasks_and_what_they_need_and_skips_the_rest():
+    calls = []
+    run = run_quiet(_targets_flow(calls), only=["clean"])
+    assert sorted(calls) == ["clean", "fetch"]
+    for name in ("report", "audit"):
+        assert run.tasks[name].state == "SKIPPED" and run.tasks[name].reason == "not selected"
+    assert run.status == "COMPLETED"
+
+
+@pytest.mark.parametrize("resume, cache, reran", [
+    (False, True, ["clean", "report"]),
+    (True, True, ["clean", "report"]),
+    (True, "resume", ["clean", "report"]),      # a failed run keeps every output
+    (False, "resume", ["audit", "clean", "fetch", "report"]),   # a completed one does not
+])
+def test_from_runs_the_task_and_its_downstream_and_reuses_the_rest(tmp_path, resume, cache,
+                                                                   reran):
+    calls = []
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(_targets_flow(calls, cache), overrides={"report": None} if resume else
+                       None, raise_on_failure=False)
+    if resume and cache != True:
+        first = engine.run(_targets_flow(calls, cache), overrides={"clean": "x"},
+                           raise_on_failure=False)
+        assert first.status == "FAILED"
+    del calls[:]
+    run = engine.run(_targets_flow(calls, cache), rerun_from=["clean"],
+                     resume=first.run_id if resume else None)
+    assert sorted(calls) == reran
+    reused = {name: first.run_id for name in ("fetch", "audit") if name not in calls}
+    assert _reuse_of(run) == dict({"fetch": None, "clean": None, "report": None,
+                                   "audit": None}, **reused)
+    assert run.results["report"] == 6
+
+
+def test_only_with_resume_reuses_what_succeeded_and_skips_what_is_not_needed(tmp_path):
+    calls = []
+    engine = Engine(trace=False, store=tmp_path)
+    broken = _targets_flow(calls)
+    first = engine.run(broken, overrides={"fetch": "not a list"}, raise_on_failure=False)
+    assert first.status == "FAILED"
+    del calls[:]
+    run = engine.run(_targets_flow(calls), only=["audit"], resume=first.run_id)
+    assert run.tasks["report"].reason == "not selected"
+    assert run.status == "COMPLETED" and "fetch" not in calls
+
+
+def _plan_rows(entries):
+    return [(e["task"], e["action"], e["reason"], e["reused_from"]) for e in entries]
+
+
+def test_plan_says_why_each_task_runs_or_is_reused_and_runs_nothing(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx, day):
+        calls.append("fetch")
+        return day % 2
+
+    @task(cache=True)
+    def report(ctx, fetch):
+        calls.append("report")
+        return fetch
+
+    @task(cache=False)
+    def notify(ctx, report):
+        calls.append("notify")
+
+    @task
+    def archive(ctx, report):
+        calls.append("archive")
+
+    @task(cache=True)
+    def use(ctx, conn):
+        calls.append("use")
+
+    use.task.inputs = {"conn": threading.Lock()}
+    flow = Flow(name="planned")
+    flow >> fetch >> report >> [notify, archive]
+    flow.add(use, after=[report])
+    engine = Engine(trace=False, store=tmp_path)
+    assert _plan_rows(engine.plan(flow, {"day": 1})) == [
+        ("fetch", "run", "no earlier run", None), ("report", "run", "no earlier run", None),
+        ("notify", "run", "cache=False", None),
+        ("archive", "run", "not cached (cache='resume')", None),
+        ("use", "run", "no earlier run", None)]
+    assert calls == [] and not (tmp_path / "runs").exists()    # nothing called or written
+    first = engine.run(flow, {"day": 1}).run_id
+    runs_before = sorted(os.listdir(tmp_path / "runs"))
+    same = _plan_rows(engine.plan(flow, {"day": 1}))
+    assert same[:2] == [("fetch", "reuse", "same code and inputs as run %s" % first, first),
+                        ("report", "reuse", "same code and inputs as run %s" % first, first)]
+    assert same[4] == ("use", "run", "not cacheable: input 'conn' has no fingerprint", None)
+    changed = _plan_rows(engine.plan(flow, {"day": 3}))
+    assert changed[:2] == [
+        ("fetch", "run", "input 'day' changed since run %s" % first, None),
+        ("report", "depends", "upstream 'fetch' runs: decided when it returns", None)]
+    assert _plan_rows(engine.plan(flow, {"day": 1}, only=["fetch"]))[1] == (
+        "report", "skip", "not selected", None)
+    assert sorted(os.listdir(tmp_path / "runs")) == runs_before
+
+
+def test_plan_sees_a_changed_function_body(tmp_path):
+    engine = Engine(trace=False, store=tmp_path / "store")
+    first = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "one", "return 1"))),
+                       {"day": 1})
+    flow = pyoco.load_flow(str(_cached_flow_file(tmp_path, "two", "return 2")))
+    assert _plan_rows(engine.plan(flow, {"day": 1})) == [
+        ("fetch", "run", "code changed since run %s" % first.run_id, None)]
+
+
+_PLAN_FLOW = '''
+from pyoco import task, Flow
+
+@task(cache=True)
+def fetch(ctx):
+    print("fetched")
+    return 1
+
+@task
+def show(ctx, fetch):
+    print("shown", fetch)
+
+flow = Flow(name="cli-plan")
+flow >> fetch >> show
+'''
+
+
+def test_cli_plan_prints_one_line_per_task_or_json_and_writes_nothing(tmp_path):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    first = cli(tmp_path, "run", "flow.py", "--plan")
+    assert first.returncode == 0, first.stderr
+    assert "fetched" not in first.stdout and not (tmp_path / ".pyoco").exists()
+    lines = first.stdout.splitlines()
+    assert lines[0].split() == ["ACTION", "TASK", "REASON"]
+    assert re.match(r"run\s+fetch\s+no earlier run$", lines[1])
+    assert re.match(r"run\s+show\s+not cached \(cache='resume'\)$", lines[2])
+    ran = cli(tmp_path, "run", "flow.py")
+    assert ran.returncode == 0 and "fetched" in ran.stdout
+    run_id = re.search(r"run_id=(\S+)", ran.stderr).group(1)
+    as_json = cli(tmp_path, "run", "flow.py", "--plan", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == [
+        {"task": "fetch", "action": "reuse", "reason": "same code and inputs as run %s" % run_id,
+         "reused_from": run_id},
+        {"task": "show", "action": "run", "reason": "not cached (cache='resume')",
+         "reused_from": None}]
+    again = cli(tmp_path, "run", "flow.py", "--non-cute")
+    assert "fetched" not in again.stdout and "shown 1" in again.stdout
+    assert re.search(r"INFO reuse node=fetch from_run=%s " % run_id, again.stderr)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--plan", "--only", "shwo"), "did you mean 'show'?"),
+    (("--from", "fetc"), "did you mean 'fetch'?"),
+    (("--only", "nothing"), "has no task 'nothing'"),
+    (("--json",), "--json goes with --plan"),
+])
+def test_cli_unknown_targets_and_json_without_plan_exit_2(tmp_path, args, words):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    done = cli(tmp_path, "run", "flow.py", *args)
+    assert done.returncode == 2 and words in done.stderr
+    assert "Traceback" not in done.stderr and "fetched" not in done.stdout
+
+
+def test_cli_only_and_from_select_tasks(tmp_path):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    only = cli(tmp_path, "run", "flow.py", "--only", "fetch")
+    assert only.returncode == 0 and "fetched" in only.stdout and "shown" not in only.stdout
+    assert "⏭️ skip node=show (not selected)" in only.stderr
+    again = cli(tmp_path, "run", "flow.py", "--from", "show")
+    assert again.returncode == 0 and "fetched" not in again.stdout
+    assert "shown 1" in again.stdout
