@@ -5455,6 +5455,7 @@ class MetricsView:
         self.runs_total = {}        # (flow, status) -> count
         self.tasks_total = {}       # (flow, task, state) -> count
         self.retries_total = {}     # (flow, task) -> count
+        self.reused_total = {}      # (flow, task) -> count of outputs taken from earlier runs
         self.run_hist = {}          # flow -> _Histogram
         self.task_hist = {}         # (flow, task) -> _Histogram
         self.last_run = {}          # (flow, status) -> ended_at
@@ -5531,6 +5532,8 @@ class MetricsView:
             tkey = (flow, name, t.get("state"))
 
             self.tasks_total[tkey] = self.tasks_total.get(tkey, 0) + 1
+            if t.get("reused_from"):
+                self.reused_total[(flow, name)] = self.reused_total.get((flow, name), 0) + 1
             if (t.get("attempts") or 0) > 1:
                 rkey = (flow, name)
                 self.retries_total[rkey] = self.retries_total.get(rkey, 0) + t["attempts"] - 1
@@ -5596,6 +5599,10 @@ class MetricsView:
                     "Extra attempts made after task failures.",
                     [({"flow": f, "task": t}, n) for (f, t), n in
                      sorted(self.retries_total.items(), key=_key_text)])
+            _metric(out, "pyoco_tasks_reused_total", "counter",
+                    "Tasks whose output was reused from an earlier run instead of running.",
+                    [({"flow": f, "task": t}, n) for (f, t), n in
+                     sorted(self.reused_total.items(), key=_key_text)])
             _metric(out, "pyoco_webhook_deliveries_total", "counter",
                     "Webhook deliveries by outcome (delivered or failed).",
                     [({"outcome": o}, self.webhooks_total.get(o, 0))
@@ -7219,7 +7226,8 @@ function timeline(record) {
     else bar = h("div", {class: "tl-bar s-" + v.state, style: `left:${Math.min(99, pos(t(v.ended_at) ?? t1))}%;width:1%`, title});
     const ticks = (retries[name] || []).map((x) => h("div", {class: "tl-tick", style: `left:${pos(x)}%`, title: "retry"}));
     return h("div", {class: "tl-row", "data-task": name, "data-state": v.state},
-      h("div", {class: "tl-name", title: name}, name, v.attempts > 1 ? h("span", {class: "muted"}, " ×" + v.attempts) : ""),
+      h("div", {class: "tl-name", title: name}, name, v.attempts > 1 ? h("span", {class: "muted"}, " ×" + v.attempts) : "",
+        v.reused_from ? h("span", {class: "muted", title: "reused from run " + v.reused_from}, " ♻") : ""),
       h("div", {class: "tl-track"}, bar, ticks));
   });
   return h("div", {class: "card"}, h("h2", {}, "Timeline"),
@@ -7299,7 +7307,8 @@ async function renderRun(id) {
       } catch (err) { logs.textContent = String(err.message); }
     }}, h("summary", {}, "log"), logs);
     const arts = Object.keys(v.artifacts || {}).map((a) => h("a", {href: runPath(id) + "/artifacts/" + a.split("/").map(encodeURIComponent).join("/"), class: "mono"}, a));
-    return h("tr", {"data-task": name}, h("td", {class: "mono"}, name), h("td", {}, badge(v.state)), h("td", {}, String(v.attempts)),
+    const reused = v.reused_from ? h("small", {class: "muted reused"}, " reused from ", h("a", {href: runPath(v.reused_from) + "/view", class: "mono"}, v.reused_from)) : "";
+    return h("tr", {"data-task": name}, h("td", {class: "mono"}, name), h("td", {}, badge(v.state), reused), h("td", {}, String(v.attempts)),
       h("td", {}, ms(v.duration_ms)), h("td", {class: v.error ? "error" : "muted"}, v.error || v.reason || ""),
       h("td", {}, arts.length ? arts.flatMap((a, i) => i ? [", ", a] : [a]) : ""), h("td", {}, more));
   });

@@ -6181,6 +6181,7 @@ def test_metrics_declare_every_documented_family_with_its_type(srv_outcomes):
         "pyoco_runs_total": "counter", "pyoco_runs_in_progress": "gauge",
         "pyoco_run_duration_seconds": "histogram", "pyoco_task_duration_seconds": "histogram",
         "pyoco_tasks_total": "counter", "pyoco_task_retries_total": "counter",
+        "pyoco_tasks_reused_total": "counter",
         "pyoco_last_run_timestamp_seconds": "gauge", "pyoco_webhook_deliveries_total": "counter",
         "pyoco_store_runs": "gauge", "pyoco_build_info": "gauge"}
     assert helps == set(types)
@@ -11281,3 +11282,45 @@ def test_cli_only_and_from_select_tasks(tmp_path):
     again = cli(tmp_path, "run", "flow.py", "--from", "show")
     assert again.returncode == 0 and "fetched" not in again.stdout
     assert "shown 1" in again.stdout
+
+
+# ---------------------------------------------------------------------------
+# Incremental runs on the read side: /metrics and the page (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def reused_store(tmp_path):
+    """A store where flow "again" ran fetch once and then reused it twice."""
+    @task(cache=True)
+    def fetch(ctx):
+        return 1
+
+    @task
+    def show(ctx, fetch):
+        return fetch
+
+    flow = Flow(name="again")
+    flow >> fetch >> show
+    engine = Engine(trace=False, store=tmp_path)
+    runs = [engine.run(flow) for _ in range(3)]
+    server = pyoco.Server(tmp_path, port=0).start()
+    yield server.url, runs
+    server.close()
+
+
+def test_metrics_count_reused_tasks_by_flow_and_task(reused_store):
+    url, runs = reused_store
+    _, _, body = page_get(url + "/metrics")
+    text = body.decode("utf-8")
+    assert "# TYPE pyoco_tasks_reused_total counter" in text
+    assert 'pyoco_tasks_reused_total{flow="again",task="fetch"} 2' in text
+    assert 'pyoco_tasks_reused_total{flow="again",task="show"}' not in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_page_marks_a_reused_task_with_its_origin_run(reused_store):
+    url, runs = reused_store
+    view = page_browser("%s/runs/%s/view" % (url, runs[2].run_id), "--dump-dom")
+    assert view.returncode == 0, view.stderr[-2000:]
+    assert "reused from" in view.stdout
+    assert "/runs/%s/view" % runs[0].run_id in view.stdout
