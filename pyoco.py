@@ -1890,6 +1890,10 @@ def _value_hash(value):
     trip, else of its pickle; None when it can be neither."""
     import hashlib
     import json
+    kind = type(value)
+    if kind is int or kind is str or value is None or kind is bool:     # JSON as they are
+        return "j" + hashlib.sha256(json.dumps(value, ensure_ascii=False).encode(
+            "utf-8")).hexdigest()[:32]
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False,
                           ensure_ascii=False)
@@ -2276,7 +2280,7 @@ class _Scheduler(_RunLedger):
         self.cache = cache          # _CacheIndex, when cache=True tasks may reuse earlier runs
         self.fixed = fixed or {}    # task number -> ("skip", reason) or ("value", override)
         self.forced = forced        # task numbers that run whatever is cached (--from)
-        self.codes = {}             # task node -> its code's hash, for fingerprints
+        self.codes = {}             # (version, code object) -> the code part of fingerprints
         self.pools = None           # _Pools, when any task takes pool slots
         if any(plan.pool_of) or any(plan.max_parallel[m] for m in plan.maps):
             self.pools = _Pools(pools or {})
@@ -2378,9 +2382,11 @@ class _Scheduler(_RunLedger):
             self.begin(i)
             self.fail(i, exc)
             return False
-        code = self.codes.get(source)
+        fn = plan.funcs[i]
+        key = (source.version, getattr(getattr(fn, "__func__", fn), "__code__", fn))
+        code = self.codes.get(key)
         if code is None:
-            code = self.codes[source] = _task_code(source, plan.funcs[i])
+            code = self.codes[key] = _task_code(source, fn)
         if i not in self.forced:
             action, reason, entry, out = self.cache.decide(name, code, hashes, source.cache_ttl)
             if action == "reuse":
@@ -4260,6 +4266,7 @@ class _CacheIndex:
         self.store, self.flow_name, self.run_id = store, flow_name, run_id
         self.entries = None         # task name -> its entries, newest run first
         self.outputs = {}           # run id -> that run's outputs, once one is reused
+        self.lock = _allocate_lock()    # tasks are decided on several worker threads
 
     def build(self):
         import json
@@ -4306,6 +4313,10 @@ class _CacheIndex:
     def decide(self, name, code, hashes, ttl):
         """(action, reason, entry, output): the one explanation of a cache=True
         task's state, for a run (admit) and for engine.plan alike."""
+        with self.lock:
+            return self._decide(name, code, hashes, ttl)
+
+    def _decide(self, name, code, hashes, ttl):
         while True:
             action, reason, entry = _cache_verdict(self.entries_of(name, ttl), code, hashes)
             if action != "reuse":
@@ -4465,8 +4476,9 @@ def _record_json(run):
         "scheduled_for": iso(run.scheduled_for), "executor": run.executor})
     parts = [head[:-1], ', "tasks": {']
     states, attempts, started, ended = run._state, run._attempts, run._started, run._ended
-    special = set(run._errors) | set(run._reasons) | set(run._task_artifacts) \
-        | set(run._reused_from)
+    special = set(run._errors) | set(run._task_artifacts)
+    reasons, reused_from = run._reasons, run._reused_from
+    quoted = {None: "null"}     # reasons and run ids: many reused tasks share one
     tasks = []
     pending = TaskState.PENDING
     for i, qname in enumerate(qnames):
@@ -4474,9 +4486,18 @@ def _record_json(run):
             tasks.append("%s: %s" % (qname, _dumps(TaskRecord(run, i).to_dict())))
             continue
         state = states[i]
-        if state is pending:
+        if state is pending and i not in reasons:
             tasks.append(qname + _PENDING_TASK)
             continue
+        tail = _NULL_TASK_TAIL
+        if reasons or reused_from:
+            reason, origin = reasons.get(i), reused_from.get(i)
+            if reason is not None or origin is not None:
+                for text in (reason, origin):
+                    if text not in quoted:
+                        quoted[text] = _dumps(text)
+                tail = (', "error": null, "traceback": null, "reason": %s, "artifacts": {},'
+                        ' "reused_from": %s}' % (quoted[reason], quoted[origin]))
         s, e = started[i], ended[i]
         tasks.append('%s: {"state": "%s", "attempts": %d, "started_at": %s, "ended_at": %s,'
                      ' "duration_ms": %s%s' % (
@@ -4484,7 +4505,7 @@ def _record_json(run):
                          'null' if s is None else quoted_iso(s),
                          'null' if e is None else quoted_iso(e),
                          'null' if s is None or e is None else repr(round((e - s) * 1000, 3)),
-                         _NULL_TASK_TAIL))
+                         tail))
     parts.append(", ".join(tasks))
     parts.append('}, "events": [')
     events = []
