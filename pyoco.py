@@ -5348,7 +5348,6 @@ class Engine:
             old = store.resumable(resume, any_status=bool(rerun_from))
             params = dict(old.get("params") or {}, **params)   # the old run's, unless given
         plan = flow._compile()
-        binds, _ = plan.bind(params, strict=True)
         fixed, forced = {}, set()
         if only:
             keep = set(_task_numbers(plan, only, "only"))
@@ -5375,6 +5374,13 @@ class Engine:
                                 % (overrides,))
             for i, name in zip(_task_numbers(plan, list(overrides), "overrides"), overrides):
                 fixed[i] = ("value", overrides[name])
+        if fixed:       # a parameter only tasks that are not called need may be left out
+            _, missing = plan.bind(params, strict=False)
+            needed = {p for name, p in missing if plan.index[name] not in fixed}
+            unneeded = {p: None for name, p in missing if p not in needed}
+            binds, _ = plan.bind(dict(params, **unneeded), strict=True)
+        else:
+            binds, _ = plan.bind(params, strict=True)
         return plan, binds, params, old, fixed, forced
 
     def _pools(self, plan):

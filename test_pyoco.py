@@ -7699,7 +7699,8 @@ def tut_plugin_folder(tmp_path):
 TUT_FENCE = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 TUT_PAGES = ["index.md", "01-hello-flow.md", "02-params.md", "03-passing-data.md",
              "04-parallel.md", "05-artifacts.md", "06-errors.md", "07-tasks-and-plugins.md",
-             "08-runs-and-resume.md", "09-watching.md", "10-flow-control.md"]
+             "08-runs-and-resume.md", "09-watching.md", "10-flow-control.md",
+             "11-incremental-runs.md"]
 
 # Every example file, and the test that runs it (kept complete by a test below).
 TUT_COVERED = {
@@ -7720,6 +7721,7 @@ TUT_COVERED = {
     "s09_watched.py": "test_tut_s09_serve",
     "s09_webhook_receiver.py": "test_tut_s09_webhook",
     "s10_flow_control.py": "test_tut_s10_pools_conditions_and_cleanup",
+    "s11_incremental.py": "test_tut_s11_incremental_runs",
 }
 
 
@@ -11324,3 +11326,59 @@ def test_page_marks_a_reused_task_with_its_origin_run(reused_store):
     assert view.returncode == 0, view.stderr[-2000:]
     assert "reused from" in view.stdout
     assert "/runs/%s/view" % runs[0].run_id in view.stdout
+
+
+# ---------------------------------------------------------------------------
+# Tutorial step 11: incremental runs
+# ---------------------------------------------------------------------------
+
+def test_tut_s11_incremental_runs(tmp_path):
+    first = tut_ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=3"))
+    assert "🧺 harvesting 3 rows" in first.stdout and "⚖️ 2.9 kg" in first.stdout
+    origin = tut_run_id(first)
+    again = tut_ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=3"))
+    assert "harvesting" not in again.stdout and "⚖️" not in again.stdout
+    assert "📣 today's harvest: 2.9 kg of carrots" in again.stdout
+    for name in ("harvest", "weigh"):
+        assert "♻️ reuse node=%s (run %s)" % (name, origin) in again.stderr
+    record = tut_record(tmp_path, tut_run_id(again))
+    assert record["tasks"]["weigh"]["reused_from"] == origin
+    assert record["tasks"]["announce"]["reused_from"] is None
+
+    plan = tut_ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=4", "--plan"))
+    rows = [line.split(None, 2) for line in plan.stdout.splitlines()[1:]]
+    assert rows == [
+        ["run", "harvest", "input 'rows' changed since run %s" % tut_run_id(again)],
+        ["depends", "weigh", "upstream 'harvest' runs: decided when it returns"],
+        ["run", "announce", "cache=False"]]
+    assert len(os.listdir(tut_store(tmp_path) / "runs")) == 2   # the plan wrote nothing
+
+    only = tut_ok(tut_run(tmp_path, "s11_incremental.py", "--only", "harvest", "-p", "rows=5"))
+    assert "🧺 harvesting 5 rows" in only.stdout and "⚖️" not in only.stdout
+    assert "⏭️ skip node=announce (not selected)" in only.stderr
+    as_json = json.loads(tut_ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=5",
+                                        "--plan", "--json")).stdout)
+    assert as_json[0] == {"task": "harvest", "action": "reuse", "reused_from": tut_run_id(only),
+                          "reason": "same code and inputs as run %s" % tut_run_id(only)}
+
+    script = tut_ok(tut_script(tmp_path, "s11_incremental.py"))
+    assert "🧪 the flow weighs 100 carrots as 8.0 kg" in script.stdout
+    assert "harvesting" not in script.stdout
+
+
+def test_a_parameter_only_an_overridden_or_unselected_task_needs_may_be_left_out():
+    @task
+    def fetch(ctx, day):
+        return day
+
+    @task
+    def show(ctx, fetch):
+        return "day %s" % fetch
+
+    flow = Flow(name="left-out")
+    flow >> fetch >> show
+    assert run_quiet(flow, overrides={"fetch": 7}).results["show"] == "day 7"
+    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
+        run_quiet(flow, overrides={"show": "x"})
+    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
+        run_quiet(flow, only=["show"])
