@@ -10821,10 +10821,10 @@ def _cutoff_flow(calls):
 
 
 @pytest.mark.parametrize("second_day, report_reused", [(12, True), (21, False)])
-def test_early_cut_off_judges_a_cached_task_by_its_own_inputs(tmp_path, second_day,
-                                                            report_reused):
+def test_early_cut_off_judges_a_cached_task_by_its_own_inputs(tmp_path, make_engine,
+                                                            second_day, report_reused):
     calls = []
-    engine = Engine(trace=False, store=tmp_path)
+    engine = make_engine(store=tmp_path)
     first = engine.run(_cutoff_flow(calls), {"day": 11})
     del calls[:]
     second = engine.run(_cutoff_flow(calls), {"day": second_day})
@@ -11102,12 +11102,11 @@ def test_overrides_give_a_task_its_output_without_calling_it():
 def test_an_unknown_task_name_in_targets_or_overrides_is_a_flow_error_naming_the_closest(
         call, closest):
     calls = []
-    with pytest.raises(pyoco.FlowError, match="did you mean %s" % re.escape(closest)):
-        run_quiet(_targets_flow(calls), **call)
-    with pytest.raises(pyoco.FlowError, match="did you mean %s" % re.escape(closest)):
-        quiet().plan(_targets_flow(calls), **{k: v for k, v in call.items()
-                                             if k != "overrides"}) if "overrides" not in call \
-            else run_quiet(_targets_flow(calls), **call)
+    engine = quiet()
+    attempts = [engine.run] + ([] if "overrides" in call else [engine.plan])
+    for attempt in attempts:
+        with pytest.raises(pyoco.FlowError, match="did you mean %s" % re.escape(closest)):
+            attempt(_targets_flow(calls), **call)
     assert calls == []
 
 
