@@ -2327,7 +2327,7 @@ class _Scheduler(_RunLedger):
             if how == "value":          # overridden: not called, the given output is its own
                 self.run._reasons[i] = "overridden"
                 self.run._started[i] = time.time()
-                return self.succeed(i, value)
+                return self.succeed(i, value, {"reason": "overridden"})
             self.mark(i, TaskState.SKIPPED, value)
             return False
         rule = plan.stop_rules[i]
@@ -2387,7 +2387,8 @@ class _Scheduler(_RunLedger):
         code = self.codes.get(key)
         if code is None:
             code = self.codes[key] = _task_code(source, fn)
-        if i not in self.forced:
+        whole = plan.preds[i][0] if isinstance(node, MapTask) and i not in plan.maps else i
+        if whole not in self.forced:        # a map instance runs when its map is forced
             action, reason, entry, out = self.cache.decide(name, code, hashes, source.cache_ttl)
             if action == "reuse":
                 run._cache_entries[i] = dict(entry)
@@ -3286,6 +3287,8 @@ class _TraceFormat:
         if kind == "task.succeeded":
             if data.get("reused_from"):
                 return "♻️ reuse node=%s (run %s)" % (name, data["reused_from"])
+            if data.get("reason"):      # overridden: not called
+                return "✅ done node=%s (%s)" % (name, data["reason"])
             return "✅ done node=%s (%s)" % (name, _ms(took or 0.0))
         if kind == "task.retrying":
             return "🔁 retry node=%s attempt=%d/%d in %gs" % (name, data["attempt"], data["of"],

@@ -11086,7 +11086,9 @@ def _targets_flow(calls, cache="resume"):
 
 def test_overrides_give_a_task_its_output_without_calling_it():
     calls = []
-    run = run_quiet(_targets_flow(calls), overrides={"fetch": [9, 8]})
+    trace = io.StringIO()
+    run = Engine(trace=trace, cute=True).run(_targets_flow(calls), overrides={"fetch": [9, 8]})
+    assert "✅ done node=fetch (overridden)" in trace.getvalue()
     assert "fetch" not in calls and sorted(calls) == ["audit", "clean", "report"]
     record = run.tasks["fetch"]
     assert record.state == "SUCCEEDED" and record.reason == "overridden"
@@ -11381,3 +11383,20 @@ def test_a_parameter_only_an_overridden_or_unselected_task_needs_may_be_left_out
         run_quiet(flow, overrides={"show": "x"})
     with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
         run_quiet(flow, only=["show"])
+
+
+def test_from_a_cached_map_runs_its_instances_again(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def square(ctx, n):
+        calls.append(n)
+        return n * n
+
+    flow = Flow(name="forced-map")
+    flow >> square.map([1, 2])
+    engine = Engine(trace=False, store=tmp_path)
+    engine.run(flow)
+    assert engine.run(flow).tasks["square[0]"].reused_from is not None
+    run = engine.run(flow, rerun_from=["square"])
+    assert sorted(calls) == [1, 1, 2, 2] and run.results["square"] == [1, 4]
