@@ -5276,63 +5276,59 @@ class Engine:
             return "run", "not cached (cache='resume')", None
         node = plan.nodes[i]
         source = getattr(node, "base", node)
-        later = next((_Later(plan.names[b[1]]) for b in binds[i] + (
-            (plan.maps[i][0],) if i in plan.maps else ())
-            if b[0] == _B_NODE and run._state[b[1]] != TaskState.SUCCEEDED), None)
         code = _task_code(source, plan.funcs[i])
         if i in plan.maps:          # each instance has its fingerprint; the first to run says why
-            if later is not None:
-                return "depends", "upstream %r runs: decided when it returns" % later.name, None
-            try:
-                items = _arguments(run, (plan.maps[i][0],))[0][0]
-            except Exception:
-                return "run", "not cacheable: input %r has no fingerprint" % "over", None
             over, item_name, kwonly = plan.maps[i]
+            if over[0] == _B_NODE and run._state[over[1]] != TaskState.SUCCEEDED:
+                return "depends", "upstream %r runs: decided when it returns" % (
+                    plan.names[over[1]]), None
+            try:
+                items = list(_arguments(run, (over,))[0][0])
+            except Exception as exc:
+                return "run", "its items cannot be read yet: %s" % _describe(exc), None
             verdicts = [self._plan_cached(run, i, source, code, "%s[%d]" % (name, k), cache,
                                           ((_B_CONST, item, (), None, item_name, kwonly),)
-                                          + binds[i], None) for k, item in enumerate(items)]
+                                          + binds[i]) for k, item in enumerate(items)]
             verdict = next((v for v in verdicts if v[0] != "reuse"), None)
             if verdict is not None or not verdicts:
-                return verdict or ("run", "no earlier run", None)
+                return (verdict or ("run", "no earlier run", None, None))[:3]
             run._state[i] = TaskState.SUCCEEDED
             run._outputs[i] = [v[3] for v in verdicts]
             return verdicts[0][:3]
         action, reason, origin, out = self._plan_cached(run, i, source, code, name, cache,
-                                                        binds[i], later)
+                                                        binds[i])
         if action == "reuse":
             run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
         return action, reason, origin
 
     @staticmethod
-    def _plan_cached(run, i, source, code, name, cache, binds, later):
-        """A cache=True task's (action, reason, reused_from, output) for plan()."""
-        if later is not None and source.cache_key is not None:
-            hashes = {"cache_key": later}
-        else:
-            named = {}
-            for b in binds:
-                if b[0] == _B_NODE and run._state[b[1]] != TaskState.SUCCEEDED:
-                    named[b[4]] = later = _Later(run._plan.names[b[1]])
-                elif b[0] == _B_SCRATCH:
-                    named[b[4]] = _Later("ctx.scratch")
-                else:
-                    try:
-                        args, kwargs = _arguments(run, (b,))
-                    except Exception:
-                        named[b[4]] = _MISSING
-                        continue
-                    named[b[4]] = args[0] if args else kwargs[b[4]]
-            unknown = {p: v for p, v in named.items() if isinstance(v, _Later)}
-            if unknown and source.cache_key is not None:
-                hashes = {"cache_key": next(iter(unknown.values()))}
-            elif unknown:
-                hashes = {p: v if isinstance(v, _Later) else _value_hash(v)
-                          for p, v in named.items()}
+    def _plan_cached(run, i, source, code, name, cache, binds):
+        """A cache=True task's (action, reason, reused_from, output) for plan():
+        the values known now are fingerprinted, the others wait for their task."""
+        named = {}
+        for b in binds:
+            if b[0] == _B_NODE and run._state[b[1]] != TaskState.SUCCEEDED:
+                named[b[4]] = _Later(run._plan.names[b[1]])
+            elif b[0] == _B_SCRATCH:
+                named[b[4]] = _Later("ctx.scratch")
             else:
                 try:
-                    hashes = _input_hashes(run, i, source, named)
+                    args, kwargs = _arguments(run, (b,))
                 except Exception as exc:
-                    return "run", "cache_key failed: %s" % _describe(exc), None, None
+                    return "run", "input %r cannot be read: %s" % (b[4], _describe(exc)), \
+                        None, None
+                named[b[4]] = args[0] if args else kwargs[b[4]]
+        unknown = [v for v in named.values() if isinstance(v, _Later)]
+        if unknown and source.cache_key is not None:
+            hashes = {"cache_key": unknown[0]}
+        elif unknown:
+            hashes = {p: v if isinstance(v, _Later) else _value_hash(v)
+                      for p, v in named.items()}
+        else:
+            try:
+                hashes = _input_hashes(run, i, source, named)
+            except Exception as exc:
+                return "run", "cache_key failed: %s" % _describe(exc), None, None
         if cache is None:
             return "run", "no earlier run", None, None
         action, reason, entry, out = cache.decide(name, code, hashes, source.cache_ttl)

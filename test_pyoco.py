@@ -10987,7 +10987,11 @@ def test_cached_map_instances_are_reused_one_by_one(tmp_path):
         flow >> square.map(items)
         return flow
     engine = Engine(trace=False, store=tmp_path)
-    engine.run(flow_over([1, 2]))
+    first = engine.run(flow_over([1, 2])).run_id
+    assert _plan_rows(engine.plan(flow_over([1, 2]))) == [
+        ("square", "reuse", "same code and inputs as run %s" % first, first)]
+    assert _plan_rows(engine.plan(flow_over([1, 2, 3]))) == [
+        ("square", "run", "no earlier run", None)]      # square[2] is new
     run = engine.run(flow_over([1, 2, 3]))
     assert sorted(calls) == [1, 2, 3] and run.results["square"] == [1, 4, 9]
 
