@@ -10866,17 +10866,22 @@ def test_a_reused_task_succeeds_with_the_origin_runs_output_reason_trace_and_art
     assert stored["tasks"]["fetch"]["reused_from"] == first.run_id
 
 
+def _one_cached_task(calls, flow_name, output=1, **options):
+    """A flow of one cache=True task ``fetch(ctx, day=0)`` that notes each call in ``calls``."""
+    @task(cache=True, **options)
+    def fetch(ctx, day=0):
+        calls.append(day)
+        return output
+
+    flow = Flow(name=flow_name)
+    flow >> fetch
+    return flow
+
+
 def test_cache_ttl_ignores_entries_older_than_it_counting_from_the_origin_run(
         tmp_path, monkeypatch):
     calls = []
-
-    @task(cache=True, cache_ttl=3600)
-    def fetch(ctx):
-        calls.append(1)
-        return 1
-
-    flow = Flow(name="ttl")
-    flow >> fetch
+    flow = _one_cached_task(calls, "ttl", cache_ttl=3600)
     engine = Engine(trace=False, store=tmp_path)
     first = engine.run(flow)
     later = first.started_at
@@ -10939,14 +10944,7 @@ def test_a_value_without_fingerprint_makes_the_task_run_saying_why(tmp_path):
 
 def test_pruned_runs_take_their_outputs_out_of_the_cache(tmp_path, monkeypatch):
     calls = []
-
-    @task(cache=True)
-    def fetch(ctx, day):
-        calls.append(day)
-        return day
-
-    flow = Flow(name="pruned")
-    flow >> fetch
+    flow = _one_cached_task(calls, "pruned")
     monkeypatch.setenv("PYOCO_MAX_RUN_HISTORY", "1")
     engine = Engine(trace=False, store=tmp_path)
     for day in (1, 2, 1):           # day 1's run was pruned when day 2's ended
@@ -10958,14 +10956,7 @@ def test_pruned_runs_take_their_outputs_out_of_the_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("content", [b"", b"{not json\n", b'{"task": "fetch"}\n[1]\n'])
 def test_an_unreadable_output_or_cache_file_means_run_it(tmp_path, damaged, content):
     calls = []
-
-    @task(cache=True)
-    def fetch(ctx):
-        calls.append(1)
-        return {"big": "output"}
-
-    flow = Flow(name="damaged")
-    flow >> fetch
+    flow = _one_cached_task(calls, "damaged", {"big": "output"})
     engine = Engine(trace=False, store=tmp_path)
     first = engine.run(flow)
     (tmp_path / "runs" / first.run_id / damaged).write_bytes(content)
@@ -11057,13 +11048,7 @@ def test_cache_key_replaces_the_inputs_in_the_fingerprint(tmp_path):
 
 def test_without_a_store_nothing_is_reused_across_runs():
     calls = []
-
-    @task(cache=True)
-    def fetch(ctx):
-        calls.append(1)
-
-    flow = Flow(name="no-store")
-    flow >> fetch
+    flow = _one_cached_task(calls, "no-store")
     run_quiet(flow)
     run_quiet(flow)
     assert len(calls) == 2
