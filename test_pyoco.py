@@ -11342,6 +11342,8 @@ def test_tut_s11_incremental_runs(tmp_path):
         ["depends", "weigh", "upstream 'harvest' runs: decided when it returns"],
         ["run", "announce", "cache=False"]]
     assert len(os.listdir(tut_store(tmp_path) / "runs")) == 2   # the plan wrote nothing
+    invalid = tut_ok(tut_run(tmp_path, "s11_incremental.py", "--plan"), code=2)
+    assert "needs parameter 'rows'" in invalid.stderr and "Traceback" not in invalid.stderr
 
     only = tut_ok(tut_run(tmp_path, "s11_incremental.py", "--only", "harvest", "-p", "rows=5"))
     assert "🧺 harvesting 5 rows" in only.stdout and "⚖️" not in only.stdout
