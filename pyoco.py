@@ -4263,7 +4263,10 @@ class _CacheIndex:
     read once, on the first lookup of a run; an output is loaded only when it
     is reused. An entry whose file or output cannot be read is no entry."""
 
-    clock = staticmethod(time.time)     # what cache_ttl is measured against (tests set it)
+    @staticmethod
+    def clock():
+        """Now, for cache_ttl (looked up at each call, so a test may replace it)."""
+        return time.time()
 
     def __init__(self, store, flow_name, run_id=None):
         self.store, self.flow_name, self.run_id = store, flow_name, run_id
