@@ -11276,6 +11276,40 @@ def test_cli_only_and_from_select_tasks(tmp_path):
     assert "shown 1" in again.stdout
 
 
+def test_a_parameter_only_an_overridden_or_unselected_task_needs_may_be_left_out():
+    @task
+    def fetch(ctx, day):
+        return day
+
+    @task
+    def show(ctx, fetch):
+        return "day %s" % fetch
+
+    flow = Flow(name="left-out")
+    flow >> fetch >> show
+    assert run_quiet(flow, overrides={"fetch": 7}).results["show"] == "day 7"
+    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
+        run_quiet(flow, overrides={"show": "x"})
+    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
+        run_quiet(flow, only=["show"])
+
+
+def test_from_a_cached_map_runs_its_instances_again(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def square(ctx, n):
+        calls.append(n)
+        return n * n
+
+    flow = Flow(name="forced-map")
+    flow >> square.map([1, 2])
+    engine = Engine(trace=False, store=tmp_path)
+    engine.run(flow)
+    assert engine.run(flow).tasks["square[0]"].reused_from is not None
+    run = engine.run(flow, rerun_from=["square"])
+    assert sorted(calls) == [1, 1, 2, 2] and run.results["square"] == [1, 4]
+
 # ---------------------------------------------------------------------------
 # Incremental runs on the read side: /metrics and the page (SPEC section 11)
 # ---------------------------------------------------------------------------
@@ -11356,38 +11390,3 @@ def test_tut_s11_incremental_runs(tmp_path):
     script = tut_ok(tut_script(tmp_path, "s11_incremental.py"))
     assert "🧪 the flow weighs 100 carrots as 8.0 kg" in script.stdout
     assert "harvesting" not in script.stdout
-
-
-def test_a_parameter_only_an_overridden_or_unselected_task_needs_may_be_left_out():
-    @task
-    def fetch(ctx, day):
-        return day
-
-    @task
-    def show(ctx, fetch):
-        return "day %s" % fetch
-
-    flow = Flow(name="left-out")
-    flow >> fetch >> show
-    assert run_quiet(flow, overrides={"fetch": 7}).results["show"] == "day 7"
-    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
-        run_quiet(flow, overrides={"show": "x"})
-    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
-        run_quiet(flow, only=["show"])
-
-
-def test_from_a_cached_map_runs_its_instances_again(tmp_path):
-    calls = []
-
-    @task(cache=True)
-    def square(ctx, n):
-        calls.append(n)
-        return n * n
-
-    flow = Flow(name="forced-map")
-    flow >> square.map([1, 2])
-    engine = Engine(trace=False, store=tmp_path)
-    engine.run(flow)
-    assert engine.run(flow).tasks["square[0]"].reused_from is not None
-    run = engine.run(flow, rerun_from=["square"])
-    assert sorted(calls) == [1, 1, 2, 2] and run.results["square"] == [1, 4]
