@@ -11310,6 +11310,7 @@ def test_from_a_cached_map_runs_its_instances_again(tmp_path):
     run = engine.run(flow, rerun_from=["square"])
     assert sorted(calls) == [1, 1, 2, 2] and run.results["square"] == [1, 4]
 
+
 # ---------------------------------------------------------------------------
 # Incremental runs on the read side: /metrics and the page (SPEC section 11)
 # ---------------------------------------------------------------------------
