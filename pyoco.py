@@ -592,7 +592,9 @@ _FAIL_POLICIES = ("stop", "isolate")
 
 
 _OPTIONS = ("name", "inputs", "retries", "retry_delay", "timeout",
-            "fail_policy", "cache", "pool", "max_parallel", "run_if", "when")
+            "fail_policy", "cache", "pool", "max_parallel", "run_if", "when",
+            "version", "cache_ttl", "cache_key")
+_CACHE_LEVELS = (False, "resume", True)     # Task.cache; its index is the plan's cache level
 _RUN_IF = ("all_succeeded", "none_failed", "any_succeeded", "all_done", "any_failed")
 
 
@@ -626,7 +628,14 @@ class Task:
     - ``timeout``: seconds an attempt may take, enforced at the deadline
     - ``fail_policy``: ``"stop"`` (nothing new starts) or ``"isolate"``
       (only tasks downstream of this one are skipped)
-    - ``cache``: ``False`` makes a resumed run always run it again
+    - ``cache``: ``"resume"`` (default: only ``--resume`` reuses its output),
+      ``True`` (any later run reuses it while its code and inputs are
+      unchanged) or ``False`` (always runs, even when resumed)
+    - ``version``: stands for the code in the cache fingerprint; bump it to
+      invalidate (default: a hash of the function's code)
+    - ``cache_ttl``: seconds; older cached outputs are not reused
+    - ``cache_key``: ``cache_key(ctx, inputs) -> str`` replaces the inputs
+      in the fingerprint (and implies ``cache=True``)
     - ``pool``: the name of a pool (see ``Flow(pools=...)``) the task takes a
       slot of while it runs
     - ``max_parallel``: at most this many of its map instances run at once
@@ -642,11 +651,14 @@ class Task:
     retry_delay = 0.0
     timeout = None
     fail_policy = "stop"
-    cache = True
+    cache = "resume"
     pool = None
     max_parallel = None
     run_if = "all_succeeded"
     when = None
+    version = None
+    cache_ttl = None
+    cache_key = None
     max_retry_delay = 60.0
 
     def __init_subclass__(cls, **kwargs):
@@ -690,6 +702,8 @@ class Task:
                              % (getattr(self, "name", None), value))
         elif key in ("run_if", "pool", "max_parallel", "when"):
             _check_flow_option(self, key, value)
+        elif key in ("cache", "version", "cache_ttl", "cache_key"):
+            _check_cache_option(self, key, value)
         _touch()
         object.__setattr__(self, key, value)
 
@@ -736,6 +750,30 @@ def _check_flow_option(node, key, value):
                                                     and value.startswith("$")):
         raise FlowError("task %r: when must be a $ expression such as"
                         " '$node.check.output.changed', not %r" % (name, value))
+
+
+def _check_cache_option(node, key, value):
+    name = getattr(node, "name", None)
+    if key == "cache" and not any(value is level or (type(value) is str and value == level)
+                                  for level in _CACHE_LEVELS):
+        raise ValueError("task %r: cache must be True, False or 'resume', not %r%s"
+                         % (name, value, _closest(value, ["resume"])))
+    if key == "version" and value is not None and not isinstance(value, (str, int)):
+        raise ValueError("task %r: version must be a string or a number, not %r" % (name, value))
+    if key == "cache_ttl" and value is not None and (
+            not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+        raise ValueError("task %r: cache_ttl must be seconds > 0 or None, not %r"
+                         % (name, value))
+    if key == "cache_key" and value is not None and not callable(value):
+        raise ValueError("task %r: cache_key must be a function (ctx, inputs) -> str, not %r"
+                         % (name, value))
+
+
+def _cache_level(source):
+    """0 (cache=False), 1 ("resume") or 2 (True, or a cache_key with the default level)."""
+    if source.cache is True or source.cache is False:
+        return 2 if source.cache else 0
+    return 2 if source.cache_key is not None else 1
 
 
 class FunctionTask(Task):
@@ -1421,7 +1459,7 @@ class _Plan:
                  "roots", "funcs", "ctx", "binds", "varkw", "flowparams", "retries",
                  "timeouts", "isolate", "param_refs", "json_names", "is_async", "maps",
                  "rules", "whens", "handlers", "pool_of", "max_parallel", "pools", "group",
-                 "stop_rules")
+                 "stop_rules", "cache_level", "cached")
 
 
     def __init__(self, flow):
@@ -1452,6 +1490,8 @@ class _Plan:
         self.max_parallel = [source.max_parallel for source in sources]
         self.pools = flow.pools
         self.group = [None] * len(nodes)     # a map instance: its map's max_parallel key
+        self.cache_level = [_cache_level(source) for source in sources]  # 0 False, 1, 2 True
+        self.cached = 2 in self.cache_level  # any task reused across runs by its fingerprint
         self.whens = {}             # task number -> the binding of its when= expression
         self.ctx, self.binds, self.varkw, self.is_async = [], [], [], []
         self.maps = {}              # map node -> (its "over" binding, item parameter, kw-only?)
@@ -1933,6 +1973,7 @@ class Run:
         self._reasons = {}
         self._task_artifacts = {}
         self._reused_from = {}               # task number -> the run its output came from
+        self._cache_entries = {}             # task number -> its fingerprint, for the store
         self._events = []                    # Event records, oldest first
         self.artifact_changes = 0            # bumped by every artifact saved, for the store
 
@@ -2055,6 +2096,126 @@ def _arguments(run, binds):
         else:
             args.append(value)
     return args, kwargs
+
+
+def _code_hash(fn):
+    """A hash of a function's code object: its bytecode, constants (nested code
+    objects included), names and signature, never its line numbers, so a
+    comment or a blank line is not a change and an edited constant is."""
+    import hashlib
+    h = hashlib.sha256()
+    code = getattr(fn, "__code__", None)
+    if code is None:                # not a Python function: its qualified name stands for it
+        h.update(repr((getattr(fn, "__module__", None), getattr(fn, "__qualname__", None),
+                       type(fn).__qualname__)).encode())
+        return h.hexdigest()[:32]
+
+    def feed(code):
+        h.update(code.co_code)
+        h.update(repr((code.co_name, code.co_names, code.co_varnames, code.co_freevars,
+                       code.co_cellvars, code.co_argcount, code.co_posonlyargcount,
+                       code.co_kwonlyargcount, code.co_flags)).encode())
+        for const in code.co_consts:
+            if hasattr(const, "co_code"):
+                h.update(b"<code>")
+                feed(const)
+            elif isinstance(const, frozenset):      # its order depends on the hash seed
+                h.update(repr(sorted(map(repr, const))).encode())
+            else:
+                h.update(repr(const).encode("utf-8", "backslashreplace"))
+            h.update(b"\0")
+    feed(code)
+    return h.hexdigest()[:32]
+
+
+def _value_hash(value):
+    """A value's fingerprint: of its canonical JSON when it survives a JSON round
+    trip, else of its pickle; None when it can be neither."""
+    import hashlib
+    import json
+    kind = type(value)
+    if kind is int or kind is str or value is None or kind is bool:     # JSON as they are
+        return "j" + hashlib.sha256(json.dumps(value, ensure_ascii=False).encode(
+            "utf-8")).hexdigest()[:32]
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                          ensure_ascii=False)
+        if json.loads(text) == value:
+            return "j" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    except (TypeError, ValueError, RecursionError):
+        pass
+    try:
+        import pickle
+        data = pickle.dumps(value, protocol=4)
+    except Exception:
+        return None
+    return "p" + hashlib.sha256(data).hexdigest()[:32]
+
+
+def _named_arguments(binds, args, kwargs):
+    """Parameter name -> value, from _arguments' (args, kwargs)."""
+    named = dict(zip([b[4] for b in binds if not b[5]], args))
+    named.update(kwargs)
+    return named
+
+
+def _input_hashes(run, i, source, named):
+    """The values part of task i's fingerprint: parameter name -> hash (None
+    when a value has none), or {"cache_key": hash} with a cache_key."""
+    if source.cache_key is None:
+        return {pname: _value_hash(value) for pname, value in named.items()}
+    key = source.cache_key(Context(run, i, 1), dict(named))
+    if not isinstance(key, str):
+        raise TypeError("task %r: cache_key must return a str, not %s"
+                        % (run._plan.names[i], type(key).__name__))
+    return {"cache_key": _value_hash(key)}
+
+
+def _task_code(source, fn):
+    """The code part of a fingerprint: the task's version when set, else its code's hash."""
+    if source.version is not None:
+        return "version:%s" % (source.version,)
+    return _code_hash(getattr(fn, "__func__", fn))
+
+
+class _Later:
+    """engine.plan: a value known only once upstream task ``name`` has run."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+
+def _cache_verdict(entries, code, hashes):
+    """Why a cache=True task would run or be reused: (action, reason, entry).
+
+    ``entries``: its earlier runs' entries, newest first (already within its
+    cache_ttl); ``hashes``: parameter name -> hash, None (no fingerprint) or a
+    _Later. The first reason of SPEC section 11's list that applies wins.
+    """
+    if not entries:
+        return "run", "no earlier run", None
+    same_code = [e for e in entries if e["code"] == code]
+    if not same_code:
+        return "run", "code changed since run %s" % entries[0]["run"], None
+    known = {p: h for p, h in hashes.items() if isinstance(h, str)}
+    matching = [e for e in same_code if set(e["inputs"]) == set(hashes)
+                and all(e["inputs"][p] == h for p, h in known.items())]
+    if not matching:
+        newest = same_code[0]
+        changed = next((p for p in hashes if p in known and newest["inputs"].get(p) != known[p]),
+                       None) or next((p for p in sorted(set(hashes) ^ set(newest["inputs"]))),
+                                     None) or next(iter(hashes), "?")
+        return "run", "input %r changed since run %s" % (changed, newest["run"]), None
+    for p, h in hashes.items():
+        if h is None:
+            return "run", "not cacheable: input %r has no fingerprint" % p, None
+    for p, h in hashes.items():
+        if isinstance(h, _Later):
+            return "depends", "upstream %r runs: decided when it returns" % h.name, None
+    entry = matching[0]
+    return "reuse", "same code and inputs as run %s" % entry["origin"], entry
 
 
 _WAIT = "wait"      # admit(): the task waits for a pool slot or a start rate
@@ -2234,10 +2395,10 @@ class _RunLedger:
         self.emit(t1, "task.succeeded", i, TaskState.SUCCEEDED, data)
         return True
 
-    def reuse(self, i):
-        """Take task i's output over from the run being resumed instead of running it."""
+    def reuse(self, i, out, artifacts, origin, reason):
+        """Take task i's output over from an earlier run (``origin``, where it
+        last actually ran) instead of running it."""
         run = self.run
-        out, artifacts = self.reused[self.plan.names[i]]
         for name, path in artifacts.items():    # the new run gets copies of its files
             try:
                 copied = _save_artifact_file(_artifact_root(run), name, _PathOf(path))
@@ -2247,9 +2408,9 @@ class _RunLedger:
                 continue
             run._add_artifact(i, name, copied)
         run._started[i] = time.time()
-        run._reasons[i] = "output reused from run %s" % run.resumed_from
-        run._reused_from[i] = run.resumed_from
-        return self.succeed(i, out, {"reused_from": run.resumed_from})
+        run._reasons[i] = reason
+        run._reused_from[i] = origin
+        return self.succeed(i, out, {"reused_from": origin})
 
     def fail(self, i, exc, tb=None):
         import traceback
@@ -2283,7 +2444,8 @@ class _RunLedger:
             first = len(plan.names)
             instances = list(range(first, first + k))
             for column in (plan.nodes, plan.funcs, plan.ctx, plan.varkw, plan.is_async,
-                           plan.retries, plan.timeouts, plan.isolate, plan.pool_of):
+                           plan.retries, plan.timeouts, plan.isolate, plan.pool_of,
+                           plan.cache_level):
                 column.extend([column[m]] * k)
             plan.rules.extend([None] * k)
             plan.stop_rules.extend([plan.stop_rules[m]] * k)
@@ -2353,10 +2515,15 @@ class _Scheduler(_RunLedger):
     retried and how the run ends are decided here and nowhere else.
     """
 
-    def __init__(self, run, binds, observers, reused, sink, pools=None):
+    def __init__(self, run, binds, observers, reused, sink, pools=None, cache=None,
+                 fixed=None, forced=()):
         import threading
         super().__init__(run, binds, observers)
         plan = self.plan
+        self.cache = cache          # _CacheIndex, when cache=True tasks may reuse earlier runs
+        self.fixed = fixed or {}    # task number -> ("skip", reason) or ("value", override)
+        self.forced = forced        # task numbers that run whatever is cached (--from)
+        self.codes = {}             # (version, code object) -> the code part of fingerprints
         self.pools = None           # _Pools, when any task takes pool slots
         if any(plan.pool_of) or any(plan.max_parallel[m] for m in plan.maps):
             self.pools = _Pools(pools or {})
@@ -2377,7 +2544,8 @@ class _Scheduler(_RunLedger):
         self.cancel_file = None     # the store's cancel request file for this run, if recorded
         self.on_abandon = None      # what a driver must do at a hard stop (kill processes)
         self.plain = not (plan.maps or plan.whens or reused or self.pools is not None
-                          or any(plan.rules))   # no rule, condition, pool, map or reuse
+                          or any(plan.rules) or cache is not None or self.fixed)
+        # plain: no rule, condition, pool, map, reuse, cache, override or --only
 
     # -- whether a task may start
 
@@ -2397,6 +2565,14 @@ class _Scheduler(_RunLedger):
         plan = self.plan
         if i in self.expanded:      # a map's instances are done: settling it starts nothing
             return self.collect(i)
+        if self.fixed and i in self.fixed:
+            how, value = self.fixed[i]
+            if how == "value":          # overridden: not called, the given output is its own
+                self.run._reasons[i] = "overridden"
+                self.run._started[i] = time.time()
+                return self.succeed(i, value, {"reason": "overridden"})
+            self.mark(i, TaskState.SKIPPED, value)
+            return False
         rule = plan.stop_rules[i]
         if self.stopping and not (rule == "all_done" or (
                 rule == "any_failed" and self.stop_state == TaskState.SKIPPED)):
@@ -2420,13 +2596,51 @@ class _Scheduler(_RunLedger):
                 self.mark(i, TaskState.SKIPPED, "when %s was false" % when[3])
                 return False
         if self.reused and plan.names[i] in self.reused:
-            return self.reuse(i)
+            out, artifacts, origin = self.reused[plan.names[i]]
+            return self.reuse(i, out, artifacts, origin, "output reused from run %s" % origin)
+        if self.cache is not None and plan.cache_level[i] == 2 and i not in plan.maps:
+            settled = self.cache_step(i)
+            if settled is not None:
+                return settled
         if i in plan.maps:
             return self.map_step(i)
         if self.pools is not None:
             keys = [key for key in (plan.pool_of[i], plan.group[i]) if key is not None]
             if keys and not self.pools.acquire(i, keys):
                 return _WAIT
+        return None
+
+    def cache_step(self, i):
+        """A cache=True task: reuse an earlier run's output when its fingerprint
+        (its name, code and the values it is called with now) matches one
+        (True), else note the fingerprint for this run's store and run it (None)."""
+        run, plan = self.run, self.plan
+        name = plan.names[i]
+        node = plan.nodes[i]
+        source = getattr(node, "base", node)
+        try:
+            args, kwargs = _arguments(run, self.binds[i])
+            hashes = _input_hashes(run, i, source, _named_arguments(self.binds[i], args, kwargs))
+        except Exception as exc:
+            self.begin(i)
+            self.fail(i, exc)
+            return False
+        fn = plan.funcs[i]
+        key = (source.version, getattr(getattr(fn, "__func__", fn), "__code__", fn))
+        code = self.codes.get(key)
+        if code is None:
+            code = self.codes[key] = _task_code(source, fn)
+        whole = plan.preds[i][0] if isinstance(node, MapTask) and i not in plan.maps else i
+        if whole not in self.forced:        # a map instance runs when its map is forced
+            action, reason, entry, out = self.cache.decide(name, code, hashes, source.cache_ttl)
+            if action == "reuse":
+                run._cache_entries[i] = dict(entry)
+                return self.reuse(i, out, entry["artifacts"], entry["origin"], reason)
+        blank = next((p for p, h in hashes.items() if h is None), None)
+        if blank is not None:       # recorded all the same: later plans can say why
+            run._reasons[i] = "not cacheable: input %r has no fingerprint" % blank
+        run._cache_entries[i] = {"code": code, "inputs": hashes, "origin": run.run_id,
+                                 "at": run.started_at}
         return None
 
     def released(self, i, ok):
@@ -3315,7 +3529,9 @@ class _TraceFormat:
             return "🏃 start node=%s" % name
         if kind == "task.succeeded":
             if data.get("reused_from"):
-                return "♻️ reuse node=%s (output of run %s)" % (name, data["reused_from"])
+                return "♻️ reuse node=%s (run %s)" % (name, data["reused_from"])
+            if data.get("reason"):      # overridden: not called
+                return "✅ done node=%s (%s)" % (name, data["reason"])
             return "✅ done node=%s (%s)" % (name, _ms(took or 0.0))
         if kind == "task.retrying":
             return "🔁 retry node=%s attempt=%d/%d in %gs" % (name, data["attempt"], data["of"],
@@ -3933,7 +4149,8 @@ def _logging_observer():
 #                        /process.json    pid and host; its mtime is the heartbeat
 #                        /logs/<task>.jsonl   printed lines and ctx.log lines
 #                        /artifacts/...   what ctx.save_artifact stored
-#                        /outputs.jsonl   task outputs, for --resume
+#                        /outputs.jsonl   task outputs, for --resume and the cache
+#                        /cache.jsonl     fingerprints of its cache=True tasks that succeeded
 #                        /cancel          written by `pyoco runs cancel`
 #
 # The engine never waits on the disk per task: the recorder marks the record
@@ -4207,55 +4424,156 @@ class RunStore:
             pass
         return outputs
 
-    def resumable(self, run_id):
-        """The record of a run that can be resumed; StoreError says why not."""
+    def resumable(self, run_id, any_status=False):
+        """The record of a run that can be resumed (``any_status``: or taken
+        outputs from, for --from); StoreError says why not."""
         record = self.get(run_id, events=False)
         if record is None:
             raise StoreError("cannot resume: no run %r in %s (see: pyoco runs list)"
                              % (run_id, self.root))
-        if record["status"] not in (RunState.FAILED, RunState.CANCELLED):
+        if not any_status and record["status"] not in (RunState.FAILED, RunState.CANCELLED):
             raise StoreError("cannot resume run %s: it is %s; only FAILED or CANCELLED runs"
                              " can be resumed" % (run_id, record["status"]))
         return record
 
-    def reusable_outputs(self, record, plan):
+    def reusable_outputs(self, record, plan, forced=()):
         """For resuming the run of ``record`` (see resumable): task name ->
-        (output, artifacts), for every task that succeeded there, may be
-        cached, and has nothing upstream that re-runs; and, for a map node
-        that runs again with the same items, its instances that succeeded."""
+        (output, artifacts, origin run) of the tasks that succeeded there and
+        need not run again (see _reusable)."""
         run_id = record["run_id"]
         if record.get("flow") != plan.flow_name:
             raise StoreError("cannot resume run %s: it ran flow %r, not %r"
                              % (run_id, record.get("flow"), plan.flow_name))
         outputs = self.load_outputs(run_id)
         tasks = record.get("tasks") or {}
+        found = {name: (outputs[name], task.get("artifacts") or {},
+                        task.get("reused_from") or run_id)
+                 for name, task in tasks.items() if isinstance(task, dict)
+                 and task.get("state") == TaskState.SUCCEEDED and name in outputs}
+        return _reusable(plan, found, forced)
 
-        def succeeded(name):
-            return (tasks.get(name) or {}).get("state") == TaskState.SUCCEEDED \
-                and name in outputs
-        rerun = set()
-        for i, name in enumerate(plan.names):
-            node = plan.nodes[i]
-            if not (succeeded(name) and getattr(node, "base", node).cache):
-                rerun.add(i)
-        first_rerun = set(rerun)
-        stack = list(rerun)
-        while stack:
-            i = stack.pop()
-            for s in plan.free[i] + plan.joins[i]:
-                if s not in rerun:
-                    rerun.add(s)
-                    stack.append(s)
-        reused = {name: (outputs[name], (tasks.get(name) or {}).get("artifacts") or {})
-                  for i, name in enumerate(plan.names) if i not in rerun}
-        for m in plan.maps:
-            if m in first_rerun and not any(p in rerun for p in plan.preds[m]) \
-                    and plan.nodes[m].base.cache:
-                prefix = plan.names[m] + "["
-                for name in tasks:
-                    if name.startswith(prefix) and name.endswith("]") and succeeded(name):
-                        reused[name] = (outputs[name], tasks[name].get("artifacts") or {})
-        return reused
+    def newest_outputs(self, plan, forced=()):
+        """For ``--from`` without ``--resume``: like reusable_outputs, each task's
+        output taken from the newest run of the flow in which it SUCCEEDED."""
+        found, wanted = {}, set(plan.names)
+        for record in self.list(flow=plan.flow_name):
+            tasks = record.get("tasks") or {}
+            names = [name for name in wanted if isinstance(tasks.get(name), dict)
+                     and tasks[name].get("state") == TaskState.SUCCEEDED]
+            if not names:
+                continue
+            outputs = self.load_outputs(record["run_id"])
+            for name in names:
+                if name in outputs:
+                    found[name] = (outputs[name], tasks[name].get("artifacts") or {},
+                                   tasks[name].get("reused_from") or record["run_id"])
+                    wanted.discard(name)
+            if not wanted:
+                break
+        return _reusable(plan, found, forced)
+
+
+def _reusable(plan, found, forced):
+    """Of ``found`` (task name -> (output, artifacts, origin)), what a run may
+    take over: every task found that may be cached (cache is not False), is
+    not in ``forced`` and has nothing upstream that runs; and, for a map node
+    that runs again with the same upstream outputs, its instances found."""
+    rerun = set(forced)
+    for i, name in enumerate(plan.names):
+        if not (name in found and plan.cache_level[i]):
+            rerun.add(i)
+    first_rerun = set(rerun)
+    stack = list(rerun)
+    while stack:
+        i = stack.pop()
+        for s in plan.free[i] + plan.joins[i]:
+            if s not in rerun:
+                rerun.add(s)
+                stack.append(s)
+    reused = {name: found[name] for i, name in enumerate(plan.names) if i not in rerun}
+    for m in plan.maps:
+        if m in first_rerun and m not in forced and plan.cache_level[m] \
+                and not any(p in rerun for p in plan.preds[m]):
+            prefix = plan.names[m] + "["
+            for name in found:
+                if name.startswith(prefix) and name.endswith("]"):
+                    reused[name] = found[name]
+    return reused
+
+
+class _CacheIndex:
+    """The cache=True entries of a flow's earlier runs in a store (cache.jsonl):
+    read once, on the first lookup of a run; an output is loaded only when it
+    is reused. An entry whose file or output cannot be read is no entry."""
+
+    @staticmethod
+    def clock():
+        """Now, for cache_ttl (looked up at each call, so a test may replace it)."""
+        return time.time()
+
+    def __init__(self, store, flow_name, run_id=None):
+        self.store, self.flow_name, self.run_id = store, flow_name, run_id
+        self.entries = None         # task name -> its entries, newest run first
+        self.outputs = {}           # run id -> that run's outputs, once one is reused
+        self.lock = _allocate_lock()    # tasks are decided on several worker threads
+
+    def build(self):
+        import json
+        self.entries = {}
+        for run_id in reversed(self.store.ids()):
+            if run_id == self.run_id:
+                continue
+            try:
+                with open(os.path.join(self.store.runs_dir, run_id, "cache.jsonl"), "rb") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            for raw in lines:
+                try:
+                    entry = json.loads(raw)
+                    if entry.get("flow") != self.flow_name:
+                        continue
+                    if not (isinstance(entry["task"], str) and isinstance(entry["code"], str)
+                            and isinstance(entry["inputs"], dict)
+                            and isinstance(entry["origin"], str)
+                            and isinstance(entry["at"], (int, float))
+                            and isinstance(entry["artifacts"], dict)):
+                        continue
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue        # a cut line or a foreign one: as if it were not there
+                entry["run"] = run_id
+                self.entries.setdefault(entry["task"], []).append(entry)
+
+    def entries_of(self, name, ttl):
+        if self.entries is None:
+            self.build()
+        entries = self.entries.get(name, [])
+        if ttl is not None:
+            now = self.clock()
+            entries = [e for e in entries if now - e["at"] <= ttl]
+        return entries
+
+    def output(self, entry):
+        outputs = self.outputs.get(entry["run"])
+        if outputs is None:
+            outputs = self.outputs[entry["run"]] = self.store.load_outputs(entry["run"])
+        return outputs.get(entry["task"], _MISSING)
+
+    def decide(self, name, code, hashes, ttl):
+        """(action, reason, entry, output): the one explanation of a cache=True
+        task's state, for a run (admit) and for engine.plan alike."""
+        with self.lock:
+            return self._decide(name, code, hashes, ttl)
+
+    def _decide(self, name, code, hashes, ttl):
+        while True:
+            action, reason, entry = _cache_verdict(self.entries_of(name, ttl), code, hashes)
+            if action != "reuse":
+                return action, reason, None, None
+            out = self.output(entry)
+            if out is not _MISSING:
+                return action, reason, entry, out
+            self.entries[name].remove(entry)    # its output is gone: judge without it
 
 
 def _add_record_events(folder, events):
@@ -4407,8 +4725,9 @@ def _record_json(run):
         "scheduled_for": iso(run.scheduled_for), "executor": run.executor})
     parts = [head[:-1], ', "tasks": {']
     states, attempts, started, ended = run._state, run._attempts, run._started, run._ended
-    special = set(run._errors) | set(run._reasons) | set(run._task_artifacts) \
-        | set(run._reused_from)
+    special = set(run._errors) | set(run._task_artifacts)
+    reasons, reused_from = run._reasons, run._reused_from
+    quoted = {None: "null"}     # reasons and run ids: many reused tasks share one
     tasks = []
     pending = TaskState.PENDING
     for i, qname in enumerate(qnames):
@@ -4416,9 +4735,18 @@ def _record_json(run):
             tasks.append("%s: %s" % (qname, _dumps(TaskRecord(run, i).to_dict())))
             continue
         state = states[i]
-        if state is pending:
+        if state is pending and i not in reasons:
             tasks.append(qname + _PENDING_TASK)
             continue
+        tail = _NULL_TASK_TAIL
+        if reasons or reused_from:
+            reason, origin = reasons.get(i), reused_from.get(i)
+            if reason is not None or origin is not None:
+                for text in (reason, origin):
+                    if text not in quoted:
+                        quoted[text] = _dumps(text)
+                tail = (', "error": null, "traceback": null, "reason": %s, "artifacts": {},'
+                        ' "reused_from": %s}' % (quoted[reason], quoted[origin]))
         s, e = started[i], ended[i]
         tasks.append('%s: {"state": "%s", "attempts": %d, "started_at": %s, "ended_at": %s,'
                      ' "duration_ms": %s%s' % (
@@ -4426,7 +4754,7 @@ def _record_json(run):
                          'null' if s is None else quoted_iso(s),
                          'null' if e is None else quoted_iso(e),
                          'null' if s is None or e is None else repr(round((e - s) * 1000, 3)),
-                         _NULL_TASK_TAIL))
+                         tail))
     parts.append(", ".join(tasks))
     parts.append('}, "events": [')
     events = []
@@ -4655,30 +4983,42 @@ class _RunRecorder:
                         plan.names, map(_task_rules, [plan] * len(plan.names),
                                         range(len(plan.names)))) if words}}).encode("utf-8")))
 
-    def save_outputs(self):
+    def save_outputs(self, cached_only=False):
+        """Append the outputs of tasks that succeeded since the last call (with
+        ``cached_only``, of cache=True tasks only), then those tasks' cache entries."""
         new = self.succeeded[self.saved_outputs:]
         if not new or self.failing:
             return
-        results = self.run.results
-        lines = []
+        run = self.run
+        results, index, entries = run.results, run._plan.index, run._cache_entries
+        lines, cached = [], []
         for name in new:
-            entry = _encode_output(results.get(name))
-            if entry is not None:
-                entry["task"] = name
-                lines.append(_dumps(entry))
-        path = os.path.join(self.folder, "outputs.jsonl")
-
-        def append():
-            with open(path, "ab") as f:
-                end = f.seek(0, os.SEEK_END)
-                try:
-                    f.write(("\n".join(lines) + "\n").encode("utf-8"))
-                    f.flush()
-                except OSError:
-                    f.truncate(end)     # no cut line for the retry to append to
-                    raise
-        if not lines or self.guarded(append):
+            entry = index[name] in entries if entries else False
+            if cached_only and not entry:
+                continue
+            encoded = _encode_output(results.get(name))
+            if encoded is not None:
+                encoded["task"] = name
+                lines.append(_dumps(encoded))
+                if entry:
+                    cached.append(dict(entries[index[name]], flow=run.flow_name, task=name,
+                                       artifacts=run._task_artifacts.get(index[name]) or {}))
+        if not lines or self.guarded(self.append, "outputs.jsonl", lines):
             self.saved_outputs += len(new)
+            if cached:              # after the outputs: an entry always has its output
+                for entry in cached:
+                    entry.pop("run", None)
+                self.guarded(self.append, "cache.jsonl", [_dumps(e) for e in cached])
+
+    def append(self, file_name, lines):
+        with open(os.path.join(self.folder, file_name), "ab") as f:
+            end = f.seek(0, os.SEEK_END)
+            try:
+                f.write(("\n".join(lines) + "\n").encode("utf-8"))
+                f.flush()
+            except OSError:
+                f.truncate(end)     # no cut line for the retry to append to
+                raise
 
     def keep(self):
         """The keeper thread: the heartbeat, and the record saved while it changes;
@@ -4707,6 +5047,8 @@ class _RunRecorder:
         self.failing = False            # whatever failed before, the end is tried
         if self.run.status != RunState.COMPLETED:
             self.save_outputs()
+        elif self.run._cache_entries:
+            self.save_outputs(cached_only=True)     # cache=True outputs are kept for every run
         if self.run._plan.maps or not self.graph_saved:
             self.save_graph()           # with the map instances the run added
         with self.lock:
@@ -4983,6 +5325,20 @@ def drain_webhooks():
 # Engine
 # ---------------------------------------------------------------------------
 
+def _task_numbers(plan, names, where):
+    """The task numbers of ``names``; FlowError names an unknown one and the closest."""
+    if isinstance(names, str):
+        names = [names]
+    numbers = []
+    for name in names:
+        i = plan.index.get(name)
+        if i is None:
+            raise FlowError("%s: flow %r has no task %r%s" % (
+                where, plan.flow_name, name, _closest(name, plan.names)))
+        numbers.append(i)
+    return numbers
+
+
 class Engine:
     """Runs flows: independent tasks in parallel on up to ``workers`` threads.
 
@@ -5039,7 +5395,7 @@ class Engine:
         return RunStore(home) if home else None
 
     def run(self, flow, params=None, *, raise_on_failure=True, run_id=None, resume=None,
-            scheduled_for=None):
+            only=None, rerun_from=None, overrides=None, scheduled_for=None):
         """Run ``flow`` and return its ``Run``.
 
         Raises FlowError before anything runs when the flow is invalid,
@@ -5047,6 +5403,11 @@ class Engine:
         RunCancelled when the run was cancelled, unless ``raise_on_failure``
         is False. ``resume``: the id of a FAILED or CANCELLED run in the
         store; tasks that succeeded there are not run again (see RunStore).
+        ``only``: task names to run, with the upstream tasks they need (the
+        rest are SKIPPED, "not selected"); ``rerun_from``: task names to run
+        with everything downstream, the other tasks' outputs taken from the
+        store; ``overrides``: task name -> the output it has without being
+        called (SPEC section 11). An unknown name is a FlowError.
         ``scheduled_for``: the schedule's time (Unix) that starts this run,
         kept in its record (``pyoco serve`` passes it).
         """
@@ -5054,17 +5415,16 @@ class Engine:
             raise TypeError("Engine.run needs a Flow, got %r" % (flow,))
         params = dict(params or {})
         store = self._store()
-        if resume:
-            if store is None:
-                raise StoreError("resume needs a run store: pass Engine(store=PATH) or set"
-                                 " PYOCO_HOME")
-            old = store.resumable(resume)
-            params = dict(old.get("params") or {}, **params)   # the old run's, unless given
-        plan = flow._compile()
-        binds, _ = plan.bind(params, strict=True)
+        plan, binds, params, old, fixed, forced = self._prepare(
+            flow, params, store, resume, only, rerun_from, overrides)
         if self.executor == "process":
             _check_picklable(plan)
-        reused = store.reusable_outputs(old, plan) if resume else {}
+        if old is not None:
+            reused = store.reusable_outputs(old, plan, forced)
+        elif rerun_from:
+            reused = store.newest_outputs(plan, forced) if store is not None else {}
+        else:
+            reused = {}
         pools = self._pools(plan)
         run_id, folder = run_id or _new_run_id(), None
         if store is not None:
@@ -5075,8 +5435,10 @@ class Engine:
         run.executor = self.executor if isinstance(self.executor, str) \
             else type(self.executor).__name__
         recorder = _RunRecorder(store, run, folder) if folder is not None else None
+        cache = _CacheIndex(store, plan.flow_name, run_id) \
+            if plan.cached and store is not None else None
         core = _Scheduler(run, binds, self._observers(recorder, folder), reused, recorder,
-                          pools)
+                          pools, cache, fixed, forced)
         if recorder is not None:
             run.artifacts_dir = recorder.artifacts_dir
             core.cancel_file = recorder.cancel_file
@@ -5112,6 +5474,162 @@ class Engine:
                 raise RunCancelled("run %s of flow %r was cancelled (%s)"
                                    % (run.run_id, run.flow_name, run.reason), run)
         return run
+
+    def plan(self, flow, params=None, only=None, rerun_from=None, *, resume=None):
+        """What ``run`` would do with these arguments, without calling any task
+        or writing anything: one dict per task, in topological order, with
+        ``task``, ``action`` (``run``, ``reuse``, ``skip`` or ``depends``: decided
+        when an upstream task that runs has returned), ``reason`` (SPEC section
+        11's words) and ``reused_from``. Raises FlowError like ``run``.
+        """
+        if not isinstance(flow, Flow):
+            raise TypeError("Engine.plan needs a Flow, got %r" % (flow,))
+        store = self._store()
+        plan, binds, params, old, fixed, forced = self._prepare(
+            flow, dict(params or {}), store, resume, only, rerun_from, None)
+        if old is not None:
+            reused = store.reusable_outputs(old, plan, forced)
+        elif rerun_from and store is not None:
+            reused = store.newest_outputs(plan, forced)
+        else:
+            reused = {}
+        cache = _CacheIndex(store, plan.flow_name) if plan.cached and store is not None \
+            else None
+        run = Run(plan, flow, params, None)     # holds the outputs known before running
+        order = range(len(plan.names))
+        if not all(p < i for i, ups in enumerate(plan.preds) for p in ups):
+            order = [plan.index[name] for name in _topological(plan)]
+        entries = []
+        for i in order:
+            action, reason, origin = self._plan_task(plan, binds, run, i, fixed, forced,
+                                                     reused, cache)
+            entries.append({"task": plan.names[i], "action": action, "reason": reason,
+                            "reused_from": origin})
+        return entries
+
+    def _plan_task(self, plan, binds, run, i, fixed, forced, reused, cache):
+        """One task's (action, reason, reused_from) for plan(); a task it reuses
+        leaves its output in ``run`` for the tasks below it."""
+        name = plan.names[i]
+        if i in fixed:
+            return "skip", fixed[i][1], None
+        if not plan.cache_level[i]:
+            return "run", "cache=False", None
+        if name in reused:
+            out, _, origin = reused[name]
+            run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
+            return "reuse", "output reused from run %s" % origin, origin
+        if i in forced:
+            return "run", "selected by --from", None
+        if plan.cache_level[i] == 1:
+            return "run", "not cached (cache='resume')", None
+        node = plan.nodes[i]
+        source = getattr(node, "base", node)
+        code = _task_code(source, plan.funcs[i])
+        if i in plan.maps:          # each instance has its fingerprint; the first to run says why
+            over, item_name, kwonly = plan.maps[i]
+            if over[0] == _B_NODE and run._state[over[1]] != TaskState.SUCCEEDED:
+                return "depends", "upstream %r runs: decided when it returns" % (
+                    plan.names[over[1]]), None
+            try:
+                items = list(_arguments(run, (over,))[0][0])
+            except Exception as exc:
+                return "run", "its items cannot be read yet: %s" % _describe(exc), None
+            verdicts = [self._plan_cached(run, i, source, code, "%s[%d]" % (name, k), cache,
+                                          ((_B_CONST, item, (), None, item_name, kwonly),)
+                                          + binds[i]) for k, item in enumerate(items)]
+            verdict = next((v for v in verdicts if v[0] != "reuse"), None)
+            if verdict is not None or not verdicts:
+                return (verdict or ("run", "no earlier run", None, None))[:3]
+            run._state[i] = TaskState.SUCCEEDED
+            run._outputs[i] = [v[3] for v in verdicts]
+            return verdicts[0][:3]
+        action, reason, origin, out = self._plan_cached(run, i, source, code, name, cache,
+                                                        binds[i])
+        if action == "reuse":
+            run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
+        return action, reason, origin
+
+    @staticmethod
+    def _plan_cached(run, i, source, code, name, cache, binds):
+        """A cache=True task's (action, reason, reused_from, output) for plan():
+        the values known now are fingerprinted, the others wait for their task."""
+        named = {}
+        for b in binds:
+            if b[0] == _B_NODE and run._state[b[1]] != TaskState.SUCCEEDED:
+                named[b[4]] = _Later(run._plan.names[b[1]])
+            elif b[0] == _B_SCRATCH:
+                named[b[4]] = _Later("ctx.scratch")
+            else:
+                try:
+                    args, kwargs = _arguments(run, (b,))
+                except Exception as exc:
+                    return "run", "input %r cannot be read: %s" % (b[4], _describe(exc)), \
+                        None, None
+                named[b[4]] = args[0] if args else kwargs[b[4]]
+        unknown = [v for v in named.values() if isinstance(v, _Later)]
+        if unknown and source.cache_key is not None:
+            hashes = {"cache_key": unknown[0]}
+        elif unknown:
+            hashes = {p: v if isinstance(v, _Later) else _value_hash(v)
+                      for p, v in named.items()}
+        else:
+            try:
+                hashes = _input_hashes(run, i, source, named)
+            except Exception as exc:
+                return "run", "cache_key failed: %s" % _describe(exc), None, None
+        if cache is None:
+            return "run", "no earlier run", None, None
+        action, reason, entry, out = cache.decide(name, code, hashes, source.cache_ttl)
+        return action, reason, entry and entry["origin"], out
+
+    def _prepare(self, flow, params, store, resume, only, rerun_from, overrides):
+        """What run() and plan() share: the compiled plan, its bindings and the
+        run's params, the record being resumed (or None), the tasks settled before they start
+        (task number -> ("skip", reason) or ("value", output)) and the tasks
+        that run whatever is stored (``rerun_from`` and their downstream)."""
+        old = None
+        if resume:
+            if store is None:
+                raise StoreError("resume needs a run store: pass Engine(store=PATH) or set"
+                                 " PYOCO_HOME")
+            old = store.resumable(resume, any_status=bool(rerun_from))
+            params = dict(old.get("params") or {}, **params)   # the old run's, unless given
+        plan = flow._compile()
+        fixed, forced = {}, set()
+        if only:
+            keep = set(_task_numbers(plan, only, "only"))
+            stack = list(keep)
+            while stack:                # and the upstream tasks they need
+                for p in plan.preds[stack.pop()]:
+                    if p not in keep:
+                        keep.add(p)
+                        stack.append(p)
+            fixed.update((i, ("skip", "not selected")) for i in range(len(plan.names))
+                         if i not in keep)
+        if rerun_from:
+            forced = set(_task_numbers(plan, rerun_from, "rerun_from"))
+            stack = list(forced)
+            while stack:
+                i = stack.pop()
+                for s in plan.free[i] + plan.joins[i]:
+                    if s not in forced:
+                        forced.add(s)
+                        stack.append(s)
+        if overrides:
+            if not isinstance(overrides, dict):
+                raise TypeError("overrides must be a dict of task name -> output, not %r"
+                                % (overrides,))
+            for i, name in zip(_task_numbers(plan, list(overrides), "overrides"), overrides):
+                fixed[i] = ("value", overrides[name])
+        if fixed:       # a parameter only tasks that are not called need may be left out
+            _, missing = plan.bind(params, strict=False)
+            needed = {p for name, p in missing if plan.index[name] not in fixed}
+            unneeded = {p: None for name, p in missing if p not in needed}
+            binds, _ = plan.bind(dict(params, **unneeded), strict=True)
+        else:
+            binds, _ = plan.bind(params, strict=True)
+        return plan, binds, params, old, fixed, forced
 
     def _pools(self, plan):
         """The run's pool limits: the flow's, overridden by this engine's; a task
@@ -5212,6 +5730,7 @@ class MetricsView:
         self.runs_total = {}        # (flow, status) -> count
         self.tasks_total = {}       # (flow, task, state) -> count
         self.retries_total = {}     # (flow, task) -> count
+        self.reused_total = {}      # (flow, task) -> count of outputs taken from earlier runs
         self.run_hist = {}          # flow -> _Histogram
         self.task_hist = {}         # (flow, task) -> _Histogram
         self.last_run = {}          # (flow, status) -> ended_at
@@ -5288,6 +5807,8 @@ class MetricsView:
             tkey = (flow, name, t.get("state"))
 
             self.tasks_total[tkey] = self.tasks_total.get(tkey, 0) + 1
+            if t.get("reused_from"):
+                self.reused_total[(flow, name)] = self.reused_total.get((flow, name), 0) + 1
             if (t.get("attempts") or 0) > 1:
                 rkey = (flow, name)
                 self.retries_total[rkey] = self.retries_total.get(rkey, 0) + t["attempts"] - 1
@@ -5353,6 +5874,10 @@ class MetricsView:
                     "Extra attempts made after task failures.",
                     [({"flow": f, "task": t}, n) for (f, t), n in
                      sorted(self.retries_total.items(), key=_key_text)])
+            _metric(out, "pyoco_tasks_reused_total", "counter",
+                    "Tasks whose output was reused from an earlier run instead of running.",
+                    [({"flow": f, "task": t}, n) for (f, t), n in
+                     sorted(self.reused_total.items(), key=_key_text)])
             _metric(out, "pyoco_webhook_deliveries_total", "counter",
                     "Webhook deliveries by outcome (delivered or failed).",
                     [({"outcome": o}, self.webhooks_total.get(o, 0))
@@ -6607,6 +7132,14 @@ def _build_parser():
     run.add_argument("--pool", action="append", default=[], metavar="NAME=SIZE",
                      help="the size of a pool, over the flow's (repeatable)")
     run.add_argument("--store", metavar="DIR", help=store_help)
+    run.add_argument("--only", action="append", default=[], metavar="NAME",
+                     help="run only this task and the upstream tasks it needs (repeatable)")
+    run.add_argument("--from", dest="rerun_from", action="append", default=[], metavar="NAME",
+                     help="run this task and everything downstream, reusing the other"
+                          " tasks' stored outputs (repeatable)")
+    run.add_argument("--plan", action="store_true",
+                     help="say what the run would do, per task; nothing runs or is written")
+    run.add_argument("--json", action="store_true", help="with --plan: the plan as JSON")
 
     check = commands.add_parser("check", help="validate a flow without running it",
                                 description="Validate a flow; nothing runs.")
@@ -6699,8 +7232,14 @@ def _cmd_run(args):
     engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args),
                     pools=_parse_pool_sizes(args.pool),
                     progress=_PROGRESS_FLAG[args.progress])
+    if args.json and not args.plan:
+        raise UsageError("--json goes with --plan (pyoco run FLOW --plan --json)")
+    targets = {"only": args.only or None, "rerun_from": args.rerun_from or None}
     try:
-        engine.run(flow, params, resume=args.resume)
+        if args.plan:
+            _print_plan(engine.plan(flow, params, resume=args.resume, **targets), args.json)
+            return 0
+        engine.run(flow, params, resume=args.resume, **targets)
     except FlowError as exc:            # raised before any task runs
         raise UsageError("%s: %s" % (args.target, exc)) from None
     except RunFailed as exc:
@@ -6710,6 +7249,17 @@ def _cmd_run(args):
         _write_line(None, "pyoco: %s\n" % exc)
         return 130
     return 0
+
+
+def _print_plan(entries, as_json):
+    """`pyoco run --plan`: ACTION  TASK  REASON lines under a header, or a JSON list."""
+    if as_json:
+        _write_line(sys.stdout, _dumps(entries, indent=2) + "\n")
+        return
+    width = max([len(e["task"]) for e in entries] + [4])
+    lines = ["%-8s %-*s  %s" % ("ACTION", width, "TASK", "REASON")]
+    lines += ["%-8s %-*s  %s" % (e["action"], width, e["task"], e["reason"]) for e in entries]
+    _write_line(sys.stdout, "\n".join(lines) + "\n")
 
 
 def _rules_report(flow):
@@ -6868,10 +7418,7 @@ def _cmd_serve(args):
     def stop(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
-    print("pyoco serve: listening on %s (store %s%s)" % (
-        server.url, store.root, "; flows: " + ", ".join(sorted(flows)) if flows else ""),
-        flush=True)
-    for name, flow in flows.items():
+    for name, flow in flows.items():     # before the line that says the server is up
         if flow.schedule is not None:
             next_at = server.timetable.next_at[name] if server.timetable is not None else None
             _write_line(None, "pyoco serve: flow %r runs at %r (%s); %s\n" % (
@@ -6879,6 +7426,9 @@ def _cmd_serve(args):
                 flow.schedule_tz or "local time",
                 "next at %s" % _iso(next_at) if next_at is not None else
                 "not scheduled here (--no-schedule)" if server.timetable is None else "never"))
+    print("pyoco serve: listening on %s (store %s%s)" % (
+        server.url, store.root, "; flows: " + ", ".join(sorted(flows)) if flows else ""),
+        flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -7236,7 +7786,8 @@ function timeline(record) {
     else bar = h("div", {class: "tl-bar s-" + v.state, style: `left:${Math.min(99, pos(t(v.ended_at) ?? t1))}%;width:1%`, title});
     const ticks = (retries[name] || []).map((x) => h("div", {class: "tl-tick", style: `left:${pos(x)}%`, title: "retry"}));
     return h("div", {class: "tl-row", "data-task": name, "data-state": v.state},
-      h("div", {class: "tl-name", title: name}, name, v.attempts > 1 ? h("span", {class: "muted"}, " ×" + v.attempts) : ""),
+      h("div", {class: "tl-name", title: name}, name, v.attempts > 1 ? h("span", {class: "muted"}, " ×" + v.attempts) : "",
+        v.reused_from ? h("span", {class: "muted", title: "reused from run " + v.reused_from}, " ♻") : ""),
       h("div", {class: "tl-track"}, bar, ticks));
   });
   return h("div", {class: "card"}, h("h2", {}, "Timeline"),
@@ -7317,7 +7868,8 @@ async function renderRun(id) {
       } catch (err) { logs.textContent = String(err.message); }
     }}, h("summary", {}, "log"), logs);
     const arts = Object.keys(v.artifacts || {}).map((a) => h("a", {href: runPath(id) + "/artifacts/" + a.split("/").map(encodeURIComponent).join("/"), class: "mono"}, a));
-    return h("tr", {"data-task": name}, h("td", {class: "mono"}, name), h("td", {}, badge(v.state)), h("td", {}, String(v.attempts)),
+    const reused = v.reused_from ? h("small", {class: "muted reused"}, " reused from ", h("a", {href: runPath(v.reused_from) + "/view", class: "mono"}, v.reused_from)) : "";
+    return h("tr", {"data-task": name}, h("td", {class: "mono"}, name), h("td", {}, badge(v.state), reused), h("td", {}, String(v.attempts)),
       h("td", {}, ms(v.duration_ms)), h("td", {class: v.error ? "error" : "muted"}, v.error || v.reason || ""),
       h("td", {}, arts.length ? arts.flatMap((a, i) => i ? [", ", a] : [a]) : ""), h("td", {}, more));
   });

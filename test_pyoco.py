@@ -6181,6 +6181,7 @@ def test_metrics_declare_every_documented_family_with_its_type(srv_outcomes):
         "pyoco_runs_total": "counter", "pyoco_runs_in_progress": "gauge",
         "pyoco_run_duration_seconds": "histogram", "pyoco_task_duration_seconds": "histogram",
         "pyoco_tasks_total": "counter", "pyoco_task_retries_total": "counter",
+        "pyoco_tasks_reused_total": "counter",
         "pyoco_last_run_timestamp_seconds": "gauge", "pyoco_webhook_deliveries_total": "counter",
         "pyoco_store_runs": "gauge", "pyoco_build_info": "gauge"}
     assert helps == set(types)
@@ -7698,7 +7699,8 @@ def tut_plugin_folder(tmp_path):
 TUT_FENCE = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 TUT_PAGES = ["index.md", "01-hello-flow.md", "02-params.md", "03-passing-data.md",
              "04-parallel.md", "05-artifacts.md", "06-errors.md", "07-tasks-and-plugins.md",
-             "08-runs-and-resume.md", "09-watching.md", "10-flow-control.md"]
+             "08-runs-and-resume.md", "09-watching.md", "10-flow-control.md",
+             "11-incremental-runs.md"]
 
 # Every example file, and the test that runs it (kept complete by a test below).
 TUT_COVERED = {
@@ -7719,6 +7721,7 @@ TUT_COVERED = {
     "s09_watched.py": "test_tut_s09_serve",
     "s09_webhook_receiver.py": "test_tut_s09_webhook",
     "s10_flow_control.py": "test_tut_s10_pools_conditions_and_cleanup",
+    "s11_incremental.py": "test_tut_s11_incremental_runs",
 }
 
 
@@ -8145,7 +8148,7 @@ def test_tut_s08_history_and_resume(tmp_path):
 
     resumed = tut_ok(tut_run(tmp_path, "s08_resume.py", "--resume", first))
     second = tut_run_id(resumed)
-    assert "♻️ reuse node=buy_seeds (output of run %s)" % first in resumed.stderr
+    assert "♻️ reuse node=buy_seeds (run %s)" % first in resumed.stderr
     assert "buying seeds" not in resumed.stdout         # the costly task did not run again
     assert "🌱 planted 3 kinds of carrots" in resumed.stdout
     record = tut_record(tmp_path, second)
@@ -11377,3 +11380,640 @@ def test_schedule_metrics_pass_promtool_check_metrics(tmp_path, srv_serve):
     check = subprocess.run(["promtool", "check", "metrics"], input=text.encode("utf-8"),
                            capture_output=True, timeout=30)
     assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
+
+
+# ---------------------------------------------------------------------------
+# Incremental runs: cache=True, fingerprints and reuse (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+_CACHED_FLOW = '''
+from pyoco import task, Flow
+
+@task(cache=True{options})
+def fetch(ctx, day):
+    {body}
+
+flow = Flow(name="cached")
+flow >> fetch
+'''
+
+
+def _cached_flow_file(tmp_path, name, body, options=""):
+    return write(tmp_path / ("%s.py" % name), _CACHED_FLOW.format(body=body, options=options))
+
+
+def _reuse_of(run):
+    """Task name -> the run it was reused from, None for tasks that ran."""
+    return {name: record.reused_from for name, record in run.tasks.items()}
+
+
+@pytest.mark.parametrize("first, second, options, day, reused", [
+    ("return day * 2", "return day * 2", ("", ""), 1, True),
+    ("return day * 2", "return day * 3", ("", ""), 1, False),        # a changed constant
+    ("return day * 2", "return day + day", ("", ""), 1, False),      # a changed body
+    ("return day * 2", "# the double\n    return day * 2\n\n", ("", ""), 1, True),  # a comment
+    ("return day * 2", "return day * 2", ("", ""), 2, False),        # a changed parameter
+    ("return day * 2", "return day * 3", (", version=1", ", version=1"), 1, True),
+    ("return day * 2", "return day * 2", (", version=1", ", version=2"), 1, False),
+    ("return [day, (lambda: 1)()]", "return [day, (lambda: 2)()]", ("", ""), 1, False),
+])
+def test_a_cached_task_is_reused_only_while_its_code_and_inputs_are_unchanged(
+        tmp_path, first, second, options, day, reused):
+    engine = Engine(trace=False, store=tmp_path / "store")
+    old = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "one", first, options[0]))),
+                     {"day": 1})
+    new = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "two", second,
+                                                           options[1]))), {"day": day})
+    assert old.tasks["fetch"].reused_from is None and old.tasks["fetch"].attempts == 1
+    assert _reuse_of(new)["fetch"] == (old.run_id if reused else None)
+    assert new.tasks["fetch"].attempts == (0 if reused else 1)
+    assert new.status == "COMPLETED"
+
+
+def _cutoff_flow(calls):
+    @task(cache=False)
+    def source(ctx, day):
+        calls.append("source")
+        return day // 10            # 11 and 12 give the same output
+
+    @task(cache=True)
+    def report(ctx, source):
+        calls.append("report")
+        return "report of %d" % source
+
+    flow = Flow(name="cutoff")
+    flow >> source >> report
+    return flow
+
+
+@pytest.mark.parametrize("second_day, report_reused", [(12, True), (21, False)])
+def test_early_cut_off_judges_a_cached_task_by_its_own_inputs(tmp_path, make_engine,
+                                                            second_day, report_reused):
+    calls = []
+    engine = make_engine(store=tmp_path)
+    first = engine.run(_cutoff_flow(calls), {"day": 11})
+    del calls[:]
+    second = engine.run(_cutoff_flow(calls), {"day": second_day})
+    assert calls == (["source"] if report_reused else ["source", "report"])
+    assert second.tasks["report"].reused_from == (first.run_id if report_reused else None)
+    assert second.results["report"] == "report of %d" % (second_day // 10)
+
+
+def test_a_reused_task_succeeds_with_the_origin_runs_output_reason_trace_and_artifacts(
+        tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx, day):
+        calls.append(day)
+        ctx.save_artifact("day.txt", "day %d" % day)
+        return {"day": day}
+
+    flow = Flow(name="origin")
+    flow >> fetch
+    trace = io.StringIO()
+    engine = Engine(trace=trace, cute=True, store=tmp_path)
+    first = engine.run(flow, {"day": 3})
+    second = engine.run(flow, {"day": 3})
+    plain = Engine(trace=io.StringIO(), cute=False, store=tmp_path)
+    third = plain.run(flow, {"day": 3})
+    assert calls == [3]
+    for run in (second, third):     # a reuse of a reuse names the run where it last ran
+        record = run.to_dict()["tasks"]["fetch"]
+        assert record["state"] == "SUCCEEDED" and record["reused_from"] == first.run_id
+        assert record["reason"] == "same code and inputs as run %s" % first.run_id
+        assert run.results["fetch"] == {"day": 3}
+        with open(record["artifacts"]["day.txt"]) as f:
+            assert f.read() == "day 3"
+    assert "♻️ reuse node=fetch (run %s)" % first.run_id in trace.getvalue()
+    assert re.search(r"INFO reuse node=fetch from_run=%s .*run_id=%s"
+                     % (first.run_id, third.run_id), plain.trace.getvalue())
+    stored = RunStore(tmp_path).get(third.run_id)
+    assert stored["tasks"]["fetch"]["reused_from"] == first.run_id
+
+
+def _one_cached_task(calls, flow_name, output=1, **options):
+    """A flow of one cache=True task ``fetch(ctx, day=0)`` that notes each call in ``calls``."""
+    @task(cache=True, **options)
+    def fetch(ctx, day=0):
+        calls.append(day)
+        return output
+
+    flow = Flow(name=flow_name)
+    flow >> fetch
+    return flow
+
+
+def test_cache_ttl_ignores_entries_older_than_it_counting_from_the_origin_run(
+        tmp_path, monkeypatch):
+    calls = []
+    flow = _one_cached_task(calls, "ttl", cache_ttl=3600)
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow)
+    later = first.started_at
+    monkeypatch.setattr(pyoco._CacheIndex, "clock", staticmethod(lambda: later + 3599))
+    assert engine.run(flow).tasks["fetch"].reused_from == first.run_id
+    monkeypatch.setattr(pyoco._CacheIndex, "clock", staticmethod(lambda: later + 3601))
+    assert engine.run(flow).tasks["fetch"].reused_from is None
+    assert len(calls) == 2
+
+
+def test_cache_false_runs_again_even_on_resume_while_the_default_is_reused(tmp_path):
+    calls = []
+    broken = [True]
+
+    @task(cache=False)
+    def clock_in(ctx):
+        calls.append("clock_in")
+        return 1
+
+    @task
+    def seeds(ctx):
+        calls.append("seeds")
+        return 2
+
+    @task
+    def plant(ctx, clock_in, seeds):
+        if broken[0]:
+            raise RuntimeError("frozen")
+        return clock_in + seeds
+
+    flow = Flow(name="resumed")
+    flow.add(plant, after=[clock_in, seeds])
+    engine = Engine(trace=False, store=tmp_path)
+    failed = engine.run(flow, raise_on_failure=False)
+    broken[0] = False
+    resumed = engine.run(flow, resume=failed.run_id)
+    assert sorted(calls) == ["clock_in", "clock_in", "seeds"]
+    assert _reuse_of(resumed) == {"clock_in": None, "seeds": failed.run_id, "plant": None}
+    assert resumed.results["plant"] == 3
+
+
+def test_a_value_without_fingerprint_makes_the_task_run_saying_why(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def use(ctx, conn):
+        calls.append(conn)
+        return "used"
+
+    use.task.inputs = {"conn": threading.Lock()}     # neither JSON nor picklable
+    flow = Flow(name="lock")
+    flow >> use
+    engine = Engine(trace=False, store=tmp_path)
+    runs = [engine.run(flow), engine.run(flow)]
+    assert len(calls) == 2
+    for run in runs:
+        assert run.tasks["use"].reused_from is None
+        assert run.tasks["use"].reason == "not cacheable: input 'conn' has no fingerprint"
+
+
+def test_pruned_runs_take_their_outputs_out_of_the_cache(tmp_path, monkeypatch):
+    calls = []
+    flow = _one_cached_task(calls, "pruned")
+    monkeypatch.setenv("PYOCO_MAX_RUN_HISTORY", "1")
+    engine = Engine(trace=False, store=tmp_path)
+    for day in (1, 2, 1):           # day 1's run was pruned when day 2's ended
+        engine.run(flow, {"day": day})
+    assert calls == [1, 2, 1]
+
+
+@pytest.mark.parametrize("damaged", ["outputs.jsonl", "cache.jsonl"])
+@pytest.mark.parametrize("content", [b"", b"{not json\n", b'{"task": "fetch"}\n[1]\n'])
+def test_an_unreadable_output_or_cache_file_means_run_it(tmp_path, damaged, content):
+    calls = []
+    flow = _one_cached_task(calls, "damaged", {"big": "output"})
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow)
+    (tmp_path / "runs" / first.run_id / damaged).write_bytes(content)
+    second = engine.run(flow)
+    assert second.status == "COMPLETED" and second.tasks["fetch"].reused_from is None
+    assert second.results["fetch"] == {"big": "output"} and len(calls) == 2
+
+
+def test_cached_map_instances_are_reused_one_by_one(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def square(ctx, n):
+        calls.append(n)
+        return n * n
+
+    def flow_over(items):
+        flow = Flow(name="squares")
+        flow >> square.map(items)
+        return flow
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow_over([1, 2])).run_id
+    assert _plan_rows(engine.plan(flow_over([1, 2]))) == [
+        ("square", "reuse", "same code and inputs as run %s" % first, first)]
+    assert _plan_rows(engine.plan(flow_over([1, 2, 3]))) == [
+        ("square", "run", "no earlier run", None)]      # square[2] is new
+    run = engine.run(flow_over([1, 2, 3]))
+    assert sorted(calls) == [1, 2, 3] and run.results["square"] == [1, 4, 9]
+
+
+def test_resume_of_a_map_with_one_failed_instance_runs_only_that_instance(tmp_path):
+    calls = []
+    broken = [True]
+
+    @task
+    def items(ctx):
+        return ["a", "b", "c"]
+
+    @task(fail_policy="isolate")      # the other instances run on
+    def handle(ctx, item):
+        calls.append(item)
+        if item == "b" and broken[0]:
+            raise ValueError("bad b")
+        return item.upper()
+
+    flow = Flow(name="map-resume")
+    flow >> items >> handle.map("$node.items.output")
+    engine = Engine(trace=False, store=tmp_path)
+    failed = engine.run(flow, raise_on_failure=False)
+    assert [failed.tasks["handle[%d]" % k].state for k in range(3)] == [
+        "SUCCEEDED", "FAILED", "SUCCEEDED"]
+    broken[0] = False
+    del calls[:]
+    resumed = engine.run(flow, resume=failed.run_id)
+    assert calls == ["b"]
+    assert resumed.results["handle"] == ["A", "B", "C"]
+    assert _reuse_of(resumed)["handle[0]"] == failed.run_id
+    assert _reuse_of(resumed)["handle[1]"] is None
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"cache": "yes"}, "cache must be True, False or 'resume'"),
+    ({"cache": "resum"}, "did you mean 'resume'"),
+    ({"cache_ttl": 0}, "cache_ttl must be seconds > 0"),
+    ({"cache_key": "path"}, "cache_key must be a function"),
+    ({"version": [1]}, "version must be a string or a number"),
+])
+def test_bad_cache_options_are_clear_errors(options, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        task(**options)(lambda ctx: None)
+
+
+def test_cache_key_replaces_the_inputs_in_the_fingerprint(tmp_path):
+    calls = []
+
+    @task(cache_key=lambda ctx, inputs: inputs["path"].split("?")[0])
+    def read(ctx, path):
+        calls.append(path)
+        return len(path)
+
+    flow = Flow(name="keyed")
+    flow >> read
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow, {"path": "a.txt?v=1"})
+    assert engine.run(flow, {"path": "a.txt?v=2"}).tasks["read"].reused_from == first.run_id
+    assert engine.run(flow, {"path": "b.txt"}).tasks["read"].reused_from is None
+    assert calls == ["a.txt?v=1", "b.txt"]
+
+
+def test_without_a_store_nothing_is_reused_across_runs():
+    calls = []
+    flow = _one_cached_task(calls, "no-store")
+    run_quiet(flow)
+    run_quiet(flow)
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------
+# Incremental runs: overrides, --only / --from and --plan (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+def _targets_flow(calls, cache="resume"):
+    """fetch -> clean -> report, and fetch -> audit: a flow to select parts of."""
+    fetch = task(name="fetch", cache=cache)(lambda ctx: (calls.append("fetch"), [3, 1, 2])[1])
+    clean = task(name="clean", cache=cache)(
+        lambda ctx, fetch: (calls.append("clean"), sorted(fetch))[1])
+    report = task(name="report", cache=cache)(
+        lambda ctx, clean: (calls.append("report"), sum(clean))[1])
+    audit = task(name="audit", cache=cache)(
+        lambda ctx, fetch: (calls.append("audit"), len(fetch))[1])
+    flow = Flow(name="targets")
+    flow >> fetch >> clean >> report
+    flow.add(audit, after=[fetch])
+    return flow
+
+
+def test_overrides_give_a_task_its_output_without_calling_it():
+    calls = []
+    trace = io.StringIO()
+    run = Engine(trace=trace, cute=True).run(_targets_flow(calls), overrides={"fetch": [9, 8]})
+    assert "✅ done node=fetch (overridden)" in trace.getvalue()
+    assert "fetch" not in calls and sorted(calls) == ["audit", "clean", "report"]
+    record = run.tasks["fetch"]
+    assert record.state == "SUCCEEDED" and record.reason == "overridden"
+    assert record.attempts == 0 and record.reused_from is None
+    assert run.results["report"] == 17 and run.results["audit"] == 2
+
+
+@pytest.mark.parametrize("call, closest", [
+    (dict(overrides={"fetc": 1}), "'fetch'"),
+    (dict(only=["reprot"]), "'report'"),
+    (dict(rerun_from=["claen"]), "'clean'"),
+])
+def test_an_unknown_task_name_in_targets_or_overrides_is_a_flow_error_naming_the_closest(
+        call, closest):
+    calls = []
+    engine = quiet()
+    attempts = [engine.run] + ([] if "overrides" in call else [engine.plan])
+    for attempt in attempts:
+        with pytest.raises(pyoco.FlowError, match="did you mean %s" % re.escape(closest)):
+            attempt(_targets_flow(calls), **call)
+    assert calls == []
+
+
+def test_only_runs_the_named_tasks_and_what_they_need_and_skips_the_rest():
+    calls = []
+    run = run_quiet(_targets_flow(calls), only=["clean"])
+    assert sorted(calls) == ["clean", "fetch"]
+    for name in ("report", "audit"):
+        assert run.tasks[name].state == "SKIPPED" and run.tasks[name].reason == "not selected"
+    assert run.status == "COMPLETED"
+
+
+@pytest.mark.parametrize("resume, cache, reran", [
+    (False, True, ["clean", "report"]),
+    (True, True, ["clean", "report"]),
+    (True, "resume", ["clean", "report"]),      # a failed run keeps every output
+    (False, "resume", ["audit", "clean", "fetch", "report"]),   # a completed one does not
+])
+def test_from_runs_the_task_and_its_downstream_and_reuses_the_rest(tmp_path, resume, cache,
+                                                                   reran):
+    calls = []
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(_targets_flow(calls, cache), overrides={"report": None} if resume else
+                       None, raise_on_failure=False)
+    if resume and cache != True:
+        first = engine.run(_targets_flow(calls, cache), overrides={"clean": "x"},
+                           raise_on_failure=False)
+        assert first.status == "FAILED"
+    del calls[:]
+    run = engine.run(_targets_flow(calls, cache), rerun_from=["clean"],
+                     resume=first.run_id if resume else None)
+    assert sorted(calls) == reran
+    reused = {name: first.run_id for name in ("fetch", "audit") if name not in calls}
+    assert _reuse_of(run) == dict({"fetch": None, "clean": None, "report": None,
+                                   "audit": None}, **reused)
+    assert run.results["report"] == 6
+
+
+def test_only_with_resume_reuses_what_succeeded_and_skips_what_is_not_needed(tmp_path):
+    calls = []
+    engine = Engine(trace=False, store=tmp_path)
+    broken = _targets_flow(calls)
+    first = engine.run(broken, overrides={"fetch": "not a list"}, raise_on_failure=False)
+    assert first.status == "FAILED"
+    del calls[:]
+    run = engine.run(_targets_flow(calls), only=["audit"], resume=first.run_id)
+    assert run.tasks["report"].reason == "not selected"
+    assert run.status == "COMPLETED" and "fetch" not in calls
+
+
+def _plan_rows(entries):
+    return [(e["task"], e["action"], e["reason"], e["reused_from"]) for e in entries]
+
+
+def test_plan_says_why_each_task_runs_or_is_reused_and_runs_nothing(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx, day):
+        calls.append("fetch")
+        return day % 2
+
+    @task(cache=True)
+    def report(ctx, fetch):
+        calls.append("report")
+        return fetch
+
+    @task(cache=False)
+    def notify(ctx, report):
+        calls.append("notify")
+
+    @task
+    def archive(ctx, report):
+        calls.append("archive")
+
+    @task(cache=True)
+    def use(ctx, conn):
+        calls.append("use")
+
+    use.task.inputs = {"conn": threading.Lock()}
+    flow = Flow(name="planned")
+    flow >> fetch >> report >> [notify, archive]
+    flow.add(use, after=[report])
+    engine = Engine(trace=False, store=tmp_path)
+    assert _plan_rows(engine.plan(flow, {"day": 1})) == [
+        ("fetch", "run", "no earlier run", None), ("report", "run", "no earlier run", None),
+        ("notify", "run", "cache=False", None),
+        ("archive", "run", "not cached (cache='resume')", None),
+        ("use", "run", "no earlier run", None)]
+    assert calls == [] and not (tmp_path / "runs").exists()    # nothing called or written
+    first = engine.run(flow, {"day": 1}).run_id
+    runs_before = sorted(os.listdir(tmp_path / "runs"))
+    same = _plan_rows(engine.plan(flow, {"day": 1}))
+    assert same[:2] == [("fetch", "reuse", "same code and inputs as run %s" % first, first),
+                        ("report", "reuse", "same code and inputs as run %s" % first, first)]
+    assert same[4] == ("use", "run", "not cacheable: input 'conn' has no fingerprint", None)
+    changed = _plan_rows(engine.plan(flow, {"day": 3}))
+    assert changed[:2] == [
+        ("fetch", "run", "input 'day' changed since run %s" % first, None),
+        ("report", "depends", "upstream 'fetch' runs: decided when it returns", None)]
+    assert _plan_rows(engine.plan(flow, {"day": 1}, only=["fetch"]))[1] == (
+        "report", "skip", "not selected", None)
+    assert sorted(os.listdir(tmp_path / "runs")) == runs_before
+
+
+def test_plan_sees_a_changed_function_body(tmp_path):
+    engine = Engine(trace=False, store=tmp_path / "store")
+    first = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "one", "return 1"))),
+                       {"day": 1})
+    flow = pyoco.load_flow(str(_cached_flow_file(tmp_path, "two", "return 2")))
+    assert _plan_rows(engine.plan(flow, {"day": 1})) == [
+        ("fetch", "run", "code changed since run %s" % first.run_id, None)]
+
+
+_PLAN_FLOW = '''
+from pyoco import task, Flow
+
+@task(cache=True)
+def fetch(ctx):
+    print("fetched")
+    return 1
+
+@task
+def show(ctx, fetch):
+    print("shown", fetch)
+
+flow = Flow(name="cli-plan")
+flow >> fetch >> show
+'''
+
+
+def test_cli_plan_prints_one_line_per_task_or_json_and_writes_nothing(tmp_path):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    first = cli(tmp_path, "run", "flow.py", "--plan")
+    assert first.returncode == 0, first.stderr
+    assert "fetched" not in first.stdout and not (tmp_path / ".pyoco").exists()
+    lines = first.stdout.splitlines()
+    assert lines[0].split() == ["ACTION", "TASK", "REASON"]
+    assert re.match(r"run\s+fetch\s+no earlier run$", lines[1])
+    assert re.match(r"run\s+show\s+not cached \(cache='resume'\)$", lines[2])
+    ran = cli(tmp_path, "run", "flow.py")
+    assert ran.returncode == 0 and "fetched" in ran.stdout
+    run_id = re.search(r"run_id=(\S+)", ran.stderr).group(1)
+    as_json = cli(tmp_path, "run", "flow.py", "--plan", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == [
+        {"task": "fetch", "action": "reuse", "reason": "same code and inputs as run %s" % run_id,
+         "reused_from": run_id},
+        {"task": "show", "action": "run", "reason": "not cached (cache='resume')",
+         "reused_from": None}]
+    again = cli(tmp_path, "run", "flow.py", "--non-cute")
+    assert "fetched" not in again.stdout and "shown 1" in again.stdout
+    assert re.search(r"INFO reuse node=fetch from_run=%s " % run_id, again.stderr)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--plan", "--only", "shwo"), "did you mean 'show'?"),
+    (("--from", "fetc"), "did you mean 'fetch'?"),
+    (("--only", "nothing"), "has no task 'nothing'"),
+    (("--json",), "--json goes with --plan"),
+])
+def test_cli_unknown_targets_and_json_without_plan_exit_2(tmp_path, args, words):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    done = cli(tmp_path, "run", "flow.py", *args)
+    assert done.returncode == 2 and words in done.stderr
+    assert "Traceback" not in done.stderr and "fetched" not in done.stdout
+
+
+def test_cli_only_and_from_select_tasks(tmp_path):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    only = cli(tmp_path, "run", "flow.py", "--only", "fetch")
+    assert only.returncode == 0 and "fetched" in only.stdout and "shown" not in only.stdout
+    assert "⏭️ skip node=show (not selected)" in only.stderr
+    again = cli(tmp_path, "run", "flow.py", "--from", "show")
+    assert again.returncode == 0 and "fetched" not in again.stdout
+    assert "shown 1" in again.stdout
+
+
+def test_a_parameter_only_an_overridden_or_unselected_task_needs_may_be_left_out():
+    @task
+    def fetch(ctx, day):
+        return day
+
+    @task
+    def show(ctx, fetch):
+        return "day %s" % fetch
+
+    flow = Flow(name="left-out")
+    flow >> fetch >> show
+    assert run_quiet(flow, overrides={"fetch": 7}).results["show"] == "day 7"
+    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
+        run_quiet(flow, overrides={"show": "x"})
+    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
+        run_quiet(flow, only=["show"])
+
+
+def test_from_a_cached_map_runs_its_instances_again(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def square(ctx, n):
+        calls.append(n)
+        return n * n
+
+    flow = Flow(name="forced-map")
+    flow >> square.map([1, 2])
+    engine = Engine(trace=False, store=tmp_path)
+    engine.run(flow)
+    assert engine.run(flow).tasks["square[0]"].reused_from is not None
+    run = engine.run(flow, rerun_from=["square"])
+    assert sorted(calls) == [1, 1, 2, 2] and run.results["square"] == [1, 4]
+
+
+# ---------------------------------------------------------------------------
+# Incremental runs on the read side: /metrics and the page (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def reused_store(tmp_path):
+    """A store where flow "again" ran fetch once and then reused it twice."""
+    @task(cache=True)
+    def fetch(ctx):
+        return 1
+
+    @task
+    def show(ctx, fetch):
+        return fetch
+
+    flow = Flow(name="again")
+    flow >> fetch >> show
+    engine = Engine(trace=False, store=tmp_path)
+    runs = [engine.run(flow) for _ in range(3)]
+    server = pyoco.Server(tmp_path, port=0).start()
+    yield server.url, runs
+    server.close()
+
+
+def test_metrics_count_reused_tasks_by_flow_and_task(reused_store):
+    url, runs = reused_store
+    _, _, body = page_get(url + "/metrics")
+    text = body.decode("utf-8")
+    assert "# TYPE pyoco_tasks_reused_total counter" in text
+    assert 'pyoco_tasks_reused_total{flow="again",task="fetch"} 2' in text
+    assert 'pyoco_tasks_reused_total{flow="again",task="show"}' not in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_page_marks_a_reused_task_with_its_origin_run(reused_store):
+    url, runs = reused_store
+    view = page_browser("%s/runs/%s/view" % (url, runs[2].run_id), "--dump-dom")
+    assert view.returncode == 0, view.stderr[-2000:]
+    assert "reused from" in view.stdout
+    assert "/runs/%s/view" % runs[0].run_id in view.stdout
+
+
+# ---------------------------------------------------------------------------
+# Tutorial step 11: incremental runs
+# ---------------------------------------------------------------------------
+
+def test_tut_s11_incremental_runs(tmp_path):
+    first = tut_ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=3"))
+    assert "🧺 harvesting 3 rows" in first.stdout and "⚖️ 2.9 kg" in first.stdout
+    origin = tut_run_id(first)
+    again = tut_ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=3"))
+    assert "harvesting" not in again.stdout and "⚖️" not in again.stdout
+    assert "📣 today's harvest: 2.9 kg of carrots" in again.stdout
+    for name in ("harvest", "weigh"):
+        assert "♻️ reuse node=%s (run %s)" % (name, origin) in again.stderr
+    record = tut_record(tmp_path, tut_run_id(again))
+    assert record["tasks"]["weigh"]["reused_from"] == origin
+    assert record["tasks"]["announce"]["reused_from"] is None
+
+    plan = tut_ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=4", "--plan"))
+    rows = [line.split(None, 2) for line in plan.stdout.splitlines()[1:]]
+    assert rows == [
+        ["run", "harvest", "input 'rows' changed since run %s" % tut_run_id(again)],
+        ["depends", "weigh", "upstream 'harvest' runs: decided when it returns"],
+        ["run", "announce", "cache=False"]]
+    assert len(os.listdir(tut_store(tmp_path) / "runs")) == 2   # the plan wrote nothing
+    invalid = tut_ok(tut_run(tmp_path, "s11_incremental.py", "--plan"), code=2)
+    assert "needs parameter 'rows'" in invalid.stderr and "Traceback" not in invalid.stderr
+
+    only = tut_ok(tut_run(tmp_path, "s11_incremental.py", "--only", "harvest", "-p", "rows=5"))
+    assert "🧺 harvesting 5 rows" in only.stdout and "⚖️" not in only.stdout
+    assert "⏭️ skip node=announce (not selected)" in only.stderr
+    as_json = json.loads(tut_ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=5",
+                                        "--plan", "--json")).stdout)
+    assert as_json[0] == {"task": "harvest", "action": "reuse", "reused_from": tut_run_id(only),
+                          "reason": "same code and inputs as run %s" % tut_run_id(only)}
+
+    script = tut_ok(tut_script(tmp_path, "s11_incremental.py"))
+    assert "🧪 the flow weighs 100 carrots as 8.0 kg" in script.stdout
+    assert "harvesting" not in script.stdout

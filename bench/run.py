@@ -635,6 +635,51 @@ def cold_times(reps, tmp):
 # Reporting
 # ---------------------------------------------------------------------------
 
+def make_cached_step(i):
+    def fn(ctx, data):
+        return data + 1
+    fn.__name__ = "c%d" % i
+    return fn
+
+
+def cache_times(n, reps, tmp):
+    """A chain of n cache=True tasks, each given its upstream's output, in a run
+    store: (first-run seconds, fully reused second-run seconds) per repetition.
+
+    Each repetition uses a fresh store: the first run finds no earlier run and
+    runs every task (and records its fingerprint and output); the second run
+    of the same flow reuses every task. Both runs are checked.
+    """
+    first, second = [], []
+    for k in range(reps):
+        tasks = [pyoco.task(cache=True, name="c%d" % i)(make_cached_step(i)) for i in range(n)]
+        tasks[0].task.inputs = {"data": 0}
+        for i in range(1, n):
+            tasks[i].task.inputs = {"data": "$node.c%d.output" % (i - 1)}
+        flow = pyoco.Flow(name="cached-chain")
+        flow >> tasks[0]
+        for i in range(1, n):
+            flow.add(tasks[i], after=[tasks[i - 1]])
+        store = os.path.join(tmp, "cache-store-%d" % k)
+        engine = pyoco.Engine(workers=WORKERS, trace=False, store=store)
+        runs = []
+        for times in (first, second):
+            gc.collect()
+            t0 = time.perf_counter()
+            runs.append(engine.run(flow))
+            times.append(time.perf_counter() - t0)
+        ran, again = runs
+        if ran.results["c%d" % (n - 1)] != n or again.results["c%d" % (n - 1)] != n:
+            raise BenchError("cached chain: wrong last output")
+        reused = [t.reused_from for t in again.tasks.values()]
+        if any(t.reused_from for t in ran.tasks.values()) or reused != [ran.run_id] * n:
+            raise BenchError("cached chain: the first run must run every task and the"
+                             " second reuse every one (%d of %d reused)"
+                             % (sum(r == ran.run_id for r in reused), n))
+        shutil.rmtree(store)
+    return first, second
+
+
 def fmt_s(t):
     return "%.4f" % t if t < 10 else "%.2f" % t
 
@@ -720,6 +765,8 @@ def main(argv=None):
                         help="comma-separated workloads: chain, fanout, layered, data, sleep,"
                              " chain-big, fanout-big")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-process row")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="skip the cached-chain rows (first run and fully reused rerun)")
     parser.add_argument("--no-import", action="store_true", help="skip the import-time check")
     args = parser.parse_args(argv)
     if args.reps is None:
@@ -730,10 +777,10 @@ def main(argv=None):
         parser.error("--reps and --cold-reps must be at least 1")
     only = set(args.only.split(",")) if args.only else None
     work = plan(args)
-    if only and only - {item[0] for item in work}:
+    keys = [item[0] for item in work] + ["cache"]
+    if only and only - set(keys):
         parser.error("--only: unknown workload %s; the workloads are %s"
-                     % (", ".join(sorted(only - {item[0] for item in work})),
-                        ", ".join(item[0] for item in work)))
+                     % (", ".join(sorted(only - set(keys))), ", ".join(keys)))
     if not args.big:
         work = [item for item in work if not item[0].endswith("-big")]
 
@@ -805,6 +852,16 @@ def main(argv=None):
             del shape
             gc.collect()
 
+        cached = None
+        if not args.no_cache and (not only or "cache" in only):
+            cache_n = 1000 if args.quick else 10000
+            try:
+                cached = (cache_n, cache_times(cache_n, min(3, args.reps), tmp))
+            except Exception as exc:
+                kind = "VALIDATION FAILED" if isinstance(exc, BenchError) else "ERROR"
+                print("\n!!! %s: cached chain: %s: %s\n" % (kind, type(exc).__name__, exc),
+                      file=sys.stderr)
+                failed.append("cached chain")
         pyc = precompile()
         cold = None
         if not args.no_cold:
@@ -835,6 +892,16 @@ def main(argv=None):
           " Engine(trace=<file>, cute=True, store=<new folder>) on its own fresh flow;\n"
           "/bare = trace+store first run / bare pyoco first run; us/task = 1st run s per task"
           " in microseconds." % (WORKERS, WORKERS))
+
+    if cached is not None:
+        n, (first, second) = cached
+        print("\ncached chain %s (cache=True tasks, each given its upstream's output; a run"
+              " store; trace off), median of %d fresh stores:" % (human(n), len(first)))
+        print_table(["run", "s", "min..max", "us/task"], [
+            [label, fmt_s(statistics.median(t)), "%s..%s" % (fmt_s(min(t)), fmt_s(max(t))),
+             "%.1f" % (statistics.median(t) / n * 1e6)]
+            for label, t in (("first run (every task runs)", first),
+                             ("second run (every task reused)", second))])
 
     if cold is not None:
         cm = {k: statistics.median(v) for k, v in cold.items()}
