@@ -118,24 +118,56 @@ class Skip(Exception):
 # States and events
 # ---------------------------------------------------------------------------
 
+class _State(str):
+    """A state name: a plain string (``== "SUCCEEDED"``, JSON as a string) that
+    also has ``.value``, as the original's enums did. One object per name, so
+    states may be compared with ``is``."""
+
+    __slots__ = ()
+
+    @property
+    def value(self):
+        return str.__str__(self)
+
+    @property
+    def name(self):
+        return str.__str__(self)
+
+    def __repr__(self):
+        return "<state %s>" % str.__str__(self)
+
+    def __reduce__(self):
+        return (_state, (str.__str__(self),))
+
+
+_STATES = {}                # name -> its one _State: filled at import, then only read
+
+
+def _state(name):
+    return _STATES.setdefault(name, _State(name))
+
+
 class TaskState:
-    """The states of a task; the values are plain strings."""
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    SKIPPED = "SKIPPED"
-    CANCELLED = "CANCELLED"
+    """The states of a task; each is a string ("SUCCEEDED") with ``.value``."""
+    PENDING = _state("PENDING")
+    RUNNING = _state("RUNNING")
+    SUCCEEDED = _state("SUCCEEDED")
+    FAILED = _state("FAILED")
+    SKIPPED = _state("SKIPPED")
+    CANCELLED = _state("CANCELLED")
 
 
 class RunState:
-    """The states of a run; the values are plain strings."""
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLING = "CANCELLING"
-    CANCELLED = "CANCELLED"
+    """The states of a run; each is a string ("COMPLETED") with ``.value``."""
+    PENDING = _state("PENDING")
+    RUNNING = _state("RUNNING")
+    COMPLETED = _state("COMPLETED")
+    FAILED = _state("FAILED")
+    CANCELLING = _state("CANCELLING")
+    CANCELLED = _state("CANCELLED")
+
+
+RunStatus = RunState        # the original's name for the run states
 
 
 _FINISHED = (RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED)
