@@ -35,6 +35,7 @@ __all__ = [
     "TaskState", "RunState", "Event", "EVENT_KINDS",
     "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip",
     "main", "plugin_task", "load_plugins", "RunStore", "StoreError", "Server", "PluginWarning",
+    "run", "RunStatus",
 ]
 
 import os
@@ -68,6 +69,7 @@ _fork_hooked = False        # os.register_at_fork done (once, under _tee_lock)
 _pending_webhooks = []      # _Delivery objects still delivering; drained at exit
 _webhooks_drained_at_exit = False   # drain_webhooks registered with atexit
 _registry = None            # the plugin registry, loaded on first use
+_flows = None               # WeakSet of every Flow made, for node.dependencies; made by the first
 
 
 # ---------------------------------------------------------------------------
@@ -132,9 +134,6 @@ class _State(str):
     @property
     def name(self):
         return str.__str__(self)
-
-    def __repr__(self):
-        return "<state %s>" % str.__str__(self)
 
     def __reduce__(self):
         return (_state, (str.__str__(self),))
@@ -624,7 +623,11 @@ _FAIL_POLICIES = ("stop", "isolate")
 
 
 _OPTIONS = ("name", "inputs", "retries", "retry_delay", "timeout",
-            "fail_policy", "cache", "pool", "max_parallel", "run_if", "when")
+            "fail_policy", "cache", "pool", "max_parallel", "run_if", "when", "outputs")
+# The original pyoco's option names, accepted as the options they mean (SPEC section 15).
+_ALIASES = {"timeout_sec": "timeout", "trigger_policy": "run_if"}
+_TRIGGER_POLICIES = {"ALL": "all_succeeded", "ANY": "any_succeeded"}
+_OUTPUT_ROOTS = ("scratch", "results", "params")
 _RUN_IF = ("all_succeeded", "none_failed", "any_succeeded", "all_done", "any_failed")
 
 
@@ -633,6 +636,34 @@ def _closest(word, choices):
     import difflib
     near = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return "; did you mean %r?" % near[0] if near else ""
+
+
+def _translate_alias(node, key, value):
+    """The option an original pyoco name means: (name, value)."""
+    if key == "trigger_policy":
+        if value not in _TRIGGER_POLICIES:
+            raise FlowError("task %r: trigger_policy must be 'ALL' or 'ANY', not %r%s (or use"
+                            " run_if=...)" % (getattr(node, "name", None), value,
+                                              _closest(value, _TRIGGER_POLICIES)))
+        value = _TRIGGER_POLICIES[value]
+    return _ALIASES[key], value
+
+
+def _check_outputs(node, value):
+    """``outputs``: dotted paths under scratch, results or params; as a tuple of paths."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError("task %r: outputs must be a list of paths such as ['scratch.key'],"
+                        " not %r" % (getattr(node, "name", None), value))
+    paths = []
+    for path in value:
+        parts = path.split(".") if isinstance(path, str) else ()
+        if len(parts) < 2 or parts[0] not in _OUTPUT_ROOTS or not all(parts):
+            raise FlowError("task %r: bad output path %r%s; write scratch.KEY, results.KEY or"
+                            " params.KEY (more .key steps nest dicts)"
+                            % (getattr(node, "name", None), path,
+                               _closest(parts[0], _OUTPUT_ROOTS) if parts else ""))
+        paths.append(tuple(parts))
+    return tuple(paths)
 
 
 def _unknown_options(kind, unknown, known):
@@ -679,7 +710,14 @@ class Task:
     max_parallel = None
     run_if = "all_succeeded"
     when = None
+    outputs = ()
     max_retry_delay = 60.0
+
+    def __new__(cls, *args, **options):
+        if cls is Task and (options.get("func") is not None or (args and callable(args[0]))):
+            # Task(func=f, name=...): the original's way to make a node of a function
+            return object.__new__(FunctionTask)
+        return object.__new__(cls)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -689,14 +727,19 @@ class Task:
     def __init__(self, name=None, **options):
         if name is not None:
             self.name = name
-        unknown = set(options) - set(_OPTIONS)
+        func = options.pop("func", None)
+        if func is not None and func != getattr(self, "run", None):
+            object.__setattr__(self, "run", func)       # the original's Task(func=...) subclasses
+        unknown = set(options) - set(_OPTIONS) - set(_ALIASES)
         if unknown:
-            raise _unknown_options("task", unknown, _OPTIONS)
+            raise _unknown_options("task", unknown, _OPTIONS + tuple(_ALIASES))
         self.inputs = options.pop("inputs", None) or dict(type(self).inputs or {})
         for key, value in options.items():
             setattr(self, key, value)
 
     def __setattr__(self, key, value):
+        if key in _ALIASES:
+            key, value = _translate_alias(self, key, value)
         if key == "inputs":
             if value is None:
                 value = {}
@@ -722,8 +765,50 @@ class Task:
                              % (getattr(self, "name", None), value))
         elif key in ("run_if", "pool", "max_parallel", "when"):
             _check_flow_option(self, key, value)
+        elif key == "outputs":
+            _check_outputs(self, value)
+            value = list(value)
         _touch()
         object.__setattr__(self, key, value)
+
+    # The original pyoco's names for options and edges (SPEC section 15).
+
+    timeout_sec = property(lambda self: self.timeout, doc="The original's name of timeout.")
+
+    @property
+    def trigger_policy(self):
+        """The original's name of run_if: "ALL", "ANY", or the run_if rule."""
+        for policy, rule in _TRIGGER_POLICIES.items():
+            if self.run_if == rule:
+                return policy
+        return self.run_if
+
+    @property
+    def dependencies(self):
+        """The tasks this one runs after (in any flow), as a set; adding one adds an edge."""
+        return _Edges(self, upstream=True)
+
+    @property
+    def dependents(self):
+        """The tasks that run after this one (in any flow), as a set; adding one adds an edge."""
+        return _Edges(self, upstream=False)
+
+    def __rshift__(self, other):
+        return _link([self], other)
+
+    def __rrshift__(self, other):
+        return _link(other, self)
+
+    def __and__(self, other):
+        return _Group([self]) & other
+
+    def __or__(self, other):
+        return _OrJoin([self]) | other
+
+    def __getstate__(self):
+        # Edges point at other nodes (and back): a node travels without them.
+        return {key: value for key, value in self.__dict__.items()
+                if key not in ("_ups", "_downs")}
 
     @property
     def task(self):
@@ -750,7 +835,124 @@ class Task:
         cls = type(self)
         module = sys.modules.get(cls.__module__)
         return (_rebuild_task, (cls.__module__, cls.__qualname__,
-                                getattr(module, "__file__", None), dict(self.__dict__)))
+                                getattr(module, "__file__", None), self.__getstate__()))
+
+
+class _Edges:
+    """``node.dependencies`` / ``node.dependents``: a live set of nodes.
+
+    It holds the edges made on the nodes themselves (``b.dependencies.add(a)``,
+    ``a >> b``, which every flow holding both nodes follows) and those of the
+    flows the node is in. Adding or discarding changes the nodes' own edges.
+    """
+
+    __slots__ = ("node", "upstream")
+
+    def __init__(self, node, upstream):
+        self.node, self.upstream = node, upstream
+
+    def _own(self, node):
+        key = "_ups" if self.upstream else "_downs"
+        edges = node.__dict__.get(key)
+        if edges is None:
+            edges = {}
+            object.__setattr__(node, key, edges)
+        return edges
+
+    def _all(self):
+        found = dict.fromkeys(self.node.__dict__.get("_ups" if self.upstream else "_downs", ()))
+        for flow in list(_flows or ()):
+            graph = flow._upstream
+            if self.upstream:
+                found.update(dict.fromkeys(graph.get(self.node, ())))
+            else:
+                found.update((down, None) for down, ups in graph.items() if self.node in ups)
+        return found
+
+    def add(self, other):
+        other = _as_node(other, "task %r dependencies" % (self.node.name,))
+        if other is self.node:
+            raise FlowError("task %r cannot run after itself" % (self.node.name,),
+                            cycle=[self.node.name, self.node.name])
+        up, down = (other, self.node) if self.upstream else (self.node, other)
+        _Edges(down, True)._own(down)[up] = None
+        _Edges(up, False)._own(up)[down] = None
+        _touch()
+
+    def update(self, others):
+        for other in others:
+            self.add(other)
+
+    def discard(self, other):
+        other = _as_node(other, "task %r dependencies" % (self.node.name,))
+        up, down = (other, self.node) if self.upstream else (self.node, other)
+        down.__dict__.get("_ups", {}).pop(up, None)
+        up.__dict__.get("_downs", {}).pop(down, None)
+        for flow in list(_flows or ()):
+            flow._upstream.get(down, {}).pop(up, None)
+        _touch()
+
+    def remove(self, other):
+        if _as_node(other) not in self:
+            raise KeyError(other)
+        self.discard(other)
+
+    def __contains__(self, other):
+        return getattr(other, "task", None) in self._all()
+
+    def __iter__(self):
+        return iter(list(self._all()))
+
+    def __len__(self):
+        return len(self._all())
+
+    def __eq__(self, other):
+        return set(self._all()) == set(other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "{%s}" % ", ".join(map(repr, self._all()))
+
+
+class _Group(list):
+    """``a & b``: tasks that run side by side, as ``[a, b]`` in a chain."""
+
+    def __and__(self, other):
+        return type(self)(self + _flat(other))
+
+    def __or__(self, other):
+        return _OrJoin(self + _flat(other))
+
+    def __rshift__(self, other):
+        return _link(self, other)
+
+    def __rrshift__(self, other):
+        return _link(other, self)
+
+
+class _OrJoin(_Group):
+    """``a | b``: what follows runs once any of them succeeded (run_if="any_succeeded")."""
+
+    def __and__(self, other):
+        return _OrJoin(self + _flat(other))
+
+    __or__ = __and__
+
+
+def _flat(items):
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def _link(left, right):
+    """``a >> b`` outside a flow: edges on the nodes themselves. Returns ``right``."""
+    targets = [_as_node(t, "a >> b") for t in _flat(right)]
+    for target in targets:
+        if isinstance(left, _OrJoin):
+            target.run_if = "any_succeeded"
+        for source in _flat(left):
+            target.dependencies.add(source)
+    return right
 
 
 def _check_flow_option(node, key, value):
@@ -777,7 +979,7 @@ class FunctionTask(Task):
     (a misspelling such as ``fn.task.timout = 5``) is an AttributeError.
     """
 
-    _OWN = ("func", "max_retry_delay", "__module__", "__name__", "__qualname__", "__doc__",
+    _OWN = ("func", "max_retry_delay", "timeout_sec", "trigger_policy", "__module__", "__name__", "__qualname__", "__doc__",
             "__wrapped__")
 
     def __setattr__(self, key, value):
@@ -1081,6 +1283,11 @@ class Flow:
         self._upstream = {}         # node -> {upstream node: None}, insertion ordered
         self._plan = None
         self._plan_generation = -1
+        global _flows
+        if _flows is None:
+            import weakref
+            _flows = weakref.WeakSet()
+        _flows.add(self)
 
     # -- building
 
@@ -1108,7 +1315,7 @@ class Flow:
         nodes = self._nodes_of(other)
         for node in nodes:
             self._add(node, ())
-        return _Chain(self, nodes)
+        return _Chain(self, nodes, isinstance(other, _OrJoin))
 
     def add(self, task, after=()):
         """Add ``task`` to run after every task in ``after`` (a task or a list).
@@ -1120,6 +1327,29 @@ class Flow:
         upstream = self._nodes_of(after) if after else []
         self._add(node, upstream)
         return _Chain(self, [node])
+
+    def add_task(self, task):
+        """The original pyoco's name for ``add(task)``: the node's own edges
+        (``node.dependencies``) are followed when the flow runs."""
+        return self.add(task)
+
+    def _graph(self):
+        """node -> upstream nodes: the flow's edges and those made on its nodes
+        (a node's own upstream tasks join the flow, as with ``add(after=...)``)."""
+        graph = self._upstream
+        if not any("_ups" in node.__dict__ for node in graph):
+            return graph
+        merged, todo = {}, list(graph)
+        while todo:
+            node = todo.pop(0)
+            if node in merged:
+                continue
+            ups = dict(graph.get(node, {}))
+            ups.update(node.__dict__.get("_ups", {}))
+            merged[node] = ups
+            todo.extend(up for up in ups if up not in merged and up not in todo)
+        return {node: merged[node] for node in list(graph) + [n for n in merged
+                                                             if n not in graph]}
 
     # -- reading
 
@@ -1174,16 +1404,19 @@ class Flow:
 class _Chain:
     """What ``flow >> x`` returns: remembers the last tasks to chain from."""
 
-    __slots__ = ("flow", "tails")
+    __slots__ = ("flow", "tails", "any")
 
-    def __init__(self, flow, tails):
+    def __init__(self, flow, tails, any=False):
         self.flow, self.tails = flow, tails
+        self.any = any              # the tails are an OR-join (a | b): what follows needs one
 
     def __rshift__(self, other):
         nodes = self.flow._nodes_of(other)
         for node in nodes:
             self.flow._add(node, self.tails)
-        return _Chain(self.flow, nodes)
+            if self.any:
+                node.run_if = "any_succeeded"
+        return _Chain(self.flow, nodes, isinstance(other, _OrJoin))
 
     def __repr__(self):
         return "<chain of flow %r at %s>" % (self.flow.name, ", ".join(n.name for n in self.tails))
@@ -1210,18 +1443,19 @@ class _Plan:
                  "roots", "funcs", "ctx", "binds", "varkw", "flowparams", "retries",
                  "timeouts", "isolate", "param_refs", "json_names", "is_async", "maps",
                  "rules", "whens", "handlers", "pool_of", "max_parallel", "pools", "group",
-                 "stop_rules")
+                 "stop_rules", "outputs")
 
 
     def __init__(self, flow):
         self.flow_name = flow.name
-        nodes = self.nodes = list(flow._upstream)
+        graph = flow._graph()
+        nodes = self.nodes = list(graph)
         names = self.names = [node.name for node in nodes]
         index = self.index = dict(zip(names, range(len(names))))
         if len(index) != len(nodes) or not all(type(n) is str and n for n in names):
             self._name_problem(flow.name)
         node_index = dict(zip(nodes, range(len(nodes))))
-        preds = self.preds = [[node_index[up] for up in flow._upstream[node]] for node in nodes]
+        preds = self.preds = [[node_index[up] for up in graph[node]] for node in nodes]
 
         sources = [node.base if isinstance(node, MapTask) else node for node in nodes]
         self.funcs = [source._callable() for source in sources]
@@ -1241,6 +1475,8 @@ class _Plan:
         self.max_parallel = [source.max_parallel for source in sources]
         self.pools = flow.pools
         self.group = [None] * len(nodes)     # a map instance: its map's max_parallel key
+        self.outputs = {i: _check_outputs(source, source.outputs)      # task number -> paths
+                        for i, source in enumerate(sources) if source.outputs}
         self.whens = {}             # task number -> the binding of its when= expression
         self.ctx, self.binds, self.varkw, self.is_async = [], [], [], []
         self.maps = {}              # map node -> (its "over" binding, item parameter, kw-only?)
@@ -1502,6 +1738,18 @@ class Context:
                          doc="Artifacts saved so far in this run: name -> stored path (str).")
     cancelled = property(lambda self: self._run.cancel_event,
                          doc="A threading.Event set when the run is being cancelled.")
+    # The original pyoco's names (SPEC section 15).
+    is_cancelled = property(lambda self: self._run.cancel_event.is_set(),
+                            doc="True once the run is being cancelled.")
+    env = property(lambda self: os.environ, doc="The environment ($env.NAME reads it).")
+
+    def get_result(self, name):
+        """The output of task ``name``, done earlier in this run; KeyError if none yet."""
+        try:
+            return self._run.results[name]
+        except KeyError:
+            raise KeyError("no result of task %r yet (results so far: %s)"
+                           % (name, ", ".join(map(repr, self._run.results)) or "none")) from None
 
     @property
     def log(self):
@@ -1969,6 +2217,19 @@ def _rule_unmet(plan, states, i, rule):
         "%r %s" % (names[p], states[p].lower()) for p in preds) or "no upstream tasks")
 
 
+def _store_outputs(run, paths, value):
+    """Put a task's output at each of its ``outputs`` paths (``scratch.a.b``)."""
+    for path in paths:
+        target = {"scratch": run.scratch, "results": run.results, "params": run.params}[path[0]]
+        for depth, key in enumerate(path[1:-1], 1):
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise TypeError("output path %r: %r holds a %s, not a dict"
+                                % (".".join(path), ".".join(path[:depth + 1]),
+                                   type(target).__name__))
+        target[path[-1]] = value
+
+
 class _RunLedger:
     """The one writer of a run's state: every change to a task or to the run is
     made here and announced as an Event to the run's observers, in order."""
@@ -2015,6 +2276,12 @@ class _RunLedger:
         if self.closed:
             return False
         run = self.run
+        if self.plan.outputs and i in self.plan.outputs:
+            try:
+                _store_outputs(run, self.plan.outputs[i], out)
+            except TypeError as exc:
+                self.fail(i, exc)
+                return False
         t1 = time.time()
         run._ended[i] = t1
         run._state[i] = TaskState.SUCCEEDED
@@ -4817,6 +5084,11 @@ class Engine:
         _parse_pools(self.pools, "Engine(pools=...)")
         self._active = {}           # run id -> its _Scheduler while the run goes
 
+    @property
+    def active_runs(self):
+        """run id -> Run, for the runs going on now (the original pyoco's name)."""
+        return {run_id: scheduler.run for run_id, scheduler in list(self._active.items())}
+
     def _store(self):
         if self.store is False:
             return None
@@ -4945,6 +5217,12 @@ class Engine:
         """
         core = self._active.get(run_id)
         return core is not None and core.cancel(reason)
+
+
+def run(flow, params=None, trace=True, cute=True):
+    """Run ``flow`` on a fresh ``Engine(trace=trace, cute=cute)`` and return the Run
+    (the original pyoco's one-call form; a failed run raises RunFailed)."""
+    return Engine(trace=trace, cute=cute).run(flow, params)
 
 
 # ---------------------------------------------------------------------------
@@ -5703,7 +5981,7 @@ class PluginInfo:
     """One task offered by a plugin distribution."""
 
     __slots__ = ("name", "distribution", "version", "kind", "summary", "entry_point",
-                 "target", "problems")
+                 "target", "problems", "options")
 
     def __init__(self, name, distribution, version, kind, target, entry_point):
         self.name = name
@@ -5714,6 +5992,7 @@ class PluginInfo:
         self.entry_point = entry_point
         self.summary = _summary_of(target)
         self.problems = []              # (level, message) found by lint
+        self.options = {}               # task options a hook gave with task_class(...)
 
     def to_dict(self):
         return {"name": self.name, "distribution": self.distribution, "version": self.version,
@@ -5781,6 +6060,59 @@ class PluginRegistry:
             return info
         self.tasks[name] = info
         return info
+
+    # The original pyoco's registry methods, so its register(registry) hooks load.
+
+    def task_class(self, task_class, name=None, **options):
+        """Add a Task subclass whose nodes get ``options`` (``plugin_task`` may override)."""
+        if not (isinstance(task_class, type) and issubclass(task_class, Task)):
+            raise TypeError("registry.task_class takes a Task subclass, not %r" % (task_class,))
+        unknown = set(options) - set(_OPTIONS) - set(_ALIASES) - {"name"}
+        if unknown:
+            raise _unknown_options("task", unknown, _OPTIONS + tuple(_ALIASES))
+        info = self.add(task_class, name=name)
+        info.options = dict(options)
+        return info
+
+    def register_callable(self, fn, name=None, **options):
+        """Add a function as a task with ``options`` (lint advises a Task subclass)."""
+        if not callable(fn) or isinstance(fn, type):
+            raise TypeError("registry.register_callable takes a function, not %r" % (fn,))
+        node = FunctionTask(getattr(fn, "func", fn), name=name, **options)
+        info = self.add(node, name=node.name)
+        info.kind = "function"
+        info.problems.append(("warning", _FUNCTION_ADVICE % {"name": node.name}))
+        return info
+
+    def task(self, name=None, **options):
+        """``@registry.task(name=..., retries=...)``: ``register_callable`` as a decorator."""
+        if callable(name):              # @registry.task without parentheses
+            self.register_callable(name, **options)
+            return name
+
+        def register(fn):
+            self.register_callable(fn, name=name, **options)
+            return fn
+        return register
+
+    _INFO_KEYS = ("summary", "description", "version", "tags")
+
+    def task_info(self, name, **info):
+        """Describe a task added earlier: ``summary=`` (what ``plugins list`` shows) and
+        ``description``, ``version``, ``tags``, kept for the summary when it has none."""
+        unknown = set(info) - set(self._INFO_KEYS)
+        if unknown:
+            first = sorted(unknown)[0]
+            raise TypeError("registry.task_info: unknown key %r%s (the keys are: %s)"
+                            % (first, _closest(first, self._INFO_KEYS), ", ".join(self._INFO_KEYS)))
+        entry = self.tasks.get(name)
+        if entry is None:
+            raise KeyError("registry.task_info: no task %r added%s (added: %s)" % (
+                name, _closest(name, self.tasks), ", ".join(sorted(self.tasks)) or "none"))
+        text = info.get("summary") or info.get("description")
+        if text:
+            entry.summary = " ".join(str(text).split())
+        return entry
 
     def names(self):
         return sorted(self.tasks)
@@ -5902,7 +6234,7 @@ def plugin_task(plugin, /, **options):
         merged.update(options)
         return FunctionTask(base.func, **merged)
     if info.kind == "task":
-        return info.target(**options)
+        return info.target(**dict(info.options, **options))
     return FunctionTask(info.target, **options)
 
 
@@ -6550,7 +6882,8 @@ def _register_aliases():
     core = module_type(__name__ + ".core", "Compatibility names of the original pyoco layout.")
     core.__path__ = []
     parts = {
-        "models": {"Flow": Flow, "Task": Task, "FunctionTask": FunctionTask, "task": task},
+        "models": {"Flow": Flow, "Task": Task, "FunctionTask": FunctionTask, "task": task,
+                   "TaskState": TaskState, "RunStatus": RunStatus},
         "engine": {"Engine": Engine, "Run": Run, "TaskRecord": TaskRecord},
         "context": {"Context": Context},
         "exceptions": {"PyocoError": PyocoError, "FlowError": FlowError,
@@ -6564,6 +6897,16 @@ def _register_aliases():
         core.__dict__.update(names)
         sys.modules.setdefault(sub.__name__, sub)
     globals()["core"] = core
+    # from pyoco.dsl.syntax import task: the original's home of the decorator
+    dsl = module_type(__name__ + ".dsl", "Compatibility names of the original pyoco layout.")
+    dsl.__path__ = []
+    syntax = module_type(dsl.__name__ + ".syntax")
+    syntax.__dict__.update({"task": task, "TaskWrapper": FunctionTask, "Branch": _OrJoin,
+                            "Parallel": _Group})
+    dsl.syntax = syntax
+    sys.modules.setdefault(dsl.__name__, dsl)
+    sys.modules.setdefault(syntax.__name__, syntax)
+    globals()["dsl"] = dsl
 
 
 _register_aliases()

@@ -299,7 +299,7 @@ def test_an_unknown_flow_keyword_is_a_type_error_naming_pools():
     assert "'pool'" in str(info.value) and "'pools'" in str(info.value)
 
 
-@pytest.mark.parametrize("attr, closest", [("timout", "'timeout'"), ("timeout_sec", "timeout"),
+@pytest.mark.parametrize("attr, closest", [("timout", "'timeout'"), ("timeout_secs", "timeout"),
                                            ("retrys", "'retries'"), ("runif", "'run_if'")])
 def test_a_misspelled_option_set_on_a_decorated_functions_node_is_an_attribute_error(attr,
                                                                                       closest):
