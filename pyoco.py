@@ -6419,6 +6419,8 @@ def load_flow(target, name=None):
     ``name`` (or ``:NAME``) picks a flow by its variable or its Flow name
     when the module defines several. Raises UsageError when it cannot.
     """
+    if target.endswith((".yaml", ".yml")):
+        return _load_yaml_flow(target, name)
     if ":" in target and not os.path.exists(target):
         target, _, picked = target.rpartition(":")
         name = name or picked
@@ -6437,6 +6439,317 @@ def load_flow(target, name=None):
         raise UsageError("%s defines several flows: %s; pick one with --flow NAME"
                          % (target, ", ".join(_flow_label(v, f) for v, f in flows)))
     return flows[0][1]
+
+
+# The original pyoco's YAML flow files (SPEC section 15): tasks by "module:function",
+# task modules to import, and graphs of >> chains. The graph is parsed here, never
+# evaluated: a line is NAME, "(a & b)" or "(a | b)" terms joined by ">>".
+
+_YAML_KEYS = ("version", "discovery", "tasks", "flows", "flow")
+_YAML_DISCOVERY = ("glob_modules", "packages", "entry_points")
+_YAML_FLOW_KEYS = ("graph", "defaults", "name")
+_YAML_TASK_KEYS = ("callable",) + tuple(k for k in _OPTIONS if k != "name") + tuple(_ALIASES)
+
+
+def _yaml_documents(path):
+    """The YAML file's data and its node tree (for line numbers); UsageError when bad."""
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError("%s: YAML flow files need PyYAML, which is not installed:"
+                         " pip install pyyaml (or write the flow in Python)" % path) from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError("flow file %s: %s" % (path, exc.strerror or exc)) from None
+    try:
+        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = ":%d" % (mark.line + 1) if mark is not None else ""
+        raise UsageError("%s%s: not valid YAML: %s" % (path, where, _one_line(
+            getattr(exc, "problem", None) or exc))) from None
+
+
+def _yaml_line(tree, *keys):
+    """The file line (1-based) where the value at ``keys`` starts, or None."""
+    node = tree
+    for key in keys:
+        if getattr(node, "id", None) != "mapping":
+            return None
+        node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+        if node is None:
+            return None
+    block = getattr(node, "style", None) in ("|", ">")
+    return node.start_mark.line + (2 if block else 1)
+
+
+def _yaml_section(path, where, value, keys, kind=dict):
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise UsageError("%s: %s must be %s, not %s" % (path, where, _JSON_KINDS.get(
+            kind, kind.__name__), _JSON_KINDS.get(type(value), type(value).__name__)))
+    if kind is dict and keys is not None:
+        for key in value:
+            if key not in keys:
+                raise UsageError("%s: unknown key %r in %s%s (the keys are: %s)"
+                                 % (path, key, where, _closest(key, keys), ", ".join(keys)))
+    return value
+
+
+def _yaml_modules(path, discovery):
+    """Import the task modules ``discovery`` names; their tasks by variable and name."""
+    import glob
+    import importlib
+    _cwd_on_path()
+    found = {}
+    modules = []
+    for key in _YAML_DISCOVERY:
+        entries = _yaml_section(path, "discovery.%s" % key, discovery.get(key), None, list)
+        for entry in entries:
+            if not isinstance(entry, str) or not entry:
+                raise UsageError("%s: discovery.%s entries are strings, not %r"
+                                 % (path, key, entry))
+            if key != "glob_modules" or not (entry.endswith(".py") or "*" in entry
+                                             or "/" in entry):
+                modules.append((entry, None))      # a module name, as in glob_modules: [tasks]
+                continue
+            files = sorted(glob.glob(entry, recursive=True))
+            if not any(f.endswith(".py") for f in files):
+                raise UsageError("%s: discovery.glob_modules %r matches no .py file (paths"
+                                 " are relative to the working directory, %s)"
+                                 % (path, entry, os.getcwd()))
+            for file in files:
+                if file.endswith(".py"):
+                    rel = os.path.relpath(file)
+                    dotted = rel[:-3].replace(os.sep, ".")
+                    ok = not rel.startswith("..") and all(p.isidentifier()
+                                                          for p in dotted.split("."))
+                    modules.append((dotted if ok else file, file))
+    for name, file in modules:
+        where = "discovery: %s" % (file or name)
+        if file is not None and not name.replace(".", "").isidentifier():
+            module = _load_target(file)
+        else:
+            try:
+                module = importlib.import_module(name)
+            except ImportError as exc:
+                raise UsageError("%s: %s: cannot import %r: %s" % (path, where, name, exc)) from None
+            except Exception as exc:
+                raise UsageError("%s: %s: importing %r raised %s"
+                                 % (path, where, name, _describe(exc))) from None
+        for var, value in vars(module).items():
+            if isinstance(value, Task) and not var.startswith("_"):
+                found.setdefault(var, value)
+                found.setdefault(value.name, value)
+    return found
+
+
+def _yaml_callable(path, name, spec):
+    import importlib
+    module_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not module_name or not attr:
+        raise UsageError("%s: tasks.%s.callable must be \"module:function\", not %r"
+                         % (path, name, spec))
+    _cwd_on_path()
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError("%s: tasks.%s.callable %r: cannot import %r: %s"
+                         % (path, name, spec, module_name, exc)) from None
+    except Exception as exc:
+        raise UsageError("%s: tasks.%s.callable %r: importing %r raised %s"
+                         % (path, name, spec, module_name, _describe(exc))) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError("%s: tasks.%s.callable %r: module %r has no %r"
+                             % (path, name, spec, module_name, attr)) from None
+    return obj
+
+
+def _yaml_node(path, name, obj, conf):
+    """A fresh node named ``name`` for ``obj`` (an @task function, a Task, a Task
+    subclass or a function) with the options of its ``tasks:`` entry."""
+    import copy
+    if isinstance(obj, FunctionTask):
+        options = {key: getattr(obj, key) for key in _OPTIONS if key != "name"}
+        options["inputs"] = dict(obj.inputs or {})
+        node = FunctionTask(obj.func, name=name, **options)
+    elif isinstance(obj, Task):
+        node = copy.copy(obj)
+        node.name = name
+    elif isinstance(obj, type) and issubclass(obj, Task):
+        node = obj(name=name)
+    elif callable(obj):
+        node = FunctionTask(obj, name=name)
+    else:
+        raise UsageError("%s: task %r is %r, not a task or a function" % (path, name, obj))
+    for key, value in conf.items():
+        if key == "inputs":
+            node.inputs = dict(node.inputs, **_yaml_section(path, "tasks.%s.inputs" % name,
+                                                            value, None))
+        elif key != "callable":
+            try:
+                setattr(node, key, value)
+            except (TypeError, ValueError) as exc:
+                raise UsageError("%s: tasks.%s.%s: %s" % (path, name, key, exc)) from None
+    return node
+
+
+def _graph_lines(text):
+    """The graph's chains as (line number, text): comments dropped; a chain goes on
+    to the next line while a parenthesis is open or the line ends with >>."""
+    chains, pending, start = [], "", 0
+    for number, line in enumerate(str(text).splitlines(), 1):
+        code = line.split("#", 1)[0].strip()
+        if not code:
+            continue
+        if not pending:
+            start = number
+        pending = (pending + " " + code).strip()
+        if pending.count("(") > pending.count(")") or pending.endswith(">>"):
+            continue
+        chains.append((start, pending))
+        pending = ""
+    if pending:
+        chains.append((start, pending))
+    return chains
+
+
+def _graph_terms(chain, problem):
+    """``a >> (b & c) >> (d | e)`` as [(["a"], ""), (["b", "c"], "&"), (["d", "e"], "|")]."""
+    import re
+    tokens = re.findall(r"\s*(>>|[&|()]|[A-Za-z_][A-Za-z0-9_]*|\S+)", chain)
+    terms, n = [], 0
+
+    def expect_term(n):
+        if n >= len(tokens):
+            problem("the chain ends after >>; a task name or (group) must follow")
+        token = tokens[n]
+        if token == "(":
+            names, ops, n = [], set(), n + 1
+            while True:
+                if n >= len(tokens) or not tokens[n].isidentifier():
+                    problem("expected a task name inside ( ), got %r"
+                            % (tokens[n] if n < len(tokens) else "the end of the line"))
+                names.append(tokens[n])
+                n += 1
+                if n < len(tokens) and tokens[n] == ")":
+                    break
+                if n >= len(tokens) or tokens[n] not in ("&", "|"):
+                    problem("expected & or | or ) after %r, got %r" % (
+                        names[-1], tokens[n] if n < len(tokens) else "the end of the line"))
+                ops.add(tokens[n])
+                n += 1
+            if len(ops) > 1:
+                problem("a group mixes & and |; write (a & b) or (a | b)")
+            return (names, ops.pop() if ops else ""), n + 1
+        if token.isidentifier():
+            return ([token], ""), n + 1
+        problem("unexpected %r; a graph line is task names joined by >>, with (a & b)"
+                " groups and (a | b) OR-joins" % token)
+
+    while True:
+        term, n = expect_term(n)
+        terms.append(term)
+        if n >= len(tokens):
+            return terms
+        if tokens[n] in ("&", "|"):
+            problem("put the group in parentheses: (a %s b); %s binds looser than >>"
+                    % (tokens[n], tokens[n]))
+        if tokens[n] != ">>":
+            problem("expected >> after %r, got %r" % (" ".join(term[0]), tokens[n]))
+        n += 1
+
+
+def _yaml_flow(path, flow_name, conf, nodes_for, graph_line):
+    """Build flow ``flow_name`` from its graph; ``nodes_for(name)`` gives a task's node."""
+    flow = Flow(name=flow_name)
+    graph = conf.get("graph")
+    if not isinstance(graph, str) or not graph.strip():
+        raise UsageError("%s: flow %r needs a graph: lines such as a >> (b & c) >> d"
+                         % (path, flow_name))
+    for number, chain in _graph_lines(graph):
+        where = "%s:%s: flow %r graph line %d %r" % (
+            path, graph_line + number - 1 if graph_line else "?", flow_name, number, chain)
+
+        def problem(message):
+            raise UsageError("%s: %s" % (where, message))
+        terms = _graph_terms(chain, problem)
+        if terms[0] == (["flow"], "") and len(terms) > 1 and "flow" not in nodes_for.known:
+            terms = terms[1:]           # "flow >> a >> b", as the original wrote it too
+        tails, any_join = [], False
+        for names, op in terms:
+            heads = [nodes_for(name, problem) for name in names]
+            for node in heads:
+                flow.add(node, after=tails)
+                if any_join:
+                    node.run_if = "any_succeeded"
+            tails, any_join = heads, op == "|"
+    return flow
+
+
+def _load_yaml_flows(path):
+    """The flows of an original-pyoco YAML file: {name: (Flow, defaults)}."""
+    data, tree = _yaml_documents(path)
+    data = _yaml_section(path, "the file", data, _YAML_KEYS)
+    if data.get("flows") is not None and data.get("flow") is not None:
+        raise UsageError("%s: has both flows: and flow:; use one" % path)
+    tasks_conf = _yaml_section(path, "tasks", data.get("tasks"), None)
+    discovered = _yaml_modules(path, _yaml_section(path, "discovery", data.get("discovery"),
+                                                   _YAML_DISCOVERY))
+    nodes = {}
+
+    def nodes_for(name, problem):
+        node = nodes.get(name)
+        if node is None:
+            conf = _yaml_section(path, "tasks.%s" % name, tasks_conf.get(name), _YAML_TASK_KEYS)
+            if conf.get("callable") is not None:
+                obj = _yaml_callable(path, name, conf["callable"])
+            elif name in discovered:
+                obj = discovered[name]
+            else:
+                known = sorted(set(tasks_conf) | set(discovered))
+                problem("no task %r%s (tasks: %s)" % (name, _closest(name, known),
+                                                      ", ".join(known) or "none"))
+            node = nodes[name] = _yaml_node(path, name, obj, conf)
+        return node
+    nodes_for.known = set(tasks_conf) | set(discovered)
+
+    if data.get("flow") is not None:
+        conf = _yaml_section(path, "flow", data["flow"], _YAML_FLOW_KEYS)
+        confs = {conf.get("name") or "main": (conf, ("flow", "graph"))}
+    else:
+        confs = {}
+        for name, conf in _yaml_section(path, "flows", data.get("flows"), None).items():
+            conf = _yaml_section(path, "flows.%s" % name, conf, ("graph", "defaults"))
+            confs[str(name)] = (conf, ("flows", name, "graph"))
+    if not confs:
+        raise UsageError("%s: defines no flow (expected flows: NAME: {graph: ...})" % path)
+    flows = {}
+    for name, (conf, keys) in confs.items():
+        defaults = _yaml_section(path, "flow %r defaults" % name, conf.get("defaults"), None)
+        flows[name] = (_yaml_flow(path, name, conf, nodes_for, _yaml_line(tree, *keys)),
+                       dict(defaults))
+        nodes.clear()           # each flow gets nodes of its own (its OR-joins set run_if)
+    return flows
+
+
+def _load_yaml_flow(path, name=None):
+    flows = _load_yaml_flows(path)
+    if name is None and len(flows) > 1:
+        raise UsageError("%s defines several flows: %s; pick one with --flow NAME"
+                         % (path, ", ".join(flows)))
+    if name is not None and name not in flows:
+        raise UsageError("%s has no flow %r%s; its flows: %s"
+                         % (path, name, _closest(name, flows), ", ".join(flows)))
+    flow, defaults = flows[name] if name is not None else next(iter(flows.values()))
+    flow._defaults = defaults
+    return flow
 
 
 def _module_flows(module):
@@ -6520,7 +6833,10 @@ def _build_parser():
     commands.required = True
 
     run = commands.add_parser("run", help="run a flow", description="Run a flow file's flow.")
-    run.add_argument("target", metavar="FLOW", help="FLOW.py or package.module[:NAME]")
+    run.add_argument("target", metavar="FLOW", nargs="?",
+                     help="FLOW.py, package.module[:NAME] or an original-pyoco flow.yaml")
+    run.add_argument("--config", metavar="FLOW.yaml", help="the flow file, as the original"
+                     " pyoco took its YAML files (same as giving FLOW)")
     run.add_argument("--flow", help="which flow, by Flow name or variable")
     run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                      help="a run parameter; VALUE is JSON when it parses, else a string")
@@ -6541,14 +6857,16 @@ def _build_parser():
 
     check = commands.add_parser("check", help="validate a flow without running it",
                                 description="Validate a flow; nothing runs.")
-    check.add_argument("target", metavar="FLOW")
+    check.add_argument("target", metavar="FLOW", nargs="?")
+    check.add_argument("--config", metavar="FLOW.yaml", help="the flow file (same as FLOW)")
     check.add_argument("--flow")
     check.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--json", action="store_true", help="machine-readable result")
 
     graph = commands.add_parser("graph", help="print a flow's DAG",
                                 description="Print a flow's DAG.")
-    graph.add_argument("target", metavar="FLOW")
+    graph.add_argument("target", metavar="FLOW", nargs="?")
+    graph.add_argument("--config", metavar="FLOW.yaml", help="the flow file (same as FLOW)")
     graph.add_argument("--flow")
     graph.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
 
@@ -6620,11 +6938,25 @@ def _parse_pool_sizes(pairs):
 _PROGRESS_FLAG = {None: None, "on": True, "off": False}     # --progress -> Engine(progress=)
 
 
+def _cli_flow(args):
+    """The flow FLOW (or --config FILE) names, and its parameter defaults (YAML files')."""
+    if args.config is not None and args.target is not None:
+        raise UsageError("pyoco %s: give the flow file once: FLOW or --config FILE, not both"
+                         % args.command)
+    args.target = args.target if args.target is not None else args.config
+    if args.target is None:
+        raise UsageError("pyoco %s needs a flow: FLOW.py, package.module:NAME or"
+                         " --config flow.yaml" % args.command)
+    flow = load_flow(args.target, args.flow)
+    return flow, dict(getattr(flow, "_defaults", None) or {})
+
+
 def _cmd_run(args):
     if args.workers < 1:
         raise UsageError("--workers must be at least 1, not %d" % args.workers)
     params = _parse_params(args.param)
-    flow = load_flow(args.target, args.flow)
+    flow, defaults = _cli_flow(args)
+    params = dict(defaults, **params)
     engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args),
                     pools=_parse_pool_sizes(args.pool),
                     progress=_PROGRESS_FLAG[args.progress])
@@ -6650,10 +6982,12 @@ def _rules_report(flow):
 
 def _cmd_check(args):
     params = _parse_params(args.param)
-    flow = load_flow(args.target, args.flow)
+    flow, defaults = _cli_flow(args)
+    params = dict(defaults, **params)
     problems, needs = [], []
     try:
         needs = flow.validate(params if args.param else None)
+        needs = [(name, p) for name, p in needs if p not in defaults]
     except FlowError as exc:
         problems.append(str(exc))
     if args.json:
@@ -6681,7 +7015,7 @@ def _cmd_check(args):
 
 
 def _cmd_graph(args):
-    flow = load_flow(args.target, args.flow)
+    flow, _ = _cli_flow(args)
     try:
         sys.stdout.write(render_graph(flow, args.format))
     except FlowError as exc:
