@@ -93,11 +93,43 @@ class FlowError(PyocoError, ValueError):
 
 
 class RunFailed(PyocoError):
-    """A run ended FAILED. ``run`` is the run; ``__cause__`` the task's error."""
+    """A run ended FAILED. ``run`` is the run; ``__cause__`` the task's error.
+
+    What ``Engine.run`` raises is also an instance of that error's class (a
+    ``RunFailed`` made for it), so ``except ValueError`` catches a run whose
+    task raised ValueError, as with the original pyoco.
+    """
 
     def __init__(self, message, run):
-        super().__init__(message)
+        Exception.__init__(self, message)
         self.run = run
+
+    def __reduce__(self):
+        return (RunFailed, (str(self), self.run))
+
+
+_FAILURE_CLASSES = {}       # task exception class -> a RunFailed that is one too (or RunFailed)
+
+
+def _run_failed(message, run):
+    """The RunFailed for ``run``, of a class that also derives from the class of
+    the task error that failed it, when that class allows it."""
+    cause = type(run.error)
+    cls = _FAILURE_CLASSES.get(cause)
+    if cls is None:
+        cls = RunFailed
+        if issubclass(cause, Exception) and not issubclass(cause, PyocoError):
+            try:
+                mixed = type("RunFailed", (RunFailed, cause),
+                             {"__module__": __name__, "__qualname__": "RunFailed",
+                              "__init__": RunFailed.__init__, "__str__": Exception.__str__,
+                              "__repr__": Exception.__repr__, "__reduce__": RunFailed.__reduce__})
+                if str(mixed("probe", None)) == "probe":
+                    cls = mixed
+            except Exception:       # a class that cannot be mixed in (layout, __new__, ...)
+                pass
+        _FAILURE_CLASSES[cause] = cls
+    return cls(message, run)
 
 
 class RunCancelled(PyocoError):
@@ -1722,10 +1754,13 @@ class Context:
 
     __slots__ = ("_run", "_index", "task_name", "attempt", "_log")
 
-    def __init__(self, run, index, attempt):
+    def __init__(self, run=None, index=0, attempt=1, params=None):
+        if run is None:         # Context(params={...}): a context of its own, to unit-test a task
+            run = Run(Flow("detached")._compile(), None, dict(params or {}), _new_run_id())
         self._run = run
         self._index = index
-        self.task_name = run._plan.names[index]
+        names = run._plan.names
+        self.task_name = names[index] if index < len(names) else None
         self.attempt = attempt
         self._log = None
 
@@ -1742,6 +1777,22 @@ class Context:
     is_cancelled = property(lambda self: self._run.cancel_event.is_set(),
                             doc="True once the run is being cancelled.")
     env = property(lambda self: os.environ, doc="The environment ($env.NAME reads it).")
+
+    def resolve(self, value):
+        """What an ``inputs`` value reads here: a ``$`` expression's value (KeyError when
+        what it names is not there yet), anything else as it is."""
+        if not isinstance(value, str) or not value.startswith("$"):
+            return value
+        run = self._run
+        kind, key, path = _parse_expression(value, _EveryName(), "ctx.resolve")
+        if kind == _B_CONST:
+            return key
+        where = {_B_NODE: ("results", run.results), _B_PARAM: ("params", run.params),
+                 _B_SCRATCH: ("scratch", run.scratch), _B_ENV: ("environment", os.environ)}
+        label, source = where[kind]
+        if key not in source:
+            raise KeyError("%s: no %r in %s" % (value, key, label))
+        return _step(source[key], path, value) if path else source[key]
 
     def get_result(self, name):
         """The output of task ``name``, done earlier in this run; KeyError if none yet."""
@@ -1781,6 +1832,16 @@ class Context:
     def __repr__(self):
         return "<Context run_id=%s task=%r attempt=%d>" % (self.run_id, self.task_name,
                                                           self.attempt)
+
+
+class _EveryName(dict):
+    """Task names for ctx.resolve: any name may be asked for; the results say if it is there."""
+
+    def __contains__(self, name):
+        return True
+
+    def __getitem__(self, name):
+        return name
 
 
 def _artifact_root(run):
@@ -5163,8 +5224,8 @@ class Engine:
             store.prune()
         if raise_on_failure:
             if run.status == RunState.FAILED:
-                raise RunFailed("run %s of flow %r failed: %s"
-                                % (run.run_id, run.flow_name, run.failure()), run) from run.error
+                raise _run_failed("run %s of flow %r failed: %s"
+                                  % (run.run_id, run.flow_name, run.failure()), run) from run.error
             if run.status == RunState.CANCELLED:
                 raise RunCancelled("run %s of flow %r was cancelled (%s)"
                                    % (run.run_id, run.flow_name, run.reason), run)
@@ -6070,7 +6131,8 @@ class PluginRegistry:
         unknown = set(options) - set(_OPTIONS) - set(_ALIASES) - {"name"}
         if unknown:
             raise _unknown_options("task", unknown, _OPTIONS + tuple(_ALIASES))
-        info = self.add(task_class, name=name)
+        probe = _plugin_node(task_class, dict(options))     # its name may come from __init__
+        info = self.add(task_class, name=name or probe.name)
         info.options = dict(options)
         return info
 
@@ -6234,8 +6296,23 @@ def plugin_task(plugin, /, **options):
         merged.update(options)
         return FunctionTask(base.func, **merged)
     if info.kind == "task":
-        return info.target(**dict(info.options, **options))
+        return _plugin_node(info.target, dict(info.options, **options))
     return FunctionTask(info.target, **options)
+
+
+def _plugin_node(cls, options):
+    """A node of plugin class ``cls`` with ``options``. A class whose ``__init__``
+    takes none (the original's style: ``super().__init__(func=self.run, name=...)``)
+    is made without them, then given them."""
+    init = cls.__init__
+    if init is not Task.__init__:
+        params, varkw = _parameters(init)
+        if not varkw and not set(options) <= {p[0] for p in params}:
+            node = cls()
+            for key, value in options.items():
+                setattr(node, key, value)
+            return node
+    return cls(**options)
 
 
 def lint_plugins(registry=None):
@@ -7217,7 +7294,7 @@ def _register_aliases():
     core.__path__ = []
     parts = {
         "models": {"Flow": Flow, "Task": Task, "FunctionTask": FunctionTask, "task": task,
-                   "TaskState": TaskState, "RunStatus": RunStatus},
+                   "TaskState": TaskState, "RunStatus": RunStatus, "RunContext": Run},
         "engine": {"Engine": Engine, "Run": Run, "TaskRecord": TaskRecord},
         "context": {"Context": Context},
         "exceptions": {"PyocoError": PyocoError, "FlowError": FlowError,
