@@ -10751,3 +10751,303 @@ def test_map_instances_share_one_metrics_label(tmp_path):
     assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle[*]",state="SUCCEEDED"} 3' in text
     assert 'task="handle[0]"' not in text
     assert 'pyoco_tasks_total{flow="mapped-metrics",task="handle",state="SUCCEEDED"} 1' in text
+
+
+# ---------------------------------------------------------------------------
+# Code written for the original pyoco (SPEC section 15)
+# ---------------------------------------------------------------------------
+
+def test_original_state_names_are_strings_with_value_and_one_object_each():
+    from pyoco.core.models import RunStatus, TaskState
+
+    assert TaskState.SUCCEEDED == "SUCCEEDED" and TaskState.SUCCEEDED.value == "SUCCEEDED"
+    assert RunStatus.COMPLETED == "COMPLETED" and RunStatus.CANCELLING.value == "CANCELLING"
+    assert RunStatus is pyoco.RunState and TaskState is pyoco.TaskState
+    run = run_quiet(flow_of_one(lambda: 1))
+    assert run.status is RunStatus.COMPLETED and run.tasks["one"].state is TaskState.SUCCEEDED
+    assert json.loads(json.dumps({"s": TaskState.FAILED})) == {"s": "FAILED"}
+    assert "%s/%s" % (TaskState.SKIPPED, RunStatus.FAILED.value) == "SKIPPED/FAILED"
+
+
+def flow_of_one(fn, **options):
+    """Flow() (named main) holding one Task(func=fn, name="one", ...), added with add_task."""
+    flow = Flow()
+    flow.add_task(Task(func=fn, name="one", **options))
+    return flow
+
+
+def test_task_with_func_is_a_node_of_a_flow_named_main_that_add_task_fills():
+    seen = []
+
+    def add_one(ctx, x):
+        seen.append(ctx.params["x"])
+        return x + 1
+
+    node = Task(func=add_one, name="t", inputs={"x": "$ctx.params.x"}, retries=1)
+    assert isinstance(node, Task) and node.name == "t" and node.retries == 1
+    flow = Flow()
+    flow.add_task(node)
+    run = Engine(trace=False).run(flow, params={"x": 1})
+    assert flow.name == "main" and run.results == {"t": 2} and seen == [1]
+    positional = Task(lambda: "p", name="p")
+    assert run_quiet(Flow("p").add(positional).flow).results == {"p": "p"}
+
+
+def test_timeout_sec_set_on_a_decorated_node_fails_the_task_at_its_deadline():
+    release = threading.Event()
+
+    @task
+    def slow(ctx):
+        release.wait(WAIT)          # stands for 0.3 s of work that outlives its timeout
+        return "late"
+
+    slow.task.timeout_sec = 0.05
+    assert slow.task.timeout == 0.05 and slow.task.timeout_sec == 0.05
+    flow = Flow("slow")
+    flow >> slow
+    started = time.monotonic()
+    run = quiet().run(flow, raise_on_failure=False)
+    release.set()
+    assert run.status == "FAILED" and isinstance(run.tasks["slow"].exception, TimeoutError)
+    assert time.monotonic() - started < WAIT
+    assert Task(func=lambda: 1, name="x", timeout_sec=2).timeout == 2
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: Task(func=lambda: 1, name="x", timout_sec=1), (TypeError, "'timeout_sec'")),
+    (lambda: Task(func=lambda: 1, name="x", trigger_policy="SOME"), (FlowError, "'ANY'")),
+    (lambda: Task(func=lambda: 1, name="x", outputs=["scrach.k"]), (FlowError, "'scratch'")),
+    (lambda: Task(func=lambda: 1, name="x", outputs="scratch.k"), (TypeError, "list of paths")),
+])
+def test_original_option_names_are_aliases_and_misspellings_stay_errors(make, expected):
+    with pytest.raises(expected[0]) as info:
+        make()
+    assert expected[1] in str(info.value)
+
+
+def test_trigger_policy_any_is_run_if_any_succeeded():
+    node = Task(func=lambda: 1, name="x", trigger_policy="ANY")
+    assert node.run_if == "any_succeeded" and node.trigger_policy == "ANY"
+    node.trigger_policy = "ALL"
+    assert node.run_if == "all_succeeded" and node.trigger_policy == "ALL"
+
+
+def test_dependencies_and_dependents_are_live_edge_sets_the_flow_follows():
+    order = []
+    first = Task(func=lambda: order.append("first"), name="first")
+    second = Task(func=lambda: order.append("second"), name="second")
+    third = Task(func=lambda: order.append("third"), name="third")
+    second.dependencies.add(first)
+    first.dependents.add(second)            # the same edge, made from the other end
+    third.dependencies.add(second)
+    assert first in second.dependencies and second in first.dependents
+    assert len(second.dependencies) == 1 and second.dependencies == {first}
+    flow = Flow()
+    flow.add_task(third)                    # its upstream tasks join the flow
+    run_quiet(flow)
+    assert order == ["first", "second", "third"]
+
+    @task
+    def a(ctx):
+        return 1
+
+    @task
+    def b(ctx):
+        return 2
+
+    chained = Flow("chained")
+    chained >> a >> b
+    assert a.task in b.task.dependencies and b.task in a.task.dependents
+    b.task.dependencies.discard(a)
+    assert a.task not in b.task.dependencies and chained.upstream(b) == []
+
+
+def test_outputs_store_the_return_value_at_scratch_results_and_params_paths():
+    flow = flow_of_one(lambda: {"n": 1}, outputs=["scratch.deep.nested.value", "results.copy",
+                                                  "params.seen"])
+    run = run_quiet(flow)
+    assert run.scratch == {"deep": {"nested": {"value": {"n": 1}}}}
+    assert run.results == {"one": {"n": 1}, "copy": {"n": 1}} and run.params == {"seen": {"n": 1}}
+    clash = Flow("clash")
+    clash >> Task(func=lambda ctx: ctx.scratch.update(deep=5), name="put") >> Task(
+        func=lambda: 2, name="two", outputs=["scratch.deep.x"])
+    run = quiet().run(clash, raise_on_failure=False)
+    assert run.tasks["two"].state == "FAILED" and "holds a int" in run.tasks["two"].error
+
+
+def test_and_groups_run_side_by_side_and_or_joins_need_one_success():
+    both = threading.Barrier(2, timeout=WAIT)   # b and c each wait for the other: in parallel
+
+    @task
+    def a(ctx):
+        return "a"
+
+    @task
+    def b(ctx):
+        both.wait()
+        return "b"
+
+    @task
+    def c(ctx):
+        both.wait()
+        raise ValueError("c broke")
+
+    @task
+    def d(ctx):
+        return "d"
+
+    c.task.fail_policy = "isolate"
+    flow = Flow("groups")
+    flow >> a >> (b & c) >> d
+    assert set(d.task.dependencies) == {b.task, c.task} and d.task.run_if == "all_succeeded"
+    run = quiet().run(flow, raise_on_failure=False)
+    assert run.tasks["d"].state == "SKIPPED"
+    either = Flow("either")
+    either >> a >> (b | c) >> d
+    both.reset()
+    run = quiet().run(either, raise_on_failure=False)
+    assert d.task.trigger_policy == "ANY" and run.tasks["d"].state == "SUCCEEDED"
+    assert run.status == "FAILED"               # isolate still fails the run
+
+
+def test_groups_outside_a_flow_link_the_nodes_themselves():
+    from pyoco.dsl.syntax import Branch, task as dsl_task
+
+    @dsl_task
+    def left(ctx):
+        return 1
+
+    @dsl_task
+    def right(ctx):
+        return 2
+
+    @dsl_task
+    def after(ctx):
+        return 3
+
+    branch = left | right
+    assert isinstance(branch, Branch) and len(branch) == 2
+    branch >> after
+    assert after.task.trigger_policy == "ANY" and after.task.dependencies == {left.task, right.task}
+    assert dsl_task is task
+
+
+def test_context_original_helpers_read_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYOCO_TEST_COLOUR", "orange")
+    seen = {}
+
+    @task
+    def make(ctx):
+        return {"carrots": 3}
+
+    @task
+    def use(ctx):
+        seen["result"] = ctx.get_result("make")
+        seen["cancelled"] = ctx.is_cancelled
+        seen["colour"] = ctx.env["PYOCO_TEST_COLOUR"]
+        with pytest.raises(KeyError) as info:
+            ctx.get_result("nothing")
+        seen["missing"] = str(info.value)
+        return [ctx.save_artifact("a.json", {"k": [1]}), ctx.save_artifact("b.txt", 42)]
+
+    flow = Flow("helpers")
+    flow >> make >> use
+    run = quiet(store=tmp_path).run(flow)
+    assert seen == {"result": {"carrots": 3}, "cancelled": False, "colour": "orange",
+                    "missing": seen["missing"]} and "'make'" in seen["missing"]
+    json_path, text_path = run.results["use"]
+    assert json.loads(Path(json_path).read_text()) == {"k": [1]}
+    assert Path(text_path).read_text() == "42"
+
+
+def test_a_standalone_context_resolves_expressions_for_unit_tests(monkeypatch):
+    monkeypatch.setenv("PYOCO_TEST_MODE", "prod")
+    ctx = pyoco.Context(params={"n": 2})
+    ctx.results["fetch"] = {"rows": [10, 20]}
+    assert [ctx.resolve(v) for v in ("$node.fetch.output.rows.1", "$ctx.params.n",
+                                     "$env.PYOCO_TEST_MODE", "plain", 7)] == [20, 2, "prod",
+                                                                             "plain", 7]
+    for missing in ("$node.other.output", "$ctx.params.nope"):
+        with pytest.raises(KeyError):
+            ctx.resolve(missing)
+    with pytest.raises(FlowError):
+        ctx.resolve("$unknown.pattern")
+
+
+def test_pyoco_run_returns_the_run_and_is_silent_without_trace(capfd):
+    flow = flow_of_one(lambda: "ok")
+    run = pyoco.run(flow, trace=False)
+    assert isinstance(run, pyoco.Run) and run.results == {"one": "ok"}
+    assert capfd.readouterr().err == ""
+    pyoco.run(flow, params={"p": 1}, cute=False)
+    assert "INFO start flow=main" in capfd.readouterr().err
+
+
+def test_a_failed_run_raises_run_failed_that_is_also_the_tasks_error_class():
+    def boom():
+        raise ValueError("Boom")
+
+    with pytest.raises(ValueError, match="Boom") as info:
+        pyoco.run(flow_of_one(boom), trace=False)
+    assert isinstance(info.value, RunFailed) and type(info.value).__name__ == "RunFailed"
+    assert isinstance(info.value.__cause__, ValueError) and info.value.run.status == "FAILED"
+
+    def leave():
+        raise SystemExit(3)
+
+    with pytest.raises(RunFailed) as info:
+        pyoco.run(flow_of_one(leave), trace=False)
+    assert not isinstance(info.value, SystemExit)
+
+
+def test_a_register_hook_written_for_the_original_loads_its_tasks(tmp_path):
+    folder = plug_make_dist(tmp_path / "site", "plug_orig", {"plug_origmod": '''\
+        from pyoco.core.models import Task
+
+        class ImageClassify(Task):
+            """Label an image."""
+
+            def __init__(self):
+                super().__init__(func=self.run, name="image_classify")
+
+            def run(self, ctx, path="bunny.png"):
+                return "label of " + path
+
+        class Resize(Task):
+            def run(self, ctx, size=1):
+                return size * 2
+
+        def register(registry):
+            registry.task_class(ImageClassify)
+            registry.task_class(Resize, name="resize", retries=2)
+
+            @registry.task(name="shout", timeout_sec=5)
+            def shout(ctx, text="hi"):
+                return text.upper()
+
+            registry.register_callable(lambda ctx: 1, name="one")
+            registry.task_info("resize", summary="Resize an image.")
+    '''}, {"orig": "plug_origmod:register"})
+    listing = plug_cli([folder], tmp_path, "plugins", "list", "--json")
+    rows = {row["name"]: (row["kind"], row["summary"]) for row in plug_json(listing)}
+    assert rows == {"image_classify": ("task", "Label an image."),
+                    "resize": ("task", "Resize an image."), "shout": ("function", None),
+                    "one": ("function", None)}, listing.stderr
+    lint = plug_cli([folder], tmp_path, "plugins", "lint", "--json")
+    assert {(f["plugin"], f["level"]) for f in plug_json(lint)} >= {("shout", "warning")}
+    probe = plug_python(["-c", "import pyoco; from pyoco import plugin_task as p;"
+                         " r = p('resize'); s = p('shout'); i = p('image_classify', retries=1);"
+                         " print(r.name, r.retries, s.timeout, i.name, i.retries)"], [folder],
+                        tmp_path)
+    assert probe.stdout.split() == ["resize", "2", "5", "image_classify", "1"], probe.stderr
+
+
+def test_registry_rejects_unknown_options_and_info_keys_naming_the_closest():
+    registry = pyoco.PluginRegistry()
+    with pytest.raises(TypeError, match="'retries'"):
+        registry.task_class(type("T", (Task,), {"run": lambda self, ctx: 1}), retrys=1)
+    registry.register_callable(lambda ctx: 1, name="one")
+    with pytest.raises(TypeError, match="'summary'"):
+        registry.task_info("one", sumary="x")
+    with pytest.raises(KeyError, match="'one'"):
+        registry.task_info("onee", summary="x")
