@@ -6700,7 +6700,7 @@ def _graph_lines(text):
 def _graph_terms(chain, problem):
     """``a >> (b & c) >> (d | e)`` as [(["a"], ""), (["b", "c"], "&"), (["d", "e"], "|")]."""
     import re
-    tokens = re.findall(r"\s*(>>|[&|()]|[A-Za-z_][A-Za-z0-9_]*|\S+)", chain)
+    tokens = re.findall(r"\s*(>>|[&|()]|[A-Za-z_][A-Za-z0-9_]*|\S)", chain)
     terms, n = [], 0
 
     def expect_term(n):
@@ -6770,62 +6770,56 @@ def _yaml_flow(path, flow_name, conf, nodes_for, graph_line):
     return flow
 
 
-def _load_yaml_flows(path):
-    """The flows of an original-pyoco YAML file: {name: (Flow, defaults)}."""
+def _load_yaml_flow(path, name=None):
+    """Flow ``name`` (or the only one) of an original-pyoco YAML file, its parameter
+    defaults in ``flow._defaults``. Raises UsageError naming the file, key or line."""
     data, tree = _yaml_documents(path)
     data = _yaml_section(path, "the file", data, _YAML_KEYS)
     if data.get("flows") is not None and data.get("flow") is not None:
         raise UsageError("%s: has both flows: and flow:; use one" % path)
+    if data.get("flow") is not None:
+        conf = _yaml_section(path, "flow", data["flow"], _YAML_FLOW_KEYS)
+        confs = {str(conf.get("name") or "main"): (conf, ("flow", "graph"))}
+    else:
+        confs = {}
+        for key, conf in _yaml_section(path, "flows", data.get("flows"), None).items():
+            confs[str(key)] = (_yaml_section(path, "flows.%s" % key, conf, ("graph", "defaults")),
+                               ("flows", key, "graph"))
+    if not confs:
+        raise UsageError("%s defines no flow (expected flows: NAME: {graph: ...})" % path)
+    if name is None and len(confs) > 1:
+        raise UsageError("%s defines several flows: %s; pick one with --flow NAME"
+                         % (path, ", ".join(confs)))
+    if name is not None and name not in confs:
+        raise UsageError("%s has no flow %r%s; its flows: %s"
+                         % (path, name, _closest(name, confs), ", ".join(confs)))
+    name = name if name is not None else next(iter(confs))
+    conf, keys = confs[name]
+    defaults = _yaml_section(path, "flow %r defaults" % name, conf.get("defaults"), None)
     tasks_conf = _yaml_section(path, "tasks", data.get("tasks"), None)
     discovered = _yaml_modules(path, _yaml_section(path, "discovery", data.get("discovery"),
                                                    _YAML_DISCOVERY))
     nodes = {}
 
-    def nodes_for(name, problem):
-        node = nodes.get(name)
+    def nodes_for(task_name, problem):
+        node = nodes.get(task_name)
         if node is None:
-            conf = _yaml_section(path, "tasks.%s" % name, tasks_conf.get(name), _YAML_TASK_KEYS)
-            if conf.get("callable") is not None:
-                obj = _yaml_callable(path, name, conf["callable"])
-            elif name in discovered:
-                obj = discovered[name]
+            entry = _yaml_section(path, "tasks.%s" % task_name, tasks_conf.get(task_name),
+                                  _YAML_TASK_KEYS)
+            if entry.get("callable") is not None:
+                obj = _yaml_callable(path, task_name, entry["callable"])
+            elif task_name in discovered:
+                obj = discovered[task_name]
             else:
                 known = sorted(set(tasks_conf) | set(discovered))
-                problem("no task %r%s (tasks: %s)" % (name, _closest(name, known),
+                problem("no task %r%s (tasks: %s)" % (task_name, _closest(task_name, known),
                                                       ", ".join(known) or "none"))
-            node = nodes[name] = _yaml_node(path, name, obj, conf)
+            node = nodes[task_name] = _yaml_node(path, task_name, obj, entry)
         return node
     nodes_for.known = set(tasks_conf) | set(discovered)
 
-    if data.get("flow") is not None:
-        conf = _yaml_section(path, "flow", data["flow"], _YAML_FLOW_KEYS)
-        confs = {conf.get("name") or "main": (conf, ("flow", "graph"))}
-    else:
-        confs = {}
-        for name, conf in _yaml_section(path, "flows", data.get("flows"), None).items():
-            conf = _yaml_section(path, "flows.%s" % name, conf, ("graph", "defaults"))
-            confs[str(name)] = (conf, ("flows", name, "graph"))
-    if not confs:
-        raise UsageError("%s: defines no flow (expected flows: NAME: {graph: ...})" % path)
-    flows = {}
-    for name, (conf, keys) in confs.items():
-        defaults = _yaml_section(path, "flow %r defaults" % name, conf.get("defaults"), None)
-        flows[name] = (_yaml_flow(path, name, conf, nodes_for, _yaml_line(tree, *keys)),
-                       dict(defaults))
-        nodes.clear()           # each flow gets nodes of its own (its OR-joins set run_if)
-    return flows
-
-
-def _load_yaml_flow(path, name=None):
-    flows = _load_yaml_flows(path)
-    if name is None and len(flows) > 1:
-        raise UsageError("%s defines several flows: %s; pick one with --flow NAME"
-                         % (path, ", ".join(flows)))
-    if name is not None and name not in flows:
-        raise UsageError("%s has no flow %r%s; its flows: %s"
-                         % (path, name, _closest(name, flows), ", ".join(flows)))
-    flow, defaults = flows[name] if name is not None else next(iter(flows.values()))
-    flow._defaults = defaults
+    flow = _yaml_flow(path, name, conf, nodes_for, _yaml_line(tree, *keys))
+    flow._defaults = dict(defaults)
     return flow
 
 

@@ -11051,3 +11051,178 @@ def test_registry_rejects_unknown_options_and_info_keys_naming_the_closest():
         registry.task_info("one", sumary="x")
     with pytest.raises(KeyError, match="'one'"):
         registry.task_info("onee", summary="x")
+
+
+def yaml_python():
+    """An interpreter with PyYAML for the YAML flow-file tests: this one, else
+    $YAML_TEST_PYTHON (.ci/run makes one); without either the test is skipped."""
+    import importlib.util
+    if importlib.util.find_spec("yaml") is not None:
+        return sys.executable
+    if os.environ.get("YAML_TEST_PYTHON"):
+        return os.environ["YAML_TEST_PYTHON"]
+    pytest.skip("PyYAML is not installed for this Python and YAML_TEST_PYTHON is not set"
+                " (.ci/run sets it to a throwaway venv with PyYAML)")
+
+
+def yaml_cli(cwd, *args, python=None, env=None):
+    """``python -m pyoco ARGS`` in ``cwd`` with an interpreter that has PyYAML."""
+    return subprocess.run([python or yaml_python(), "-m", "pyoco"] + [str(a) for a in args],
+                          cwd=str(cwd), env=env or child_env(PYTHONDONTWRITEBYTECODE="1"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                          timeout=60)
+
+
+@pytest.fixture
+def yaml_example(tmp_path):
+    """A copy of examples/original_yaml to run in."""
+    folder = tmp_path / "original_yaml"
+    shutil.copytree(str(HERE / "examples" / "original_yaml"), str(folder))
+    return folder
+
+
+def test_yaml_flow_file_runs_with_config_flow_and_json_params(yaml_example):
+    done = yaml_cli(yaml_example, "run", "--config", "flow.yaml", "--flow", "harvest",
+                    "--param", "rows=4", "--store", "store")
+    assert done.returncode == 0, done.stderr
+    assert "planting 4 rows" in done.stdout
+    assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
+    record = RunStore(yaml_example / "store").list()[0]
+    assert record["params"] == {"rows": 4} and record["flow"] == "harvest"
+    assert list(record["tasks"]) == ["plant", "water", "count", "sell", "pickle_them", "report"]
+
+
+def test_yaml_or_join_runs_after_one_success_and_the_run_still_fails(yaml_example):
+    done = yaml_cli(yaml_example, "run", "flow.yaml", "-p", "rows=12", "--store", "store")
+    assert done.returncode == 1, done.stderr
+    assert "report: pickled 12 carrots" in done.stdout
+    assert "task 'sell' raised ValueError: the stall holds 10 carrots" in done.stderr
+
+
+def test_yaml_check_and_graph_read_the_file_and_run_nothing(yaml_example):
+    check = yaml_cli(yaml_example, "check", "flow.yaml", "--json")
+    assert check.returncode == 0, check.stderr
+    report = json.loads(check.stdout)
+    assert report["ok"] and report["flow"] == "harvest" and report["needs_params"] == []
+    assert report["rules"] == {"report": ["run_if=any_succeeded"]}
+    graph = yaml_cli(yaml_example, "graph", "--config", "flow.yaml")
+    assert graph.returncode == 0 and "count <- plant, water" in graph.stdout
+    assert "report [run_if=any_succeeded] <- sell, pickle_them" in graph.stdout
+    assert "planting" not in check.stdout + graph.stdout
+    assert not (yaml_example / ".pyoco").exists()
+
+
+YAML_TASKS = '''\
+from pathlib import Path
+from pyoco import task
+
+@task
+def A(ctx):
+    Path("ran-A").write_text("")
+
+@task
+def B(ctx):
+    Path("ran-B").write_text("")
+
+@task
+def C(ctx):
+    Path("ran-C").write_text("")
+'''
+
+
+@pytest.mark.parametrize("graph, message", [
+    ("__import__('os').system('touch PWNED')", "expected >> after '__import__', got '('"),
+    ("A >> B; __import__('os').system('touch PWNED')", "expected >> after 'B', got ';'"),
+    ("A >> B & C", "put the group in parentheses: (a & b)"),
+    ("A >> [B, C]", "unexpected '['"),
+    ("(A & B | C)", "a group mixes & and |"),
+    ("A >> D", "no task 'D' (tasks: A, B, C)"),
+    ("A >> B >>", "the chain ends after >>"),
+    ("A >> (B & )", "expected a task name inside ( ), got ')'"),
+])
+def test_yaml_graph_lines_other_than_chains_are_refused_before_anything_runs(tmp_path, graph,
+                                                                          message):
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    write(tmp_path / "flow.yaml", '''\
+        discovery:
+          glob_modules: ["tasks.py"]
+        flows:
+          main:
+            graph: |
+              # a comment line
+              A >> B
+              %s
+        ''' % graph)
+    for command in ("run", "check"):
+        done = yaml_cli(tmp_path, command, "flow.yaml", "--store", "store") if command == "run" \
+            else yaml_cli(tmp_path, command, "flow.yaml")
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert "flow.yaml:8: flow 'main' graph line 3" in done.stderr and message in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml", "tasks.py"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("flows: {main: {graph: A}}\ntaskz: {}\n", "unknown key 'taskz' in the file; did you mean"
+                                               " 'tasks'?"),
+    ("flows: {main: {graph: A, default: {}}}\n", "unknown key 'default' in flows.main; did you"
+                                                 " mean 'defaults'?"),
+    ("tasks: {A: {callable: 'tasks:A', timout_sec: 1}}\nflow: {graph: A}\n",
+     "unknown key 'timout_sec' in tasks.A; did you mean 'timeout_sec'?"),
+    ("tasks: {A: {callable: 'tasks.A'}}\nflow: {graph: A}\n", "must be \"module:function\""),
+    ("tasks: {A: {callable: 'tasks:Nope'}}\nflow: {graph: A}\n", "module 'tasks' has no 'Nope'"),
+    ("discovery: {glob_modules: [jobs/*.py]}\nflow: {graph: A}\n", "matches no .py file"),
+    ("flows: {one: {graph: A}, two: {graph: B}}\n", "several flows: one, two; pick one with"
+                                                    " --flow NAME"),
+    ("flows: {main: {graph: A}\n", "not valid YAML"),
+])
+def test_yaml_file_mistakes_are_usage_errors_naming_the_key(tmp_path, text, message):
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    (tmp_path / "flow.yaml").write_text(text, encoding="utf-8")
+    done = yaml_cli(tmp_path, "run", "--config", "flow.yaml", "--store", "store")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.glob("ran-*"))
+
+
+def test_a_top_level_flow_runs_tasks_by_callable_and_defaults_yield_to_params(tmp_path):
+    write(tmp_path / "tasks.py", YAML_TASKS + '''\
+
+def greet(ctx, who):
+    print("hello " + who)
+''')
+    write(tmp_path / "flow.yaml", '''\
+        tasks:
+          A: {callable: "tasks:A"}
+          greet: {callable: "tasks:greet", inputs: {who: "$ctx.params.who"}}
+        flow:
+          defaults: {who: world}
+          graph: "flow >> A >> greet"
+        ''')
+    done = yaml_cli(tmp_path, "run", "flow.yaml", "--store", "store")
+    assert done.returncode == 0 and "hello world" in done.stdout, done.stderr
+    done = yaml_cli(tmp_path, "run", "flow.yaml", "--param", "who=carrot", "--store", "store")
+    assert "hello carrot" in done.stdout and (tmp_path / "ran-A").exists()
+
+
+def test_a_yaml_flow_without_pyyaml_exits_2_saying_pip_install_pyyaml(tmp_path):
+    hide = tmp_path / "hide" / "yaml"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError(\"No module named 'yaml'\")\n")
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    write(tmp_path / "flow.yaml", "discovery: {glob_modules: [tasks.py]}\nflow: {graph: A}\n")
+    env = child_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), str(HERE)]))
+    for args in (("run", "--config", "flow.yaml", "--store", "store"), ("check", "flow.yaml")):
+        done = cli(tmp_path, *args, env=env)
+        assert done.returncode == 2 and "pip install pyyaml" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "ran-A").exists()
+    probe = subprocess.run([sys.executable, "-c", "import pyoco, sys; print('yaml' in sys.modules)"],
+                           env=child_env(), stdout=subprocess.PIPE, encoding="utf-8", timeout=60)
+    assert probe.stdout.strip() == "False"
+
+
+def test_run_and_check_need_one_flow_file_either_way(tmp_path):
+    for args, message in ((("run",), "needs a flow: FLOW.py"),
+                          (("check", "a.py", "--config", "b.yaml"), "give the flow file once")):
+        done = cli(tmp_path, *args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
