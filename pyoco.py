@@ -70,6 +70,7 @@ _pending_webhooks = []      # _Delivery objects still delivering; drained at exi
 _webhooks_drained_at_exit = False   # drain_webhooks registered with atexit
 _registry = None            # the plugin registry, loaded on first use
 _flows = None               # WeakSet of every Flow made, for node.dependencies; made by the first
+_node_edges = 0             # edges ever made on nodes themselves (b.dependencies.add(a)); only grows
 
 
 # ---------------------------------------------------------------------------
@@ -906,9 +907,11 @@ class _Edges:
         if other is self.node:
             raise FlowError("task %r cannot run after itself" % (self.node.name,),
                             cycle=[self.node.name, self.node.name])
+        global _node_edges
         up, down = (other, self.node) if self.upstream else (self.node, other)
         _Edges(down, True)._own(down)[up] = None
         _Edges(up, False)._own(up)[down] = None
+        _node_edges += 1
         _touch()
 
     def update(self, others):
@@ -1369,7 +1372,7 @@ class Flow:
         """node -> upstream nodes: the flow's edges and those made on its nodes
         (a node's own upstream tasks join the flow, as with ``add(after=...)``)."""
         graph = self._upstream
-        if not any("_ups" in node.__dict__ for node in graph):
+        if not _node_edges or not any("_ups" in node.__dict__ for node in graph):
             return graph
         merged, todo = {}, list(graph)
         while todo:
