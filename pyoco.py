@@ -71,6 +71,8 @@ _webhooks_drained_at_exit = False   # drain_webhooks registered with atexit
 _registry = None            # the plugin registry, loaded on first use
 _flows = None               # WeakSet of every Flow made, for node.dependencies; made by the first
 _node_edges = 0             # edges ever made on nodes themselves (b.dependencies.add(a)); only grows
+_STATES = {}                # state name -> its one _State object: filled at import, then only read
+_FAILURE_CLASSES = {}       # task error class -> the RunFailed class raised for it; set once per key
 
 
 # ---------------------------------------------------------------------------
@@ -107,9 +109,6 @@ class RunFailed(PyocoError):
 
     def __reduce__(self):
         return (RunFailed, (str(self), self.run))
-
-
-_FAILURE_CLASSES = {}       # task exception class -> a RunFailed that is one too (or RunFailed)
 
 
 def _run_failed(message, run):
@@ -170,9 +169,6 @@ class _State(str):
 
     def __reduce__(self):
         return (_state, (str.__str__(self),))
-
-
-_STATES = {}                # name -> its one _State: filled at import, then only read
 
 
 def _state(name):
@@ -6766,7 +6762,10 @@ def _yaml_flow(path, flow_name, conf, nodes_for, graph_line):
         for names, op in terms:
             heads = [nodes_for(name, problem) for name in names]
             for node in heads:
-                flow.add(node, after=tails)
+                try:
+                    flow.add(node, after=tails)
+                except FlowError as exc:        # a >> a
+                    problem(str(exc))
                 if any_join:
                     node.run_if = "any_succeeded"
             tails, any_join = heads, op == "|"

@@ -11139,6 +11139,7 @@ def C(ctx):
     ("A >> D", "no task 'D' (tasks: A, B, C)"),
     ("A >> B >>", "the chain ends after >>"),
     ("A >> (B & )", "expected a task name inside ( ), got ')'"),
+    ("C >> C", "task 'C' cannot run after itself"),
 ])
 def test_yaml_graph_lines_other_than_chains_are_refused_before_anything_runs(tmp_path, graph,
                                                                           message):
