@@ -1795,11 +1795,7 @@ class Context:
 
     def get_result(self, name):
         """The output of task ``name``, done earlier in this run; KeyError if none yet."""
-        try:
-            return self._run.results[name]
-        except KeyError:
-            raise KeyError("no result of task %r yet (results so far: %s)"
-                           % (name, ", ".join(map(repr, self._run.results)) or "none")) from None
+        return _result_of(self._run.results, name)
 
     @property
     def log(self):
@@ -1831,6 +1827,14 @@ class Context:
     def __repr__(self):
         return "<Context run_id=%s task=%r attempt=%d>" % (self.run_id, self.task_name,
                                                           self.attempt)
+
+
+def _result_of(results, name):
+    try:
+        return results[name]
+    except KeyError:
+        raise KeyError("no result of task %r yet (results so far: %s)"
+                       % (name, ", ".join(map(repr, results)) or "none")) from None
 
 
 class _EveryName(dict):
@@ -3164,6 +3168,13 @@ class _RemoteContext:
     @property
     def log(self):
         return _task_logger(self.task_name)
+
+    # The original pyoco's names, as on Context.
+    is_cancelled = property(lambda self: self.cancelled.is_set())
+    env = property(lambda self: os.environ)
+
+    def get_result(self, name):
+        return _result_of(self.results, name)
 
     def skip(self, reason="skipped"):
         raise Skip(reason)

@@ -11227,3 +11227,24 @@ def test_run_and_check_need_one_flow_file_either_way(tmp_path):
                           (("check", "a.py", "--config", "b.yaml"), "give the flow file once")):
         done = cli(tmp_path, *args)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@task
+def _original_first(ctx):
+    return os.getpid()
+
+
+@task
+def _original_second(ctx):
+    return (ctx.get_result("_original_first"), ctx.is_cancelled, ctx.env.get("PYOCO_TEST_SEEN"),
+            os.getpid())
+
+
+def test_context_original_helpers_work_in_a_process_pool_too(monkeypatch):
+    monkeypatch.setenv("PYOCO_TEST_SEEN", "yes")
+    flow = Flow("original-process")
+    flow >> _original_first >> _original_second
+    run = Engine(executor="process", workers=1, trace=False).run(flow)
+    first, cancelled, seen, pid = run.results["_original_second"]
+    assert first == run.results["_original_first"] and cancelled is False and seen == "yes"
+    assert pid != os.getpid()
