@@ -175,7 +175,26 @@ def _state(name):
     return _STATES.setdefault(name, _State(name))
 
 
-class TaskState:
+class _States(type):
+    """TaskState and RunState read like the original's enums: ``TaskState("FAILED")``
+    is ``TaskState.FAILED``, and iterating gives the states in order."""
+
+    def __iter__(cls):
+        return iter([v for k, v in vars(cls).items() if isinstance(v, _State)])
+
+    def __len__(cls):
+        return len(list(iter(cls)))
+
+    def __call__(cls, value):
+        for state in cls:
+            if state == value:
+                return state
+        names = [str(state) for state in cls]
+        raise ValueError("%r is not a %s%s (the states are: %s)" % (
+            value, cls.__name__, _closest(value, names), ", ".join(names)))
+
+
+class TaskState(metaclass=_States):
     """The states of a task; each is a string ("SUCCEEDED") with ``.value``."""
     PENDING = _state("PENDING")
     RUNNING = _state("RUNNING")
@@ -185,7 +204,7 @@ class TaskState:
     CANCELLED = _state("CANCELLED")
 
 
-class RunState:
+class RunState(metaclass=_States):
     """The states of a run; each is a string ("COMPLETED") with ``.value``."""
     PENDING = _state("PENDING")
     RUNNING = _state("RUNNING")

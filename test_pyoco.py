@@ -10767,6 +10767,11 @@ def test_original_state_names_are_strings_with_value_and_one_object_each():
     assert run.status is RunStatus.COMPLETED and run.tasks["one"].state is TaskState.SUCCEEDED
     assert json.loads(json.dumps({"s": TaskState.FAILED})) == {"s": "FAILED"}
     assert "%s/%s" % (TaskState.SKIPPED, RunStatus.FAILED.value) == "SKIPPED/FAILED"
+    assert TaskState("FAILED") is TaskState.FAILED and RunStatus("CANCELLED") is RunStatus.CANCELLED
+    assert [s.value for s in RunStatus] == ["PENDING", "RUNNING", "COMPLETED", "FAILED",
+                                           "CANCELLING", "CANCELLED"]
+    with pytest.raises(ValueError, match="did you mean 'SKIPPED'"):
+        TaskState("SKIPED")
 
 
 def flow_of_one(fn, **options):
