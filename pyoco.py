@@ -5198,6 +5198,8 @@ class Engine:
         is False. ``resume``: the id of a FAILED or CANCELLED run in the
         store; tasks that succeeded there are not run again (see RunStore).
         """
+        if isinstance(flow, _Chain):        # flow = Flow() >> a >> b, as the original wrote it
+            flow = flow.flow
         if not isinstance(flow, Flow):
             raise TypeError("Engine.run needs a Flow, got %r" % (flow,))
         params = dict(params or {})
@@ -6859,6 +6861,8 @@ def _module_flows(module):
     """The module's Flow objects as (variable, flow), each flow once."""
     found = {}
     for var, value in vars(module).items():
+        if isinstance(value, _Chain):       # flow = Flow() >> a >> b: the flow it built
+            value = value.flow
         if isinstance(value, Flow) and not var.startswith("_"):
             found.setdefault(id(value), (var, value))
     return list(found.values())

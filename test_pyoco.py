@@ -11253,3 +11253,31 @@ def test_context_original_helpers_work_in_a_process_pool_too(monkeypatch):
     first, cancelled, seen, pid = run.results["_original_second"]
     assert first == run.results["_original_first"] and cancelled is False and seen == "yes"
     assert pid != os.getpid()
+
+
+def test_a_flow_written_as_one_chain_runs_from_python_and_the_cli(tmp_path):
+    write(tmp_path / "spec_style.py", '''\
+        from pyoco import task, Flow, run
+
+        @task
+        def A(ctx, x):
+            return x + 1
+
+        @task
+        def B(ctx, x):
+            print("B got", x)
+
+        @task
+        def C(ctx, x):
+            print("C got", x)
+
+        flow = Flow() >> A >> (B & C)          # the chain, as the original's examples wrote it
+        ''')
+    done = cli(tmp_path, "run", "spec_style.py", "-p", "x=1", "--store", tmp_path / "store")
+    assert done.returncode == 0, done.stderr
+    assert "B got 1" in done.stdout and "C got 1" in done.stdout
+    probe = subprocess.run([sys.executable, "-c", "import spec_style as s;"
+                            " print(s.run(s.flow, params={'x': 2}, trace=False).results['A'])"],
+                           cwd=str(tmp_path), env=child_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, encoding="utf-8", timeout=60)
+    assert probe.stdout.splitlines()[-1] == "3", probe.stderr
