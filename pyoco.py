@@ -180,7 +180,7 @@ class _States(type):
     is ``TaskState.FAILED``, and iterating gives the states in order."""
 
     def __iter__(cls):
-        return iter([v for k, v in vars(cls).items() if isinstance(v, _State)])
+        return iter([v for v in vars(cls).values() if isinstance(v, _State)])
 
     def __len__(cls):
         return len(list(iter(cls)))
@@ -745,6 +745,13 @@ class Task:
       (default), ``"none_failed"``, ``"any_succeeded"``, ``"all_done"`` or
       ``"any_failed"``
     - ``when``: a ``$`` expression; the task runs only when it is truthy
+    - ``outputs``: paths such as ``["scratch.model"]`` (also ``results.`` and
+      ``params.``) where the return value is stored as well
+
+    The original pyoco's names work too: ``Task(func=f, name=...)`` makes a
+    node of a function, ``timeout_sec`` is ``timeout`` and ``trigger_policy``
+    ``"ALL"``/``"ANY"`` is ``run_if`` ``"all_succeeded"``/``"any_succeeded"``;
+    ``dependencies`` and ``dependents`` are the node's edges as sets.
     """
 
     name = None
