@@ -11281,3 +11281,11 @@ def test_a_flow_written_as_one_chain_runs_from_python_and_the_cli(tmp_path):
                            cwd=str(tmp_path), env=child_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, encoding="utf-8", timeout=60)
     assert probe.stdout.splitlines()[-1] == "3", probe.stderr
+
+
+def test_the_yaml_examples_python_twin_runs_the_same_flow(yaml_example):
+    done = cli(yaml_example, "run", "tasks.py", "-p", "rows=4", "--store", "store")
+    assert done.returncode == 0, done.stderr
+    assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
+    record = RunStore(yaml_example / "store").list()[0]
+    assert set(record["tasks"]) == {"plant", "water", "count", "sell", "pickle_them", "report"}

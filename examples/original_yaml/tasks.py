@@ -5,9 +5,12 @@ Run it from this folder (PyYAML must be installed: pip install pyyaml):
     pyoco run --config flow.yaml --flow harvest -p rows=4
     pyoco check flow.yaml
     pyoco graph flow.yaml
+
+The end of this file builds the same flow in Python, for comparison (no PyYAML
+needed): pyoco run tasks.py -p rows=4
 """
 
-from pyoco import task
+from pyoco import Flow, Task, task
 
 
 @task
@@ -43,3 +46,14 @@ def report(ctx):
     done = [ctx.results[name] for name in ("sell", "pickle_them") if name in ctx.results]
     print("report: " + "; ".join(done))
     return done
+
+
+# The flow of flow.yaml, written in Python.
+counted = Task(func=count, name="count", outputs=["scratch.harvest"],
+               inputs={"seeds": "$node.plant.output", "soil": "$node.water.output"})
+sell.task.inputs = {"crop": "$ctx.scratch.harvest"}
+sell.task.fail_policy = "isolate"
+pickle_them.task.inputs = {"crop": "$ctx.scratch.harvest"}
+
+harvest = Flow("harvest")
+harvest >> (plant & water) >> counted >> (sell | pickle_them) >> report
