@@ -843,10 +843,18 @@ class Task:
         """The tasks this one runs after (in any flow), as a set; adding one adds an edge."""
         return _Edges(self, upstream=True)
 
+    @dependencies.setter
+    def dependencies(self, nodes):
+        _Edges(self, upstream=True).replace(nodes)
+
     @property
     def dependents(self):
         """The tasks that run after this one (in any flow), as a set; adding one adds an edge."""
         return _Edges(self, upstream=False)
+
+    @dependents.setter
+    def dependents(self, nodes):
+        _Edges(self, upstream=False).replace(nodes)
 
     def __rshift__(self, other):
         return _link([self], other)
@@ -939,6 +947,13 @@ class _Edges:
     def update(self, others):
         for other in others:
             self.add(other)
+
+    def replace(self, others):
+        """``node.dependencies = {...}``: the node's own edges become these."""
+        others = list(others)
+        for old in list(self.node.__dict__.get("_ups" if self.upstream else "_downs", ())):
+            self.discard(old)
+        self.update(others)
 
     def discard(self, other):
         other = _as_node(other, "task %r dependencies" % (self.node.name,))
@@ -1036,7 +1051,8 @@ class FunctionTask(Task):
     (a misspelling such as ``fn.task.timout = 5``) is an AttributeError.
     """
 
-    _OWN = ("func", "max_retry_delay", "timeout_sec", "trigger_policy", "__module__", "__name__", "__qualname__", "__doc__",
+    _OWN = ("func", "max_retry_delay", "timeout_sec", "trigger_policy", "dependencies",
+            "dependents", "__module__", "__name__", "__qualname__", "__doc__",
             "__wrapped__")
 
     def __setattr__(self, key, value):

@@ -10865,6 +10865,8 @@ def test_dependencies_and_dependents_are_live_edge_sets_the_flow_follows():
     assert a.task in b.task.dependencies and b.task in a.task.dependents
     b.task.dependencies.discard(a)
     assert a.task not in b.task.dependencies and chained.upstream(b) == []
+    third.dependencies = {first}            # assigning replaces the node's own edges
+    assert third.dependencies == {first} and second.dependents == set()
 
 
 def test_outputs_store_the_return_value_at_scratch_results_and_params_paths():
