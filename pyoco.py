@@ -35,6 +35,7 @@ __all__ = [
     "TaskState", "RunState", "Event", "EVENT_KINDS",
     "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip",
     "main", "plugin_task", "load_plugins", "RunStore", "StoreError", "Server", "PluginWarning",
+    "run", "RunStatus",
 ]
 
 import os
@@ -68,6 +69,10 @@ _fork_hooked = False        # os.register_at_fork done (once, under _tee_lock)
 _pending_webhooks = []      # _Delivery objects still delivering; drained at exit
 _webhooks_drained_at_exit = False   # drain_webhooks registered with atexit
 _registry = None            # the plugin registry, loaded on first use
+_flows = None               # WeakSet of every Flow made, for node.dependencies; made by the first
+_node_edges = 0             # edges ever made on nodes themselves (b.dependencies.add(a)); only grows
+_STATES = {}                # state name -> its one _State object: filled at import, then only read
+_FAILURE_CLASSES = {}       # task error class -> the RunFailed class raised for it; set once per key
 
 
 # ---------------------------------------------------------------------------
@@ -91,11 +96,40 @@ class FlowError(PyocoError, ValueError):
 
 
 class RunFailed(PyocoError):
-    """A run ended FAILED. ``run`` is the run; ``__cause__`` the task's error."""
+    """A run ended FAILED. ``run`` is the run; ``__cause__`` the task's error.
+
+    What ``Engine.run`` raises is also an instance of that error's class (a
+    ``RunFailed`` made for it), so ``except ValueError`` catches a run whose
+    task raised ValueError, as with the original pyoco.
+    """
 
     def __init__(self, message, run):
-        super().__init__(message)
+        Exception.__init__(self, message)
         self.run = run
+
+    def __reduce__(self):
+        return (RunFailed, (str(self), self.run))
+
+
+def _run_failed(message, run):
+    """The RunFailed for ``run``, of a class that also derives from the class of
+    the task error that failed it, when that class allows it."""
+    cause = type(run.error)
+    cls = _FAILURE_CLASSES.get(cause)
+    if cls is None:
+        cls = RunFailed
+        if issubclass(cause, Exception) and not issubclass(cause, PyocoError):
+            try:
+                mixed = type("RunFailed", (RunFailed, cause),
+                             {"__module__": __name__, "__qualname__": "RunFailed",
+                              "__init__": RunFailed.__init__, "__str__": Exception.__str__,
+                              "__repr__": Exception.__repr__, "__reduce__": RunFailed.__reduce__})
+                if str(mixed("probe", None)) == "probe":
+                    cls = mixed
+            except Exception:       # a class that cannot be mixed in (layout, __new__, ...)
+                pass
+        _FAILURE_CLASSES[cause] = cls
+    return cls(message, run)
 
 
 class RunCancelled(PyocoError):
@@ -118,24 +152,69 @@ class Skip(Exception):
 # States and events
 # ---------------------------------------------------------------------------
 
-class TaskState:
-    """The states of a task; the values are plain strings."""
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    SKIPPED = "SKIPPED"
-    CANCELLED = "CANCELLED"
+class _State(str):
+    """A state name: a plain string (``== "SUCCEEDED"``, JSON as a string) that
+    also has ``.value``, as the original's enums did. One object per name, so
+    states may be compared with ``is``."""
+
+    __slots__ = ()
+
+    @property
+    def value(self):
+        return str.__str__(self)
+
+    @property
+    def name(self):
+        return str.__str__(self)
+
+    def __reduce__(self):
+        return (_state, (str.__str__(self),))
 
 
-class RunState:
-    """The states of a run; the values are plain strings."""
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLING = "CANCELLING"
-    CANCELLED = "CANCELLED"
+def _state(name):
+    return _STATES.setdefault(name, _State(name))
+
+
+class _States(type):
+    """TaskState and RunState read like the original's enums: ``TaskState("FAILED")``
+    is ``TaskState.FAILED``, and iterating gives the states in order."""
+
+    def __iter__(cls):
+        return iter([v for v in vars(cls).values() if isinstance(v, _State)])
+
+    def __len__(cls):
+        return len(list(iter(cls)))
+
+    def __call__(cls, value):
+        for state in cls:
+            if state == value:
+                return state
+        names = [str(state) for state in cls]
+        raise ValueError("%r is not a %s%s (the states are: %s)" % (
+            value, cls.__name__, _closest(value, names), ", ".join(names)))
+
+
+class TaskState(metaclass=_States):
+    """The states of a task; each is a string ("SUCCEEDED") with ``.value``."""
+    PENDING = _state("PENDING")
+    RUNNING = _state("RUNNING")
+    SUCCEEDED = _state("SUCCEEDED")
+    FAILED = _state("FAILED")
+    SKIPPED = _state("SKIPPED")
+    CANCELLED = _state("CANCELLED")
+
+
+class RunState(metaclass=_States):
+    """The states of a run; each is a string ("COMPLETED") with ``.value``."""
+    PENDING = _state("PENDING")
+    RUNNING = _state("RUNNING")
+    COMPLETED = _state("COMPLETED")
+    FAILED = _state("FAILED")
+    CANCELLING = _state("CANCELLING")
+    CANCELLED = _state("CANCELLED")
+
+
+RunStatus = RunState        # the original's name for the run states
 
 
 _FINISHED = (RunState.COMPLETED, RunState.FAILED, RunState.CANCELLED)
@@ -593,8 +672,12 @@ _FAIL_POLICIES = ("stop", "isolate")
 
 _OPTIONS = ("name", "inputs", "retries", "retry_delay", "timeout",
             "fail_policy", "cache", "pool", "max_parallel", "run_if", "when",
-            "version", "cache_ttl", "cache_key")
+            "version", "cache_ttl", "cache_key", "outputs")
 _CACHE_LEVELS = (False, "resume", True)     # Task.cache; its index is the plan's cache level
+# The original pyoco's option names, accepted as the options they mean (SPEC section 15).
+_ALIASES = {"timeout_sec": "timeout", "trigger_policy": "run_if"}
+_TRIGGER_POLICIES = {"ALL": "all_succeeded", "ANY": "any_succeeded"}
+_OUTPUT_ROOTS = ("scratch", "results", "params")
 _RUN_IF = ("all_succeeded", "none_failed", "any_succeeded", "all_done", "any_failed")
 
 
@@ -603,6 +686,34 @@ def _closest(word, choices):
     import difflib
     near = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
     return "; did you mean %r?" % near[0] if near else ""
+
+
+def _translate_alias(node, key, value):
+    """The option an original pyoco name means: (name, value)."""
+    if key == "trigger_policy":
+        if value not in _TRIGGER_POLICIES:
+            raise FlowError("task %r: trigger_policy must be 'ALL' or 'ANY', not %r%s (or use"
+                            " run_if=...)" % (getattr(node, "name", None), value,
+                                              _closest(value, _TRIGGER_POLICIES)))
+        value = _TRIGGER_POLICIES[value]
+    return _ALIASES[key], value
+
+
+def _check_outputs(node, value):
+    """``outputs``: dotted paths under scratch, results or params; as a tuple of paths."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError("task %r: outputs must be a list of paths such as ['scratch.key'],"
+                        " not %r" % (getattr(node, "name", None), value))
+    paths = []
+    for path in value:
+        parts = path.split(".") if isinstance(path, str) else ()
+        if len(parts) < 2 or parts[0] not in _OUTPUT_ROOTS or not all(parts):
+            raise FlowError("task %r: bad output path %r%s; write scratch.KEY, results.KEY or"
+                            " params.KEY (more .key steps nest dicts)"
+                            % (getattr(node, "name", None), path,
+                               _closest(parts[0], _OUTPUT_ROOTS) if parts else ""))
+        paths.append(tuple(parts))
+    return tuple(paths)
 
 
 def _unknown_options(kind, unknown, known):
@@ -643,6 +754,13 @@ class Task:
       (default), ``"none_failed"``, ``"any_succeeded"``, ``"all_done"`` or
       ``"any_failed"``
     - ``when``: a ``$`` expression; the task runs only when it is truthy
+    - ``outputs``: paths such as ``["scratch.model"]`` (also ``results.`` and
+      ``params.``) where the return value is stored as well
+
+    The original pyoco's names work too: ``Task(func=f, name=...)`` makes a
+    node of a function, ``timeout_sec`` is ``timeout`` and ``trigger_policy``
+    ``"ALL"``/``"ANY"`` is ``run_if`` ``"all_succeeded"``/``"any_succeeded"``;
+    ``dependencies`` and ``dependents`` are the node's edges as sets.
     """
 
     name = None
@@ -659,7 +777,14 @@ class Task:
     version = None
     cache_ttl = None
     cache_key = None
+    outputs = ()
     max_retry_delay = 60.0
+
+    def __new__(cls, *args, **options):
+        if cls is Task and (options.get("func") is not None or (args and callable(args[0]))):
+            # Task(func=f, name=...): the original's way to make a node of a function
+            return object.__new__(FunctionTask)
+        return object.__new__(cls)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -669,14 +794,19 @@ class Task:
     def __init__(self, name=None, **options):
         if name is not None:
             self.name = name
-        unknown = set(options) - set(_OPTIONS)
+        func = options.pop("func", None)
+        if func is not None and func != getattr(self, "run", None):
+            object.__setattr__(self, "run", func)       # the original's Task(func=...) subclasses
+        unknown = set(options) - set(_OPTIONS) - set(_ALIASES)
         if unknown:
-            raise _unknown_options("task", unknown, _OPTIONS)
+            raise _unknown_options("task", unknown, _OPTIONS + tuple(_ALIASES))
         self.inputs = options.pop("inputs", None) or dict(type(self).inputs or {})
         for key, value in options.items():
             setattr(self, key, value)
 
     def __setattr__(self, key, value):
+        if key in _ALIASES:
+            key, value = _translate_alias(self, key, value)
         if key == "inputs":
             if value is None:
                 value = {}
@@ -704,8 +834,58 @@ class Task:
             _check_flow_option(self, key, value)
         elif key in ("cache", "version", "cache_ttl", "cache_key"):
             _check_cache_option(self, key, value)
+        elif key == "outputs":
+            _check_outputs(self, value)
+            value = list(value)
         _touch()
         object.__setattr__(self, key, value)
+
+    # The original pyoco's names for options and edges (SPEC section 15).
+
+    timeout_sec = property(lambda self: self.timeout, doc="The original's name of timeout.")
+
+    @property
+    def trigger_policy(self):
+        """The original's name of run_if: "ALL", "ANY", or the run_if rule."""
+        for policy, rule in _TRIGGER_POLICIES.items():
+            if self.run_if == rule:
+                return policy
+        return self.run_if
+
+    @property
+    def dependencies(self):
+        """The tasks this one runs after (in any flow), as a set; adding one adds an edge."""
+        return _Edges(self, upstream=True)
+
+    @dependencies.setter
+    def dependencies(self, nodes):
+        _Edges(self, upstream=True).replace(nodes)
+
+    @property
+    def dependents(self):
+        """The tasks that run after this one (in any flow), as a set; adding one adds an edge."""
+        return _Edges(self, upstream=False)
+
+    @dependents.setter
+    def dependents(self, nodes):
+        _Edges(self, upstream=False).replace(nodes)
+
+    def __rshift__(self, other):
+        return _link([self], other)
+
+    def __rrshift__(self, other):
+        return _link(other, self)
+
+    def __and__(self, other):
+        return _Group([self]) & other
+
+    def __or__(self, other):
+        return _OrJoin([self]) | other
+
+    def __getstate__(self):
+        # Edges point at other nodes (and back): a node travels without them.
+        return {key: value for key, value in self.__dict__.items()
+                if key not in ("_ups", "_downs")}
 
     @property
     def task(self):
@@ -732,7 +912,133 @@ class Task:
         cls = type(self)
         module = sys.modules.get(cls.__module__)
         return (_rebuild_task, (cls.__module__, cls.__qualname__,
-                                getattr(module, "__file__", None), dict(self.__dict__)))
+                                getattr(module, "__file__", None), self.__getstate__()))
+
+
+class _Edges:
+    """``node.dependencies`` / ``node.dependents``: a live set of nodes.
+
+    It holds the edges made on the nodes themselves (``b.dependencies.add(a)``,
+    ``a >> b``, which every flow holding both nodes follows) and those of the
+    flows the node is in. Adding or discarding changes the nodes' own edges.
+    """
+
+    __slots__ = ("node", "upstream")
+
+    def __init__(self, node, upstream):
+        self.node, self.upstream = node, upstream
+
+    def _own(self, node):
+        key = "_ups" if self.upstream else "_downs"
+        edges = node.__dict__.get(key)
+        if edges is None:
+            edges = {}
+            object.__setattr__(node, key, edges)
+        return edges
+
+    def _all(self):
+        found = dict.fromkeys(self.node.__dict__.get("_ups" if self.upstream else "_downs", ()))
+        for flow in list(_flows or ()):
+            graph = flow._upstream
+            if self.upstream:
+                found.update(dict.fromkeys(graph.get(self.node, ())))
+            else:
+                found.update((down, None) for down, ups in graph.items() if self.node in ups)
+        return found
+
+    def add(self, other):
+        other = _as_node(other, "task %r dependencies" % (self.node.name,))
+        if other is self.node:
+            raise FlowError("task %r cannot run after itself" % (self.node.name,),
+                            cycle=[self.node.name, self.node.name])
+        global _node_edges
+        up, down = (other, self.node) if self.upstream else (self.node, other)
+        _Edges(down, True)._own(down)[up] = None
+        _Edges(up, False)._own(up)[down] = None
+        _node_edges += 1
+        _touch()
+
+    def update(self, others):
+        for other in others:
+            self.add(other)
+
+    def replace(self, others):
+        """``node.dependencies = {...}``: the node's own edges become these."""
+        others = list(others)
+        for old in list(self.node.__dict__.get("_ups" if self.upstream else "_downs", ())):
+            self.discard(old)
+        self.update(others)
+
+    def discard(self, other):
+        other = _as_node(other, "task %r dependencies" % (self.node.name,))
+        up, down = (other, self.node) if self.upstream else (self.node, other)
+        down.__dict__.get("_ups", {}).pop(up, None)
+        up.__dict__.get("_downs", {}).pop(down, None)
+        for flow in list(_flows or ()):
+            flow._upstream.get(down, {}).pop(up, None)
+        _touch()
+
+    def remove(self, other):
+        if _as_node(other) not in self:
+            raise KeyError(other)
+        self.discard(other)
+
+    def __contains__(self, other):
+        return getattr(other, "task", None) in self._all()
+
+    def __iter__(self):
+        return iter(list(self._all()))
+
+    def __len__(self):
+        return len(self._all())
+
+    def __eq__(self, other):
+        return set(self._all()) == set(other)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "{%s}" % ", ".join(map(repr, self._all()))
+
+
+class _Group(list):
+    """``a & b``: tasks that run side by side, as ``[a, b]`` in a chain."""
+
+    def __and__(self, other):
+        return type(self)(self + _flat(other))
+
+    def __or__(self, other):
+        return _OrJoin(self + _flat(other))
+
+    def __rshift__(self, other):
+        return _link(self, other)
+
+    def __rrshift__(self, other):
+        return _link(other, self)
+
+
+class _OrJoin(_Group):
+    """``a | b``: what follows runs once any of them succeeded (run_if="any_succeeded")."""
+
+    def __and__(self, other):
+        return _OrJoin(self + _flat(other))
+
+    __or__ = __and__
+
+
+def _flat(items):
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
+def _link(left, right):
+    """``a >> b`` outside a flow: edges on the nodes themselves. Returns ``right``."""
+    targets = [_as_node(t, "a >> b") for t in _flat(right)]
+    for target in targets:
+        if isinstance(left, _OrJoin):
+            target.run_if = "any_succeeded"
+        for source in _flat(left):
+            target.dependencies.add(source)
+    return right
 
 
 def _check_flow_option(node, key, value):
@@ -783,7 +1089,8 @@ class FunctionTask(Task):
     (a misspelling such as ``fn.task.timout = 5``) is an AttributeError.
     """
 
-    _OWN = ("func", "max_retry_delay", "__module__", "__name__", "__qualname__", "__doc__",
+    _OWN = ("func", "max_retry_delay", "timeout_sec", "trigger_policy", "dependencies",
+            "dependents", "__module__", "__name__", "__qualname__", "__doc__",
             "__wrapped__")
 
     def __setattr__(self, key, value):
@@ -1095,6 +1402,11 @@ class Flow:
         for key in ("schedule_tz", "schedule", "schedule_overlap", "schedule_catchup"):
             if options.get(key) is not None:
                 setattr(self, key, options[key])
+        global _flows
+        if _flows is None:
+            import weakref
+            _flows = weakref.WeakSet()
+        _flows.add(self)
 
     # -- scheduling (only `pyoco serve` acts on it; see Model: schedules)
 
@@ -1165,7 +1477,7 @@ class Flow:
         nodes = self._nodes_of(other)
         for node in nodes:
             self._add(node, ())
-        return _Chain(self, nodes)
+        return _Chain(self, nodes, isinstance(other, _OrJoin))
 
     def add(self, task, after=()):
         """Add ``task`` to run after every task in ``after`` (a task or a list).
@@ -1177,6 +1489,29 @@ class Flow:
         upstream = self._nodes_of(after) if after else []
         self._add(node, upstream)
         return _Chain(self, [node])
+
+    def add_task(self, task):
+        """The original pyoco's name for ``add(task)``: the node's own edges
+        (``node.dependencies``) are followed when the flow runs."""
+        return self.add(task)
+
+    def _graph(self):
+        """node -> upstream nodes: the flow's edges and those made on its nodes
+        (a node's own upstream tasks join the flow, as with ``add(after=...)``)."""
+        graph = self._upstream
+        if not _node_edges or not any("_ups" in node.__dict__ for node in graph):
+            return graph
+        merged, todo = {}, list(graph)
+        while todo:
+            node = todo.pop(0)
+            if node in merged:
+                continue
+            ups = dict(graph.get(node, {}))
+            ups.update(node.__dict__.get("_ups", {}))
+            merged[node] = ups
+            todo.extend(up for up in ups if up not in merged and up not in todo)
+        return {node: merged[node] for node in list(graph) + [n for n in merged
+                                                             if n not in graph]}
 
     # -- reading
 
@@ -1231,16 +1566,19 @@ class Flow:
 class _Chain:
     """What ``flow >> x`` returns: remembers the last tasks to chain from."""
 
-    __slots__ = ("flow", "tails")
+    __slots__ = ("flow", "tails", "any")
 
-    def __init__(self, flow, tails):
+    def __init__(self, flow, tails, any=False):
         self.flow, self.tails = flow, tails
+        self.any = any              # the tails are an OR-join (a | b): what follows needs one
 
     def __rshift__(self, other):
         nodes = self.flow._nodes_of(other)
         for node in nodes:
             self.flow._add(node, self.tails)
-        return _Chain(self.flow, nodes)
+            if self.any:
+                node.run_if = "any_succeeded"
+        return _Chain(self.flow, nodes, isinstance(other, _OrJoin))
 
     def __repr__(self):
         return "<chain of flow %r at %s>" % (self.flow.name, ", ".join(n.name for n in self.tails))
@@ -1459,18 +1797,19 @@ class _Plan:
                  "roots", "funcs", "ctx", "binds", "varkw", "flowparams", "retries",
                  "timeouts", "isolate", "param_refs", "json_names", "is_async", "maps",
                  "rules", "whens", "handlers", "pool_of", "max_parallel", "pools", "group",
-                 "stop_rules", "cache_level", "cached")
+                 "stop_rules", "cache_level", "cached", "outputs")
 
 
     def __init__(self, flow):
         self.flow_name = flow.name
-        nodes = self.nodes = list(flow._upstream)
+        graph = flow._graph()
+        nodes = self.nodes = list(graph)
         names = self.names = [node.name for node in nodes]
         index = self.index = dict(zip(names, range(len(names))))
         if len(index) != len(nodes) or not all(type(n) is str and n for n in names):
             self._name_problem(flow.name)
         node_index = dict(zip(nodes, range(len(nodes))))
-        preds = self.preds = [[node_index[up] for up in flow._upstream[node]] for node in nodes]
+        preds = self.preds = [[node_index[up] for up in graph[node]] for node in nodes]
 
         sources = [node.base if isinstance(node, MapTask) else node for node in nodes]
         self.funcs = [source._callable() for source in sources]
@@ -1492,6 +1831,8 @@ class _Plan:
         self.group = [None] * len(nodes)     # a map instance: its map's max_parallel key
         self.cache_level = [_cache_level(source) for source in sources]  # 0 False, 1, 2 True
         self.cached = 2 in self.cache_level  # any task reused across runs by its fingerprint
+        self.outputs = {i: _check_outputs(source, source.outputs)      # task number -> paths
+                        for i, source in enumerate(sources) if source.outputs}
         self.whens = {}             # task number -> the binding of its when= expression
         self.ctx, self.binds, self.varkw, self.is_async = [], [], [], []
         self.maps = {}              # map node -> (its "over" binding, item parameter, kw-only?)
@@ -1737,10 +2078,13 @@ class Context:
 
     __slots__ = ("_run", "_index", "task_name", "attempt", "_log")
 
-    def __init__(self, run, index, attempt):
+    def __init__(self, run=None, index=0, attempt=1, params=None):
+        if run is None:         # Context(params={...}): a context of its own, to unit-test a task
+            run = Run(Flow("detached")._compile(), None, dict(params or {}), _new_run_id())
         self._run = run
         self._index = index
-        self.task_name = run._plan.names[index]
+        names = run._plan.names
+        self.task_name = names[index] if index < len(names) else None
         self.attempt = attempt
         self._log = None
 
@@ -1753,6 +2097,30 @@ class Context:
                          doc="Artifacts saved so far in this run: name -> stored path (str).")
     cancelled = property(lambda self: self._run.cancel_event,
                          doc="A threading.Event set when the run is being cancelled.")
+    # The original pyoco's names (SPEC section 15).
+    is_cancelled = property(lambda self: self._run.cancel_event.is_set(),
+                            doc="True once the run is being cancelled.")
+    env = property(lambda self: os.environ, doc="The environment ($env.NAME reads it).")
+
+    def resolve(self, value):
+        """What an ``inputs`` value reads here: a ``$`` expression's value (KeyError when
+        what it names is not there yet), anything else as it is."""
+        if not isinstance(value, str) or not value.startswith("$"):
+            return value
+        run = self._run
+        kind, key, path = _parse_expression(value, _EveryName(), "ctx.resolve")
+        if kind == _B_CONST:
+            return key
+        where = {_B_NODE: ("results", run.results), _B_PARAM: ("params", run.params),
+                 _B_SCRATCH: ("scratch", run.scratch), _B_ENV: ("environment", os.environ)}
+        label, source = where[kind]
+        if key not in source:
+            raise KeyError("%s: no %r in %s" % (value, key, label))
+        return _step(source[key], path, value) if path else source[key]
+
+    def get_result(self, name):
+        """The output of task ``name``, done earlier in this run; KeyError if none yet."""
+        return _result_of(self._run.results, name)
 
     @property
     def log(self):
@@ -1784,6 +2152,24 @@ class Context:
     def __repr__(self):
         return "<Context run_id=%s task=%r attempt=%d>" % (self.run_id, self.task_name,
                                                           self.attempt)
+
+
+def _result_of(results, name):
+    try:
+        return results[name]
+    except KeyError:
+        raise KeyError("no result of task %r yet (results so far: %s)"
+                       % (name, ", ".join(map(repr, results)) or "none")) from None
+
+
+class _EveryName(dict):
+    """Task names for ctx.resolve: any name may be asked for; the results say if it is there."""
+
+    def __contains__(self, name):
+        return True
+
+    def __getitem__(self, name):
+        return name
 
 
 def _artifact_root(run):
@@ -2341,6 +2727,19 @@ def _rule_unmet(plan, states, i, rule):
         "%r %s" % (names[p], states[p].lower()) for p in preds) or "no upstream tasks")
 
 
+def _store_outputs(run, paths, value):
+    """Put a task's output at each of its ``outputs`` paths (``scratch.a.b``)."""
+    for path in paths:
+        target = {"scratch": run.scratch, "results": run.results, "params": run.params}[path[0]]
+        for depth, key in enumerate(path[1:-1], 1):
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise TypeError("output path %r: %r holds a %s, not a dict"
+                                % (".".join(path), ".".join(path[:depth + 1]),
+                                   type(target).__name__))
+        target[path[-1]] = value
+
+
 class _RunLedger:
     """The one writer of a run's state: every change to a task or to the run is
     made here and announced as an Event to the run's observers, in order."""
@@ -2387,6 +2786,12 @@ class _RunLedger:
         if self.closed:
             return False
         run = self.run
+        if self.plan.outputs and i in self.plan.outputs:
+            try:
+                _store_outputs(run, self.plan.outputs[i], out)
+            except TypeError as exc:
+                self.fail(i, exc)
+                return False
         t1 = time.time()
         run._ended[i] = t1
         run._state[i] = TaskState.SUCCEEDED
@@ -3262,6 +3667,13 @@ class _RemoteContext:
     @property
     def log(self):
         return _task_logger(self.task_name)
+
+    # The original pyoco's names, as on Context.
+    is_cancelled = property(lambda self: self.cancelled.is_set())
+    env = property(lambda self: os.environ)
+
+    def get_result(self, name):
+        return _result_of(self.results, name)
 
     def skip(self, reason="skipped"):
         raise Skip(reason)
@@ -5384,6 +5796,11 @@ class Engine:
         _parse_pools(self.pools, "Engine(pools=...)")
         self._active = {}           # run id -> its _Scheduler while the run goes
 
+    @property
+    def active_runs(self):
+        """run id -> Run, for the runs going on now (the original pyoco's name)."""
+        return {run_id: scheduler.run for run_id, scheduler in list(self._active.items())}
+
     def _store(self):
         if self.store is False:
             return None
@@ -5411,6 +5828,8 @@ class Engine:
         ``scheduled_for``: the schedule's time (Unix) that starts this run,
         kept in its record (``pyoco serve`` passes it).
         """
+        if isinstance(flow, _Chain):        # flow = Flow() >> a >> b, as the original wrote it
+            flow = flow.flow
         if not isinstance(flow, Flow):
             raise TypeError("Engine.run needs a Flow, got %r" % (flow,))
         params = dict(params or {})
@@ -5468,8 +5887,8 @@ class Engine:
             store.prune()
         if raise_on_failure:
             if run.status == RunState.FAILED:
-                raise RunFailed("run %s of flow %r failed: %s"
-                                % (run.run_id, run.flow_name, run.failure()), run) from run.error
+                raise _run_failed("run %s of flow %r failed: %s"
+                                  % (run.run_id, run.flow_name, run.failure()), run) from run.error
             if run.status == RunState.CANCELLED:
                 raise RunCancelled("run %s of flow %r was cancelled (%s)"
                                    % (run.run_id, run.flow_name, run.reason), run)
@@ -5678,6 +6097,12 @@ class Engine:
         """
         core = self._active.get(run_id)
         return core is not None and core.cancel(reason)
+
+
+def run(flow, params=None, trace=True, cute=True):
+    """Run ``flow`` on a fresh ``Engine(trace=trace, cute=cute)`` and return the Run
+    (the original pyoco's one-call form; a failed run raises RunFailed)."""
+    return Engine(trace=trace, cute=cute).run(flow, params)
 
 
 # ---------------------------------------------------------------------------
@@ -6629,7 +7054,7 @@ class PluginInfo:
     """One task offered by a plugin distribution."""
 
     __slots__ = ("name", "distribution", "version", "kind", "summary", "entry_point",
-                 "target", "problems")
+                 "target", "problems", "options")
 
     def __init__(self, name, distribution, version, kind, target, entry_point):
         self.name = name
@@ -6640,6 +7065,7 @@ class PluginInfo:
         self.entry_point = entry_point
         self.summary = _summary_of(target)
         self.problems = []              # (level, message) found by lint
+        self.options = {}               # task options a hook gave with task_class(...)
 
     def to_dict(self):
         return {"name": self.name, "distribution": self.distribution, "version": self.version,
@@ -6707,6 +7133,60 @@ class PluginRegistry:
             return info
         self.tasks[name] = info
         return info
+
+    # The original pyoco's registry methods, so its register(registry) hooks load.
+
+    def task_class(self, task_class, name=None, **options):
+        """Add a Task subclass whose nodes get ``options`` (``plugin_task`` may override)."""
+        if not (isinstance(task_class, type) and issubclass(task_class, Task)):
+            raise TypeError("registry.task_class takes a Task subclass, not %r" % (task_class,))
+        unknown = set(options) - set(_OPTIONS) - set(_ALIASES) - {"name"}
+        if unknown:
+            raise _unknown_options("task", unknown, _OPTIONS + tuple(_ALIASES))
+        probe = _plugin_node(task_class, dict(options))     # its name may come from __init__
+        info = self.add(task_class, name=name or probe.name)
+        info.options = dict(options)
+        return info
+
+    def register_callable(self, fn, name=None, **options):
+        """Add a function as a task with ``options`` (lint advises a Task subclass)."""
+        if not callable(fn) or isinstance(fn, type):
+            raise TypeError("registry.register_callable takes a function, not %r" % (fn,))
+        node = FunctionTask(getattr(fn, "func", fn), name=name, **options)
+        info = self.add(node, name=node.name)
+        info.kind = "function"
+        info.problems.append(("warning", _FUNCTION_ADVICE % {"name": node.name}))
+        return info
+
+    def task(self, name=None, **options):
+        """``@registry.task(name=..., retries=...)``: ``register_callable`` as a decorator."""
+        if callable(name):              # @registry.task without parentheses
+            self.register_callable(name, **options)
+            return name
+
+        def register(fn):
+            self.register_callable(fn, name=name, **options)
+            return fn
+        return register
+
+    _INFO_KEYS = ("summary", "description", "version", "tags")
+
+    def task_info(self, name, **info):
+        """Describe a task added earlier: ``summary=`` (what ``plugins list`` shows) and
+        ``description``, ``version``, ``tags``, kept for the summary when it has none."""
+        unknown = set(info) - set(self._INFO_KEYS)
+        if unknown:
+            first = sorted(unknown)[0]
+            raise TypeError("registry.task_info: unknown key %r%s (the keys are: %s)"
+                            % (first, _closest(first, self._INFO_KEYS), ", ".join(self._INFO_KEYS)))
+        entry = self.tasks.get(name)
+        if entry is None:
+            raise KeyError("registry.task_info: no task %r added%s (added: %s)" % (
+                name, _closest(name, self.tasks), ", ".join(sorted(self.tasks)) or "none"))
+        text = info.get("summary") or info.get("description")
+        if text:
+            entry.summary = " ".join(str(text).split())
+        return entry
 
     def names(self):
         return sorted(self.tasks)
@@ -6828,8 +7308,23 @@ def plugin_task(plugin, /, **options):
         merged.update(options)
         return FunctionTask(base.func, **merged)
     if info.kind == "task":
-        return info.target(**options)
+        return _plugin_node(info.target, dict(info.options, **options))
     return FunctionTask(info.target, **options)
+
+
+def _plugin_node(cls, options):
+    """A node of plugin class ``cls`` with ``options``. A class whose ``__init__``
+    takes none (the original's style: ``super().__init__(func=self.run, name=...)``)
+    is made without them, then given them."""
+    init = cls.__init__
+    if init is not Task.__init__:
+        params, varkw = _parameters(init)
+        if not varkw and not set(options) <= {p[0] for p in params}:
+            node = cls()
+            for key, value in options.items():
+                setattr(node, key, value)
+            return node
+    return cls(**options)
 
 
 def lint_plugins(registry=None):
@@ -7013,6 +7508,8 @@ def load_flow(target, name=None):
     ``name`` (or ``:NAME``) picks a flow by its variable or its Flow name
     when the module defines several. Raises UsageError when it cannot.
     """
+    if target.endswith((".yaml", ".yml")):
+        return _load_yaml_flow(target, name)
     if ":" in target and not os.path.exists(target):
         target, _, picked = target.rpartition(":")
         name = name or picked
@@ -7033,10 +7530,320 @@ def load_flow(target, name=None):
     return flows[0][1]
 
 
+# The original pyoco's YAML flow files (SPEC section 15): tasks by "module:function",
+# task modules to import, and graphs of >> chains. The graph is parsed here, never
+# evaluated: a line is NAME, "(a & b)" or "(a | b)" terms joined by ">>".
+
+_YAML_KEYS = ("version", "discovery", "tasks", "flows", "flow")
+_YAML_DISCOVERY = ("glob_modules", "packages", "entry_points")
+_YAML_FLOW_KEYS = ("graph", "defaults", "name")
+_YAML_TASK_KEYS = ("callable",) + tuple(k for k in _OPTIONS if k != "name") + tuple(_ALIASES)
+
+
+def _yaml_documents(path):
+    """The YAML file's data and its node tree (for line numbers); UsageError when bad."""
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError("%s: YAML flow files need PyYAML, which is not installed:"
+                         " pip install pyyaml (or write the flow in Python)" % path) from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UsageError("flow file %s: %s" % (path, exc.strerror or exc)) from None
+    try:
+        return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = ":%d" % (mark.line + 1) if mark is not None else ""
+        raise UsageError("%s%s: not valid YAML: %s" % (path, where, _one_line(
+            getattr(exc, "problem", None) or exc))) from None
+
+
+def _yaml_line(tree, *keys):
+    """The file line (1-based) where the value at ``keys`` starts, or None."""
+    node = tree
+    for key in keys:
+        if getattr(node, "id", None) != "mapping":
+            return None
+        node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+        if node is None:
+            return None
+    block = getattr(node, "style", None) in ("|", ">")
+    return node.start_mark.line + (2 if block else 1)
+
+
+def _yaml_section(path, where, value, keys, kind=dict):
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise UsageError("%s: %s must be %s, not %s" % (path, where, _JSON_KINDS.get(
+            kind, kind.__name__), _JSON_KINDS.get(type(value), type(value).__name__)))
+    if kind is dict and keys is not None:
+        for key in value:
+            if key not in keys:
+                raise UsageError("%s: unknown key %r in %s%s (the keys are: %s)"
+                                 % (path, key, where, _closest(key, keys), ", ".join(keys)))
+    return value
+
+
+def _yaml_modules(path, discovery):
+    """Import the task modules ``discovery`` names; their tasks by variable and name."""
+    import glob
+    import importlib
+    _cwd_on_path()
+    found = {}
+    modules = []
+    for key in _YAML_DISCOVERY:
+        entries = _yaml_section(path, "discovery.%s" % key, discovery.get(key), None, list)
+        for entry in entries:
+            if not isinstance(entry, str) or not entry:
+                raise UsageError("%s: discovery.%s entries are strings, not %r"
+                                 % (path, key, entry))
+            if key != "glob_modules" or not (entry.endswith(".py") or "*" in entry
+                                             or "/" in entry):
+                modules.append((entry, None))      # a module name, as in glob_modules: [tasks]
+                continue
+            files = sorted(glob.glob(entry, recursive=True))
+            if not any(f.endswith(".py") for f in files):
+                raise UsageError("%s: discovery.glob_modules %r matches no .py file (paths"
+                                 " are relative to the working directory, %s)"
+                                 % (path, entry, os.getcwd()))
+            for file in files:
+                if file.endswith(".py"):
+                    rel = os.path.relpath(file)
+                    dotted = rel[:-3].replace(os.sep, ".")
+                    ok = not rel.startswith("..") and all(p.isidentifier()
+                                                          for p in dotted.split("."))
+                    modules.append((dotted if ok else file, file))
+    for name, file in modules:
+        where = "discovery: %s" % (file or name)
+        if file is not None and not name.replace(".", "").isidentifier():
+            module = _load_target(file)
+        else:
+            try:
+                module = importlib.import_module(name)
+            except ImportError as exc:
+                raise UsageError("%s: %s: cannot import %r: %s" % (path, where, name, exc)) from None
+            except Exception as exc:
+                raise UsageError("%s: %s: importing %r raised %s"
+                                 % (path, where, name, _describe(exc))) from None
+        for var, value in vars(module).items():
+            if isinstance(value, Task) and not var.startswith("_"):
+                found.setdefault(var, value)
+                found.setdefault(value.name, value)
+    return found
+
+
+def _yaml_callable(path, name, spec):
+    import importlib
+    module_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not module_name or not attr:
+        raise UsageError("%s: tasks.%s.callable must be \"module:function\", not %r"
+                         % (path, name, spec))
+    _cwd_on_path()
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError("%s: tasks.%s.callable %r: cannot import %r: %s"
+                         % (path, name, spec, module_name, exc)) from None
+    except Exception as exc:
+        raise UsageError("%s: tasks.%s.callable %r: importing %r raised %s"
+                         % (path, name, spec, module_name, _describe(exc))) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError("%s: tasks.%s.callable %r: module %r has no %r"
+                             % (path, name, spec, module_name, attr)) from None
+    return obj
+
+
+def _yaml_node(path, name, obj, conf):
+    """A fresh node named ``name`` for ``obj`` (an @task function, a Task, a Task
+    subclass or a function) with the options of its ``tasks:`` entry."""
+    import copy
+    if isinstance(obj, FunctionTask):
+        options = {key: getattr(obj, key) for key in _OPTIONS if key != "name"}
+        options["inputs"] = dict(obj.inputs or {})
+        node = FunctionTask(obj.func, name=name, **options)
+    elif isinstance(obj, Task):
+        node = copy.copy(obj)
+        node.name = name
+    elif isinstance(obj, type) and issubclass(obj, Task):
+        node = obj(name=name)
+    elif callable(obj):
+        node = FunctionTask(obj, name=name)
+    else:
+        raise UsageError("%s: task %r is %r, not a task or a function" % (path, name, obj))
+    for key, value in conf.items():
+        if key == "inputs":
+            node.inputs = dict(node.inputs, **_yaml_section(path, "tasks.%s.inputs" % name,
+                                                            value, None))
+        elif key != "callable":
+            try:
+                setattr(node, key, value)
+            except (TypeError, ValueError) as exc:
+                raise UsageError("%s: tasks.%s.%s: %s" % (path, name, key, exc)) from None
+    return node
+
+
+def _graph_lines(text):
+    """The graph's chains as (line number, text): comments dropped; a chain goes on
+    to the next line while a parenthesis is open or the line ends with >>."""
+    chains, pending, start = [], "", 0
+    for number, line in enumerate(str(text).splitlines(), 1):
+        code = line.split("#", 1)[0].strip()
+        if not code:
+            continue
+        if not pending:
+            start = number
+        pending = (pending + " " + code).strip()
+        if pending.count("(") > pending.count(")") or pending.endswith(">>"):
+            continue
+        chains.append((start, pending))
+        pending = ""
+    if pending:
+        chains.append((start, pending))
+    return chains
+
+
+def _graph_terms(chain, problem):
+    """``a >> (b & c) >> (d | e)`` as [(["a"], ""), (["b", "c"], "&"), (["d", "e"], "|")]."""
+    import re
+    tokens = re.findall(r"\s*(>>|[&|()]|[A-Za-z_][A-Za-z0-9_]*|\S)", chain)
+    terms, n = [], 0
+
+    def expect_term(n):
+        if n >= len(tokens):
+            problem("the chain ends after >>; a task name or (group) must follow")
+        token = tokens[n]
+        if token == "(":
+            names, ops, n = [], set(), n + 1
+            while True:
+                if n >= len(tokens) or not tokens[n].isidentifier():
+                    problem("expected a task name inside ( ), got %r"
+                            % (tokens[n] if n < len(tokens) else "the end of the line"))
+                names.append(tokens[n])
+                n += 1
+                if n < len(tokens) and tokens[n] == ")":
+                    break
+                if n >= len(tokens) or tokens[n] not in ("&", "|"):
+                    problem("expected & or | or ) after %r, got %r" % (
+                        names[-1], tokens[n] if n < len(tokens) else "the end of the line"))
+                ops.add(tokens[n])
+                n += 1
+            if len(ops) > 1:
+                problem("a group mixes & and |; write (a & b) or (a | b)")
+            return (names, ops.pop() if ops else ""), n + 1
+        if token.isidentifier():
+            return ([token], ""), n + 1
+        problem("unexpected %r; a graph line is task names joined by >>, with (a & b)"
+                " groups and (a | b) OR-joins" % token)
+
+    while True:
+        term, n = expect_term(n)
+        terms.append(term)
+        if n >= len(tokens):
+            return terms
+        if tokens[n] in ("&", "|"):
+            problem("put the group in parentheses: (a %s b); %s binds looser than >>"
+                    % (tokens[n], tokens[n]))
+        if tokens[n] != ">>":
+            problem("expected >> after %r, got %r" % (" ".join(term[0]), tokens[n]))
+        n += 1
+
+
+def _yaml_flow(path, flow_name, conf, nodes_for, graph_line):
+    """Build flow ``flow_name`` from its graph; ``nodes_for(name)`` gives a task's node."""
+    flow = Flow(name=flow_name)
+    graph = conf.get("graph")
+    if not isinstance(graph, str) or not graph.strip():
+        raise UsageError("%s: flow %r needs a graph: lines such as a >> (b & c) >> d"
+                         % (path, flow_name))
+    for number, chain in _graph_lines(graph):
+        where = "%s:%s: flow %r graph line %d %r" % (
+            path, graph_line + number - 1 if graph_line else "?", flow_name, number, chain)
+
+        def problem(message):
+            raise UsageError("%s: %s" % (where, message))
+        terms = _graph_terms(chain, problem)
+        if terms[0] == (["flow"], "") and len(terms) > 1 and "flow" not in nodes_for.known:
+            terms = terms[1:]           # "flow >> a >> b", as the original wrote it too
+        tails, any_join = [], False
+        for names, op in terms:
+            heads = [nodes_for(name, problem) for name in names]
+            for node in heads:
+                try:
+                    flow.add(node, after=tails)
+                except FlowError as exc:        # a >> a
+                    problem(str(exc))
+                if any_join:
+                    node.run_if = "any_succeeded"
+            tails, any_join = heads, op == "|"
+    return flow
+
+
+def _load_yaml_flow(path, name=None):
+    """Flow ``name`` (or the only one) of an original-pyoco YAML file, its parameter
+    defaults in ``flow._defaults``. Raises UsageError naming the file, key or line."""
+    data, tree = _yaml_documents(path)
+    data = _yaml_section(path, "the file", data, _YAML_KEYS)
+    if data.get("flows") is not None and data.get("flow") is not None:
+        raise UsageError("%s: has both flows: and flow:; use one" % path)
+    if data.get("flow") is not None:
+        conf = _yaml_section(path, "flow", data["flow"], _YAML_FLOW_KEYS)
+        confs = {str(conf.get("name") or "main"): (conf, ("flow", "graph"))}
+    else:
+        confs = {}
+        for key, conf in _yaml_section(path, "flows", data.get("flows"), None).items():
+            confs[str(key)] = (_yaml_section(path, "flows.%s" % key, conf, ("graph", "defaults")),
+                               ("flows", key, "graph"))
+    if not confs:
+        raise UsageError("%s defines no flow (expected flows: NAME: {graph: ...})" % path)
+    if name is None and len(confs) > 1:
+        raise UsageError("%s defines several flows: %s; pick one with --flow NAME"
+                         % (path, ", ".join(confs)))
+    if name is not None and name not in confs:
+        raise UsageError("%s has no flow %r%s; its flows: %s"
+                         % (path, name, _closest(name, confs), ", ".join(confs)))
+    name = name if name is not None else next(iter(confs))
+    conf, keys = confs[name]
+    defaults = _yaml_section(path, "flow %r defaults" % name, conf.get("defaults"), None)
+    tasks_conf = _yaml_section(path, "tasks", data.get("tasks"), None)
+    discovered = _yaml_modules(path, _yaml_section(path, "discovery", data.get("discovery"),
+                                                   _YAML_DISCOVERY))
+    nodes = {}
+
+    def nodes_for(task_name, problem):
+        node = nodes.get(task_name)
+        if node is None:
+            entry = _yaml_section(path, "tasks.%s" % task_name, tasks_conf.get(task_name),
+                                  _YAML_TASK_KEYS)
+            if entry.get("callable") is not None:
+                obj = _yaml_callable(path, task_name, entry["callable"])
+            elif task_name in discovered:
+                obj = discovered[task_name]
+            else:
+                known = sorted(set(tasks_conf) | set(discovered))
+                problem("no task %r%s (tasks: %s)" % (task_name, _closest(task_name, known),
+                                                      ", ".join(known) or "none"))
+            node = nodes[task_name] = _yaml_node(path, task_name, obj, entry)
+        return node
+    nodes_for.known = set(tasks_conf) | set(discovered)
+
+    flow = _yaml_flow(path, name, conf, nodes_for, _yaml_line(tree, *keys))
+    flow._defaults = dict(defaults)
+    return flow
+
+
 def _module_flows(module):
     """The module's Flow objects as (variable, flow), each flow once."""
     found = {}
     for var, value in vars(module).items():
+        if isinstance(value, _Chain):       # flow = Flow() >> a >> b: the flow it built
+            value = value.flow
         if isinstance(value, Flow) and not var.startswith("_"):
             found.setdefault(id(value), (var, value))
     return list(found.values())
@@ -7114,7 +7921,10 @@ def _build_parser():
     commands.required = True
 
     run = commands.add_parser("run", help="run a flow", description="Run a flow file's flow.")
-    run.add_argument("target", metavar="FLOW", help="FLOW.py or package.module[:NAME]")
+    run.add_argument("target", metavar="FLOW", nargs="?",
+                     help="FLOW.py, package.module[:NAME] or an original-pyoco flow.yaml")
+    run.add_argument("--config", metavar="FLOW.yaml", help="the flow file, as the original"
+                     " pyoco took its YAML files (same as giving FLOW)")
     run.add_argument("--flow", help="which flow, by Flow name or variable")
     run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                      help="a run parameter; VALUE is JSON when it parses, else a string")
@@ -7143,14 +7953,16 @@ def _build_parser():
 
     check = commands.add_parser("check", help="validate a flow without running it",
                                 description="Validate a flow; nothing runs.")
-    check.add_argument("target", metavar="FLOW")
+    check.add_argument("target", metavar="FLOW", nargs="?")
+    check.add_argument("--config", metavar="FLOW.yaml", help="the flow file (same as FLOW)")
     check.add_argument("--flow")
     check.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--json", action="store_true", help="machine-readable result")
 
     graph = commands.add_parser("graph", help="print a flow's DAG",
                                 description="Print a flow's DAG.")
-    graph.add_argument("target", metavar="FLOW")
+    graph.add_argument("target", metavar="FLOW", nargs="?")
+    graph.add_argument("--config", metavar="FLOW.yaml", help="the flow file (same as FLOW)")
     graph.add_argument("--flow")
     graph.add_argument("--format", choices=("text", "mermaid", "dot"), default="text")
 
@@ -7224,11 +8036,25 @@ def _parse_pool_sizes(pairs):
 _PROGRESS_FLAG = {None: None, "on": True, "off": False}     # --progress -> Engine(progress=)
 
 
+def _cli_flow(args):
+    """The flow FLOW (or --config FILE) names, and its parameter defaults (YAML files')."""
+    if args.config is not None and args.target is not None:
+        raise UsageError("pyoco %s: give the flow file once: FLOW or --config FILE, not both"
+                         % args.command)
+    args.target = args.target if args.target is not None else args.config
+    if args.target is None:
+        raise UsageError("pyoco %s needs a flow: FLOW.py, package.module:NAME or"
+                         " --config flow.yaml" % args.command)
+    flow = load_flow(args.target, args.flow)
+    return flow, dict(getattr(flow, "_defaults", None) or {})
+
+
 def _cmd_run(args):
     if args.workers < 1:
         raise UsageError("--workers must be at least 1, not %d" % args.workers)
     params = _parse_params(args.param)
-    flow = load_flow(args.target, args.flow)
+    flow, defaults = _cli_flow(args)
+    params = dict(defaults, **params)
     engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args),
                     pools=_parse_pool_sizes(args.pool),
                     progress=_PROGRESS_FLAG[args.progress])
@@ -7271,10 +8097,12 @@ def _rules_report(flow):
 
 def _cmd_check(args):
     params = _parse_params(args.param)
-    flow = load_flow(args.target, args.flow)
+    flow, defaults = _cli_flow(args)
+    params = dict(defaults, **params)
     problems, needs = [], []
     try:
         needs = flow.validate(params if args.param else None)
+        needs = [(name, p) for name, p in needs if p not in defaults]
     except FlowError as exc:
         problems.append(str(exc))
     schedule = flow._schedule
@@ -7309,7 +8137,7 @@ def _cmd_check(args):
 
 
 def _cmd_graph(args):
-    flow = load_flow(args.target, args.flow)
+    flow, _ = _cli_flow(args)
     try:
         sys.stdout.write(render_graph(flow, args.format))
     except FlowError as exc:
@@ -7520,7 +8348,8 @@ def _register_aliases():
     core = module_type(__name__ + ".core", "Compatibility names of the original pyoco layout.")
     core.__path__ = []
     parts = {
-        "models": {"Flow": Flow, "Task": Task, "FunctionTask": FunctionTask, "task": task},
+        "models": {"Flow": Flow, "Task": Task, "FunctionTask": FunctionTask, "task": task,
+                   "TaskState": TaskState, "RunStatus": RunStatus, "RunContext": Run},
         "engine": {"Engine": Engine, "Run": Run, "TaskRecord": TaskRecord},
         "context": {"Context": Context},
         "exceptions": {"PyocoError": PyocoError, "FlowError": FlowError,
@@ -7534,6 +8363,16 @@ def _register_aliases():
         core.__dict__.update(names)
         sys.modules.setdefault(sub.__name__, sub)
     globals()["core"] = core
+    # from pyoco.dsl.syntax import task: the original's home of the decorator
+    dsl = module_type(__name__ + ".dsl", "Compatibility names of the original pyoco layout.")
+    dsl.__path__ = []
+    syntax = module_type(dsl.__name__ + ".syntax")
+    syntax.__dict__.update({"task": task, "TaskWrapper": FunctionTask, "Branch": _OrJoin,
+                            "Parallel": _Group})
+    dsl.syntax = syntax
+    sys.modules.setdefault(dsl.__name__, dsl)
+    sys.modules.setdefault(syntax.__name__, syntax)
+    globals()["dsl"] = dsl
 
 
 _register_aliases()

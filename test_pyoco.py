@@ -299,7 +299,7 @@ def test_an_unknown_flow_keyword_is_a_type_error_naming_pools():
     assert "'pool'" in str(info.value) and "'pools'" in str(info.value)
 
 
-@pytest.mark.parametrize("attr, closest", [("timout", "'timeout'"), ("timeout_sec", "timeout"),
+@pytest.mark.parametrize("attr, closest", [("timout", "'timeout'"), ("timeout_secs", "timeout"),
                                            ("retrys", "'retries'"), ("runif", "'run_if'")])
 def test_a_misspelled_option_set_on_a_decorated_functions_node_is_an_attribute_error(attr,
                                                                                       closest):
@@ -12017,3 +12017,543 @@ def test_tut_s11_incremental_runs(tmp_path):
     script = tut_ok(tut_script(tmp_path, "s11_incremental.py"))
     assert "🧪 the flow weighs 100 carrots as 8.0 kg" in script.stdout
     assert "harvesting" not in script.stdout
+
+
+# ---------------------------------------------------------------------------
+# Code written for the original pyoco (SPEC section 15)
+# ---------------------------------------------------------------------------
+
+def test_original_state_names_are_strings_with_value_and_one_object_each():
+    from pyoco.core.models import RunStatus, TaskState
+
+    assert TaskState.SUCCEEDED == "SUCCEEDED" and TaskState.SUCCEEDED.value == "SUCCEEDED"
+    assert RunStatus.COMPLETED == "COMPLETED" and RunStatus.CANCELLING.value == "CANCELLING"
+    assert RunStatus is pyoco.RunState and TaskState is pyoco.TaskState
+    run = run_quiet(flow_of_one(lambda: 1))
+    assert run.status is RunStatus.COMPLETED and run.tasks["one"].state is TaskState.SUCCEEDED
+    assert json.loads(json.dumps({"s": TaskState.FAILED})) == {"s": "FAILED"}
+    assert "%s/%s" % (TaskState.SKIPPED, RunStatus.FAILED.value) == "SKIPPED/FAILED"
+    assert TaskState("FAILED") is TaskState.FAILED and RunStatus("CANCELLED") is RunStatus.CANCELLED
+    assert [s.value for s in RunStatus] == ["PENDING", "RUNNING", "COMPLETED", "FAILED",
+                                           "CANCELLING", "CANCELLED"]
+    with pytest.raises(ValueError, match="did you mean 'SKIPPED'"):
+        TaskState("SKIPED")
+
+
+def flow_of_one(fn, **options):
+    """Flow() (named main) holding one Task(func=fn, name="one", ...), added with add_task."""
+    flow = Flow()
+    flow.add_task(Task(func=fn, name="one", **options))
+    return flow
+
+
+def test_task_with_func_is_a_node_of_a_flow_named_main_that_add_task_fills():
+    seen = []
+
+    def add_one(ctx, x):
+        seen.append(ctx.params["x"])
+        return x + 1
+
+    node = Task(func=add_one, name="t", inputs={"x": "$ctx.params.x"}, retries=1)
+    assert isinstance(node, Task) and node.name == "t" and node.retries == 1
+    flow = Flow()
+    flow.add_task(node)
+    run = Engine(trace=False).run(flow, params={"x": 1})
+    assert flow.name == "main" and run.results == {"t": 2} and seen == [1]
+    positional = Task(lambda: "p", name="p")
+    assert run_quiet(Flow("p").add(positional).flow).results == {"p": "p"}
+
+
+def test_timeout_sec_set_on_a_decorated_node_fails_the_task_at_its_deadline():
+    release = threading.Event()
+
+    @task
+    def slow(ctx):
+        release.wait(WAIT)          # stands for 0.3 s of work that outlives its timeout
+        return "late"
+
+    slow.task.timeout_sec = 0.05
+    assert slow.task.timeout == 0.05 and slow.task.timeout_sec == 0.05
+    flow = Flow("slow")
+    flow >> slow
+    started = time.monotonic()
+    run = quiet().run(flow, raise_on_failure=False)
+    release.set()
+    assert run.status == "FAILED" and isinstance(run.tasks["slow"].exception, TimeoutError)
+    assert time.monotonic() - started < WAIT
+    assert Task(func=lambda: 1, name="x", timeout_sec=2).timeout == 2
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: Task(func=lambda: 1, name="x", timout_sec=1), (TypeError, "'timeout_sec'")),
+    (lambda: Task(func=lambda: 1, name="x", trigger_policy="SOME"), (FlowError, "'ANY'")),
+    (lambda: Task(func=lambda: 1, name="x", outputs=["scrach.k"]), (FlowError, "'scratch'")),
+    (lambda: Task(func=lambda: 1, name="x", outputs="scratch.k"), (TypeError, "list of paths")),
+])
+def test_original_option_names_are_aliases_and_misspellings_stay_errors(make, expected):
+    with pytest.raises(expected[0]) as info:
+        make()
+    assert expected[1] in str(info.value)
+
+
+def test_trigger_policy_any_is_run_if_any_succeeded():
+    node = Task(func=lambda: 1, name="x", trigger_policy="ANY")
+    assert node.run_if == "any_succeeded" and node.trigger_policy == "ANY"
+    node.trigger_policy = "ALL"
+    assert node.run_if == "all_succeeded" and node.trigger_policy == "ALL"
+
+
+def test_dependencies_and_dependents_are_live_edge_sets_the_flow_follows():
+    order = []
+    first = Task(func=lambda: order.append("first"), name="first")
+    second = Task(func=lambda: order.append("second"), name="second")
+    third = Task(func=lambda: order.append("third"), name="third")
+    second.dependencies.add(first)
+    first.dependents.add(second)            # the same edge, made from the other end
+    third.dependencies.add(second)
+    assert first in second.dependencies and second in first.dependents
+    assert len(second.dependencies) == 1 and second.dependencies == {first}
+    flow = Flow()
+    flow.add_task(third)                    # its upstream tasks join the flow
+    run_quiet(flow)
+    assert order == ["first", "second", "third"]
+
+    @task
+    def a(ctx):
+        return 1
+
+    @task
+    def b(ctx):
+        return 2
+
+    chained = Flow("chained")
+    chained >> a >> b
+    assert a.task in b.task.dependencies and b.task in a.task.dependents
+    b.task.dependencies.discard(a)
+    assert a.task not in b.task.dependencies and chained.upstream(b) == []
+    third.dependencies = {first}            # assigning replaces the node's own edges
+    assert third.dependencies == {first} and second.dependents == set()
+
+
+def test_outputs_store_the_return_value_at_scratch_results_and_params_paths():
+    flow = flow_of_one(lambda: {"n": 1}, outputs=["scratch.deep.nested.value", "results.copy",
+                                                  "params.seen"])
+    run = run_quiet(flow)
+    assert run.scratch == {"deep": {"nested": {"value": {"n": 1}}}}
+    assert run.results == {"one": {"n": 1}, "copy": {"n": 1}} and run.params == {"seen": {"n": 1}}
+    clash = Flow("clash")
+    clash >> Task(func=lambda ctx: ctx.scratch.update(deep=5), name="put") >> Task(
+        func=lambda: 2, name="two", outputs=["scratch.deep.x"])
+    run = quiet().run(clash, raise_on_failure=False)
+    assert run.tasks["two"].state == "FAILED" and "holds a int" in run.tasks["two"].error
+
+
+def test_and_groups_run_side_by_side_and_or_joins_need_one_success():
+    both = threading.Barrier(2, timeout=WAIT)   # b and c each wait for the other: in parallel
+
+    @task
+    def a(ctx):
+        return "a"
+
+    @task
+    def b(ctx):
+        both.wait()
+        return "b"
+
+    @task
+    def c(ctx):
+        both.wait()
+        raise ValueError("c broke")
+
+    @task
+    def d(ctx):
+        return "d"
+
+    c.task.fail_policy = "isolate"
+    flow = Flow("groups")
+    flow >> a >> (b & c) >> d
+    assert set(d.task.dependencies) == {b.task, c.task} and d.task.run_if == "all_succeeded"
+    run = quiet().run(flow, raise_on_failure=False)
+    assert run.tasks["d"].state == "SKIPPED"
+    either = Flow("either")
+    either >> a >> (b | c) >> d
+    both.reset()
+    run = quiet().run(either, raise_on_failure=False)
+    assert d.task.trigger_policy == "ANY" and run.tasks["d"].state == "SUCCEEDED"
+    assert run.status == "FAILED"               # isolate still fails the run
+
+
+def test_groups_outside_a_flow_link_the_nodes_themselves():
+    from pyoco.dsl.syntax import Branch, task as dsl_task
+
+    @dsl_task
+    def left(ctx):
+        return 1
+
+    @dsl_task
+    def right(ctx):
+        return 2
+
+    @dsl_task
+    def after(ctx):
+        return 3
+
+    branch = left | right
+    assert isinstance(branch, Branch) and len(branch) == 2
+    branch >> after
+    assert after.task.trigger_policy == "ANY" and after.task.dependencies == {left.task, right.task}
+    assert dsl_task is task
+
+
+def test_context_original_helpers_read_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYOCO_TEST_COLOUR", "orange")
+    seen = {}
+
+    @task
+    def make(ctx):
+        return {"carrots": 3}
+
+    @task
+    def use(ctx):
+        seen["result"] = ctx.get_result("make")
+        seen["cancelled"] = ctx.is_cancelled
+        seen["colour"] = ctx.env["PYOCO_TEST_COLOUR"]
+        with pytest.raises(KeyError) as info:
+            ctx.get_result("nothing")
+        seen["missing"] = str(info.value)
+        return [ctx.save_artifact("a.json", {"k": [1]}), ctx.save_artifact("b.txt", 42)]
+
+    flow = Flow("helpers")
+    flow >> make >> use
+    run = quiet(store=tmp_path).run(flow)
+    assert seen == {"result": {"carrots": 3}, "cancelled": False, "colour": "orange",
+                    "missing": seen["missing"]} and "'make'" in seen["missing"]
+    json_path, text_path = run.results["use"]
+    assert json.loads(Path(json_path).read_text()) == {"k": [1]}
+    assert Path(text_path).read_text() == "42"
+
+
+def test_a_standalone_context_resolves_expressions_for_unit_tests(monkeypatch):
+    monkeypatch.setenv("PYOCO_TEST_MODE", "prod")
+    ctx = pyoco.Context(params={"n": 2})
+    ctx.results["fetch"] = {"rows": [10, 20]}
+    assert [ctx.resolve(v) for v in ("$node.fetch.output.rows.1", "$ctx.params.n",
+                                     "$env.PYOCO_TEST_MODE", "plain", 7)] == [20, 2, "prod",
+                                                                             "plain", 7]
+    for missing in ("$node.other.output", "$ctx.params.nope"):
+        with pytest.raises(KeyError):
+            ctx.resolve(missing)
+    with pytest.raises(FlowError):
+        ctx.resolve("$unknown.pattern")
+
+
+def test_pyoco_run_returns_the_run_and_is_silent_without_trace(capfd):
+    flow = flow_of_one(lambda: "ok")
+    run = pyoco.run(flow, trace=False)
+    assert isinstance(run, pyoco.Run) and run.results == {"one": "ok"}
+    assert capfd.readouterr().err == ""
+    pyoco.run(flow, params={"p": 1}, cute=False)
+    assert "INFO start flow=main" in capfd.readouterr().err
+
+
+def test_a_failed_run_raises_run_failed_that_is_also_the_tasks_error_class():
+    def boom():
+        raise ValueError("Boom")
+
+    with pytest.raises(ValueError, match="Boom") as info:
+        pyoco.run(flow_of_one(boom), trace=False)
+    assert isinstance(info.value, RunFailed) and type(info.value).__name__ == "RunFailed"
+    assert isinstance(info.value.__cause__, ValueError) and info.value.run.status == "FAILED"
+
+    def leave():
+        raise SystemExit(3)
+
+    with pytest.raises(RunFailed) as info:
+        pyoco.run(flow_of_one(leave), trace=False)
+    assert not isinstance(info.value, SystemExit)
+
+
+def test_a_register_hook_written_for_the_original_loads_its_tasks(tmp_path):
+    folder = plug_make_dist(tmp_path / "site", "plug_orig", {"plug_origmod": '''\
+        from pyoco.core.models import Task
+
+        class ImageClassify(Task):
+            """Label an image."""
+
+            def __init__(self):
+                super().__init__(func=self.run, name="image_classify")
+
+            def run(self, ctx, path="bunny.png"):
+                return "label of " + path
+
+        class Resize(Task):
+            def run(self, ctx, size=1):
+                return size * 2
+
+        def register(registry):
+            registry.task_class(ImageClassify)
+            registry.task_class(Resize, name="resize", retries=2)
+
+            @registry.task(name="shout", timeout_sec=5)
+            def shout(ctx, text="hi"):
+                return text.upper()
+
+            registry.register_callable(lambda ctx: 1, name="one")
+            registry.task_info("resize", summary="Resize an image.")
+    '''}, {"orig": "plug_origmod:register"})
+    listing = plug_cli([folder], tmp_path, "plugins", "list", "--json")
+    rows = {row["name"]: (row["kind"], row["summary"]) for row in plug_json(listing)}
+    assert rows == {"image_classify": ("task", "Label an image."),
+                    "resize": ("task", "Resize an image."), "shout": ("function", None),
+                    "one": ("function", None)}, listing.stderr
+    lint = plug_cli([folder], tmp_path, "plugins", "lint", "--json")
+    assert {(f["plugin"], f["level"]) for f in plug_json(lint)} >= {("shout", "warning")}
+    probe = plug_python(["-c", "import pyoco; from pyoco import plugin_task as p;"
+                         " r = p('resize'); s = p('shout'); i = p('image_classify', retries=1);"
+                         " print(r.name, r.retries, s.timeout, i.name, i.retries)"], [folder],
+                        tmp_path)
+    assert probe.stdout.split() == ["resize", "2", "5", "image_classify", "1"], probe.stderr
+
+
+def test_registry_rejects_unknown_options_and_info_keys_naming_the_closest():
+    registry = pyoco.PluginRegistry()
+    with pytest.raises(TypeError, match="'retries'"):
+        registry.task_class(type("T", (Task,), {"run": lambda self, ctx: 1}), retrys=1)
+    registry.register_callable(lambda ctx: 1, name="one")
+    with pytest.raises(TypeError, match="'summary'"):
+        registry.task_info("one", sumary="x")
+    with pytest.raises(KeyError, match="'one'"):
+        registry.task_info("onee", summary="x")
+
+
+def yaml_python():
+    """An interpreter with PyYAML for the YAML flow-file tests: this one, else
+    $YAML_TEST_PYTHON (.ci/run makes one); without either the test is skipped."""
+    import importlib.util
+    if importlib.util.find_spec("yaml") is not None:
+        return sys.executable
+    if os.environ.get("YAML_TEST_PYTHON"):
+        return os.environ["YAML_TEST_PYTHON"]
+    pytest.skip("PyYAML is not installed for this Python and YAML_TEST_PYTHON is not set"
+                " (.ci/run sets it to a throwaway venv with PyYAML)")
+
+
+def yaml_cli(cwd, *args, python=None, env=None):
+    """``python -m pyoco ARGS`` in ``cwd`` with an interpreter that has PyYAML."""
+    return subprocess.run([python or yaml_python(), "-m", "pyoco"] + [str(a) for a in args],
+                          cwd=str(cwd), env=env or child_env(PYTHONDONTWRITEBYTECODE="1"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                          timeout=60)
+
+
+@pytest.fixture
+def yaml_example(tmp_path):
+    """A copy of examples/original_yaml to run in."""
+    folder = tmp_path / "original_yaml"
+    shutil.copytree(str(HERE / "examples" / "original_yaml"), str(folder))
+    return folder
+
+
+def test_yaml_flow_file_runs_with_config_flow_and_json_params(yaml_example):
+    done = yaml_cli(yaml_example, "run", "--config", "flow.yaml", "--flow", "harvest",
+                    "--param", "rows=4", "--store", "store")
+    assert done.returncode == 0, done.stderr
+    assert "planting 4 rows" in done.stdout
+    assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
+    record = RunStore(yaml_example / "store").list()[0]
+    assert record["params"] == {"rows": 4} and record["flow"] == "harvest"
+    assert list(record["tasks"]) == ["plant", "water", "count", "sell", "pickle_them", "report"]
+
+
+def test_yaml_or_join_runs_after_one_success_and_the_run_still_fails(yaml_example):
+    done = yaml_cli(yaml_example, "run", "flow.yaml", "-p", "rows=12", "--store", "store")
+    assert done.returncode == 1, done.stderr
+    assert "report: pickled 12 carrots" in done.stdout
+    assert "task 'sell' raised ValueError: the stall holds 10 carrots" in done.stderr
+
+
+def test_yaml_check_and_graph_read_the_file_and_run_nothing(yaml_example):
+    check = yaml_cli(yaml_example, "check", "flow.yaml", "--json")
+    assert check.returncode == 0, check.stderr
+    report = json.loads(check.stdout)
+    assert report["ok"] and report["flow"] == "harvest" and report["needs_params"] == []
+    assert report["rules"] == {"report": ["run_if=any_succeeded"]}
+    graph = yaml_cli(yaml_example, "graph", "--config", "flow.yaml")
+    assert graph.returncode == 0 and "count <- plant, water" in graph.stdout
+    assert "report [run_if=any_succeeded] <- sell, pickle_them" in graph.stdout
+    assert "planting" not in check.stdout + graph.stdout
+    assert not (yaml_example / ".pyoco").exists()
+
+
+YAML_TASKS = '''\
+from pathlib import Path
+from pyoco import task
+
+@task
+def A(ctx):
+    Path("ran-A").write_text("")
+
+@task
+def B(ctx):
+    Path("ran-B").write_text("")
+
+@task
+def C(ctx):
+    Path("ran-C").write_text("")
+'''
+
+
+@pytest.mark.parametrize("graph, message", [
+    ("__import__('os').system('touch PWNED')", "expected >> after '__import__', got '('"),
+    ("A >> B; __import__('os').system('touch PWNED')", "expected >> after 'B', got ';'"),
+    ("A >> B & C", "put the group in parentheses: (a & b)"),
+    ("A >> [B, C]", "unexpected '['"),
+    ("(A & B | C)", "a group mixes & and |"),
+    ("A >> D", "no task 'D' (tasks: A, B, C)"),
+    ("A >> B >>", "the chain ends after >>"),
+    ("A >> (B & )", "expected a task name inside ( ), got ')'"),
+    ("C >> C", "task 'C' cannot run after itself"),
+])
+def test_yaml_graph_lines_other_than_chains_are_refused_before_anything_runs(tmp_path, graph,
+                                                                          message):
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    write(tmp_path / "flow.yaml", '''\
+        discovery:
+          glob_modules: ["tasks.py"]
+        flows:
+          main:
+            graph: |
+              # a comment line
+              A >> B
+              %s
+        ''' % graph)
+    for command in ("run", "check"):
+        done = yaml_cli(tmp_path, command, "flow.yaml", "--store", "store") if command == "run" \
+            else yaml_cli(tmp_path, command, "flow.yaml")
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert "flow.yaml:8: flow 'main' graph line 3" in done.stderr and message in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml", "tasks.py"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("flows: {main: {graph: A}}\ntaskz: {}\n", "unknown key 'taskz' in the file; did you mean"
+                                               " 'tasks'?"),
+    ("flows: {main: {graph: A, default: {}}}\n", "unknown key 'default' in flows.main; did you"
+                                                 " mean 'defaults'?"),
+    ("tasks: {A: {callable: 'tasks:A', timout_sec: 1}}\nflow: {graph: A}\n",
+     "unknown key 'timout_sec' in tasks.A; did you mean 'timeout_sec'?"),
+    ("tasks: {A: {callable: 'tasks.A'}}\nflow: {graph: A}\n", "must be \"module:function\""),
+    ("tasks: {A: {callable: 'tasks:Nope'}}\nflow: {graph: A}\n", "module 'tasks' has no 'Nope'"),
+    ("discovery: {glob_modules: [jobs/*.py]}\nflow: {graph: A}\n", "matches no .py file"),
+    ("flows: {one: {graph: A}, two: {graph: B}}\n", "several flows: one, two; pick one with"
+                                                    " --flow NAME"),
+    ("flows: {main: {graph: A}\n", "not valid YAML"),
+])
+def test_yaml_file_mistakes_are_usage_errors_naming_the_key(tmp_path, text, message):
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    (tmp_path / "flow.yaml").write_text(text, encoding="utf-8")
+    done = yaml_cli(tmp_path, "run", "--config", "flow.yaml", "--store", "store")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.glob("ran-*"))
+
+
+def test_a_top_level_flow_runs_tasks_by_callable_and_defaults_yield_to_params(tmp_path):
+    write(tmp_path / "tasks.py", YAML_TASKS + '''\
+
+def greet(ctx, who):
+    print("hello " + who)
+''')
+    write(tmp_path / "flow.yaml", '''\
+        tasks:
+          A: {callable: "tasks:A"}
+          greet: {callable: "tasks:greet", inputs: {who: "$ctx.params.who"}}
+        flow:
+          defaults: {who: world}
+          graph: "flow >> A >> greet"
+        ''')
+    done = yaml_cli(tmp_path, "run", "flow.yaml", "--store", "store")
+    assert done.returncode == 0 and "hello world" in done.stdout, done.stderr
+    done = yaml_cli(tmp_path, "run", "flow.yaml", "--param", "who=carrot", "--store", "store")
+    assert "hello carrot" in done.stdout and (tmp_path / "ran-A").exists()
+
+
+def test_a_yaml_flow_without_pyyaml_exits_2_saying_pip_install_pyyaml(tmp_path):
+    hide = tmp_path / "hide" / "yaml"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError(\"No module named 'yaml'\")\n")
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    write(tmp_path / "flow.yaml", "discovery: {glob_modules: [tasks.py]}\nflow: {graph: A}\n")
+    env = child_env(PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), str(HERE)]))
+    for args in (("run", "--config", "flow.yaml", "--store", "store"), ("check", "flow.yaml")):
+        done = cli(tmp_path, *args, env=env)
+        assert done.returncode == 2 and "pip install pyyaml" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "ran-A").exists()
+    probe = subprocess.run([sys.executable, "-c", "import pyoco, sys; print('yaml' in sys.modules)"],
+                           env=child_env(), stdout=subprocess.PIPE, encoding="utf-8", timeout=60)
+    assert probe.stdout.strip() == "False"
+
+
+def test_run_and_check_need_one_flow_file_either_way(tmp_path):
+    for args, message in ((("run",), "needs a flow: FLOW.py"),
+                          (("check", "a.py", "--config", "b.yaml"), "give the flow file once")):
+        done = cli(tmp_path, *args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@task
+def _original_first(ctx):
+    return os.getpid()
+
+
+@task
+def _original_second(ctx):
+    return (ctx.get_result("_original_first"), ctx.is_cancelled, ctx.env.get("PYOCO_TEST_SEEN"),
+            os.getpid())
+
+
+def test_context_original_helpers_work_in_a_process_pool_too(monkeypatch):
+    monkeypatch.setenv("PYOCO_TEST_SEEN", "yes")
+    flow = Flow("original-process")
+    flow >> _original_first >> _original_second
+    run = Engine(executor="process", workers=1, trace=False).run(flow)
+    first, cancelled, seen, pid = run.results["_original_second"]
+    assert first == run.results["_original_first"] and cancelled is False and seen == "yes"
+    assert pid != os.getpid()
+
+
+def test_a_flow_written_as_one_chain_runs_from_python_and_the_cli(tmp_path):
+    write(tmp_path / "spec_style.py", '''\
+        from pyoco import task, Flow, run
+
+        @task
+        def A(ctx, x):
+            return x + 1
+
+        @task
+        def B(ctx, x):
+            print("B got", x)
+
+        @task
+        def C(ctx, x):
+            print("C got", x)
+
+        flow = Flow() >> A >> (B & C)          # the chain, as the original's examples wrote it
+        ''')
+    done = cli(tmp_path, "run", "spec_style.py", "-p", "x=1", "--store", tmp_path / "store")
+    assert done.returncode == 0, done.stderr
+    assert "B got 1" in done.stdout and "C got 1" in done.stdout
+    probe = subprocess.run([sys.executable, "-c", "import spec_style as s;"
+                            " print(s.run(s.flow, params={'x': 2}, trace=False).results['A'])"],
+                           cwd=str(tmp_path), env=child_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, encoding="utf-8", timeout=60)
+    assert probe.stdout.splitlines()[-1] == "3", probe.stderr
+
+
+def test_the_yaml_examples_python_twin_runs_the_same_flow(yaml_example):
+    done = cli(yaml_example, "run", "tasks.py", "-p", "rows=4", "--store", "store")
+    assert done.returncode == 0, done.stderr
+    assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
+    record = RunStore(yaml_example / "store").list()[0]
+    assert set(record["tasks"]) == {"plant", "water", "count", "sell", "pickle_them", "report"}
