@@ -35,7 +35,7 @@ __all__ = [
     "TaskState", "RunState", "Event", "EVENT_KINDS",
     "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip",
     "main", "plugin_task", "load_plugins", "RunStore", "StoreError", "Server", "PluginWarning",
-    "run", "RunStatus",
+    "run", "RunStatus", "TraceBackend", "ConsoleTraceBackend",
 ]
 
 import os
@@ -4550,6 +4550,94 @@ def _logging_observer():
     return observe
 
 
+class TraceBackend:
+    """The original pyoco's trace interface: ``Engine(trace_backend=obj)`` calls
+    these methods instead of printing pyoco's own trace. Each is a no-op here,
+    so a subclass implements only what it wants. They run on the engine's
+    threads, like observers: keep them quick, and let them only read."""
+
+    def on_flow_start(self, flow_name, run_id=None):
+        pass
+
+    def on_flow_end(self, flow_name):
+        pass
+
+    def on_node_start(self, node_name):
+        pass
+
+    def on_node_end(self, node_name, duration_ms):
+        pass
+
+    def on_node_error(self, node_name, error):
+        pass
+
+    def on_node_transition(self, source, target):
+        pass
+
+
+class ConsoleTraceBackend(TraceBackend):
+    """The original's console backend: ``style`` "cute" (the default unless
+    PYOCO_CUTE=0) prints pyoco's cute lines, "plain" the original's plain ones
+    (``INFO pyoco start node=A``). It prints to stdout, as the original did."""
+
+    def __init__(self, style=None):
+        if style is None:
+            style = "cute" if _cute_default() else "plain"
+        if style not in ("cute", "plain"):
+            raise ValueError("style must be 'cute' or 'plain', not %r%s"
+                             % (style, _closest(style, ("cute", "plain"))))
+        self.style = style
+
+    def _say(self, cute, plain):
+        print(cute if self.style == "cute" else plain)
+
+    def on_flow_start(self, flow_name, run_id=None):
+        rid = " run_id=%s" % run_id if run_id else ""
+        self._say("🐇 pyoco > start flow=%s%s" % (flow_name, rid),
+                  "INFO pyoco start flow=%s%s" % (flow_name, rid))
+
+    def on_flow_end(self, flow_name):
+        self._say("🥕 done flow=%s" % flow_name, "INFO pyoco end flow=%s" % flow_name)
+
+    def on_node_start(self, node_name):
+        self._say("🏃 start node=%s" % node_name, "INFO pyoco start node=%s" % node_name)
+
+    def on_node_end(self, node_name, duration_ms):
+        self._say("✅ done node=%s (%.2f ms)" % (node_name, duration_ms),
+                  "INFO pyoco end node=%s dur_ms=%.2f" % (node_name, duration_ms))
+
+    def on_node_error(self, node_name, error):
+        self._say("💥 error node=%s %s" % (node_name, error),
+                  "ERROR pyoco error node=%s %s" % (node_name, error))
+
+    def on_node_transition(self, source, target):
+        self._say("🐇 %s -> %s" % (source, target), "INFO pyoco %s -> %s" % (source, target))
+
+
+def _backend_observer(backend):
+    """An observer that tells a TraceBackend what happens, in its terms: the
+    run's start and end, and each task's start, success and failure."""
+    started = {}            # task name -> when its task.started event came
+
+    def observe(run, ev):
+        ts, kind, name, state, data = ev
+        if kind == "run.started":
+            backend.on_flow_start(run.flow_name, run_id=run.run_id)
+        elif kind in _RUN_ENDS:
+            backend.on_flow_end(run.flow_name)
+        elif kind == "task.started":
+            started[name] = ts
+            backend.on_node_start(name)
+        elif kind == "task.succeeded":
+            backend.on_node_end(name, (ts - started.pop(name, ts)) * 1000)
+        elif kind == "task.failed":
+            started.pop(name, None)
+            error = run.tasks[name].exception
+            backend.on_node_error(name, error if error is not None
+                                  else (data or {}).get("error"))
+    return observe
+
+
 # ---------------------------------------------------------------------------
 # Observers: the run store
 # ---------------------------------------------------------------------------
@@ -5772,16 +5860,22 @@ class Engine:
     and tasks run on threads, each running map is one line redrawn in place
     instead of a line per instance (SPEC section 3). None (default): unless
     PYOCO_PROGRESS=0; True: even then; False: every event is a line.
+    ``trace_backend``: a ``TraceBackend`` (the original pyoco's interface)
+    told of each run and task instead of the trace being printed.
     """
 
     def __init__(self, workers=8, trace=True, cute=None, store=None, observers=(),
-                 executor="thread", pools=None, progress=None):
+                 executor="thread", pools=None, progress=None, trace_backend=None):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError("workers must be a whole number >= 1, not %r" % (workers,))
         if executor not in ("thread", "process") and not callable(
                 getattr(executor, "submit", None)):
             raise ValueError('executor must be "thread", "process" or a'
                              " concurrent.futures.Executor, not %r" % (executor,))
+        if trace_backend is not None and not callable(
+                getattr(trace_backend, "on_node_start", None)):
+            raise TypeError("trace_backend must be a pyoco.TraceBackend (on_flow_start,"
+                            " on_node_start, ...), not %r" % (trace_backend,))
         if progress not in (None, True, False):
             raise ValueError("progress must be None (auto), True or False, not %r"
                              % (progress,))
@@ -5790,6 +5884,7 @@ class Engine:
         self.trace = trace
         self.cute = _cute_default() if cute is None else bool(cute)
         self.progress = progress
+        self.trace_backend = trace_backend  # the original's trace interface, instead of the trace
         self.store = store
         self.observers = list(observers)
         self.pools = dict(pools or {})      # sizes (or {"size", "rate"}) over the flow's own
@@ -6071,7 +6166,9 @@ class Engine:
         the logging bridge, the store's recorder, then webhooks (which fire on the
         run's last event, once the recorder has saved the final record)."""
         observers = list(self.observers)
-        if self.trace:
+        if self.trace_backend is not None:
+            observers.append(_backend_observer(self.trace_backend))
+        elif self.trace:
             terminal = _progress_terminal(self.trace, self.cute, self.progress, self.executor)
             observers.append(_TraceWriter(self.trace, self.cute) if terminal is None
                              else _ProgressTrace(terminal))
@@ -8373,6 +8470,18 @@ def _register_aliases():
     sys.modules.setdefault(dsl.__name__, dsl)
     sys.modules.setdefault(syntax.__name__, syntax)
     globals()["dsl"] = dsl
+    # from pyoco.trace.console import ConsoleTraceBackend: the original's trace interface
+    trace_pkg = module_type(__name__ + ".trace", "Compatibility names of the original pyoco layout.")
+    trace_pkg.__path__ = []
+    for part, names in (("backend", {"TraceBackend": TraceBackend}),
+                        ("console", {"ConsoleTraceBackend": ConsoleTraceBackend,
+                                     "TraceBackend": TraceBackend})):
+        sub = module_type("%s.%s" % (trace_pkg.__name__, part))
+        sub.__dict__.update(names)
+        setattr(trace_pkg, part, sub)
+        sys.modules.setdefault(sub.__name__, sub)
+    sys.modules.setdefault(trace_pkg.__name__, trace_pkg)
+    globals()["trace"] = trace_pkg
 
 
 _register_aliases()

@@ -12256,6 +12256,68 @@ def test_pyoco_run_returns_the_run_and_is_silent_without_trace(capfd):
     assert "INFO start flow=main" in capfd.readouterr().err
 
 
+class RecordingBackend(pyoco.TraceBackend):
+    """A trace backend written for the original: it keeps what it is told."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_flow_start(self, flow_name, run_id=None):
+        self.calls.append(("flow_start", flow_name, run_id))
+
+    def on_flow_end(self, flow_name):
+        self.calls.append(("flow_end", flow_name))
+
+    def on_node_start(self, node_name):
+        self.calls.append(("start", node_name))
+
+    def on_node_end(self, node_name, duration_ms):
+        assert duration_ms >= 0
+        self.calls.append(("end", node_name))
+
+    def on_node_error(self, node_name, error):
+        self.calls.append(("error", node_name, repr(error)))
+
+
+def test_a_trace_backend_is_told_of_the_run_instead_of_the_trace(capfd):
+    from pyoco.core.engine import Engine
+    from pyoco.core.models import Flow, Task
+
+    def boom():
+        raise ValueError("Boom")
+
+    a, b = Task(func=lambda: 1, name="A"), Task(func=boom, name="B")
+    flow = Flow()
+    flow.add_task(a)
+    flow.add_task(b)
+    b.dependencies.add(a)
+    backend = RecordingBackend()
+    run = Engine(trace_backend=backend, store=False).run(flow, raise_on_failure=False)
+    assert backend.calls == [("flow_start", "main", run.run_id), ("start", "A"), ("end", "A"),
+                             ("start", "B"), ("error", "B", "ValueError('Boom')"),
+                             ("flow_end", "main")]
+    assert capfd.readouterr().err == ""         # the backend replaces pyoco's own trace
+    with pytest.raises(TypeError, match="trace_backend must be a pyoco.TraceBackend"):
+        Engine(trace_backend="cute")
+
+
+@pytest.mark.parametrize("style, lines", [
+    ("cute", ["🐇 pyoco > start flow=main run_id=", "🏃 start node=one", "✅ done node=one (",
+              "🥕 done flow=main"]),
+    ("plain", ["INFO pyoco start flow=main run_id=", "INFO pyoco start node=one",
+               "INFO pyoco end node=one dur_ms=", "INFO pyoco end flow=main"]),
+])
+def test_console_trace_backend_prints_the_originals_lines_to_stdout(capfd, style, lines):
+    from pyoco.trace.console import ConsoleTraceBackend
+    from pyoco.core.engine import Engine
+    Engine(trace_backend=ConsoleTraceBackend(style=style), store=False).run(
+        flow_of_one(lambda: "ok"))
+    out = capfd.readouterr().out.splitlines()
+    assert [line.startswith(want) for line, want in zip(out, lines)] == [True] * 4, out
+    with pytest.raises(ValueError, match="did you mean 'plain'"):
+        ConsoleTraceBackend(style="plan")
+
+
 def test_a_failed_run_raises_run_failed_that_is_also_the_tasks_error_class():
     def boom():
         raise ValueError("Boom")
