@@ -851,6 +851,10 @@ def _load_module(module_name, filename):
     """The module a pickled task came from, loaded from its file if need be
     (a flow file run by the CLI is not importable by name in a new process)."""
     module = sys.modules.get(module_name)
+    if module_name == "__main__" and filename and module is not None and os.path.abspath(
+            getattr(module, "__file__", None) or "") != os.path.abspath(filename):
+        module_name = "__pyoco_main__"      # a worker's own __main__ (Ray's) is not the script
+        module = sys.modules.get(module_name)
     if module is None:
         import importlib
         try:
@@ -3032,6 +3036,8 @@ def _open_executor(spec, workers):
             _reach(spec, spec.partition("://")[2], "Dask scheduler" if kind == "dask"
                    else "Ray cluster")
         opener = _open_dask if kind == "dask" else _open_ray
+        if spec == "ray":   # a local Ray talks over loopback, not the machine's address
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         with _children_ignore_ctrl_c():
             return opener(spec, workers, _import_for(spec, "distributed" if kind == "dask"
                                                      else "ray"))
