@@ -10818,6 +10818,8 @@ EXEC_NAMED = """\
             return super().submit(fn, *args, **kwargs)
 
     def make():
+        with open("made.txt", "a") as f:
+            f.write("made\\n")
         return Noting(4)
 """
 
@@ -11059,3 +11061,27 @@ def test_engine_ignores_pyoco_executor_and_records_an_executor_by_class(monkeypa
     with ThreadPoolExecutor(2) as pool:
         run = Engine(trace=False, store=tmp_path, executor=pool).run(flow)
     assert RunStore(tmp_path).get(run.run_id)["executor"] == "ThreadPoolExecutor"
+
+
+def test_pyoco_serve_opens_its_executor_once_for_the_runs_it_starts(tmp_path, srv_cli_serve):
+    folder = exec_folder(tmp_path)
+    server = srv_cli_serve(folder / ".pyoco", folder / "where.py",
+                           options=["--executor", "execs:make"])
+    for _ in range(2):
+        status, answer = srv_json(server.url, "POST", "/runs", {"flow": "where"})
+        assert status == 202
+        record = srv_poll(lambda: (RunStore(folder / ".pyoco").get(answer["run_id"]) or {}).get(
+            "ended_at") and RunStore(folder / ".pyoco").get(answer["run_id"]), timeout=30,
+            what="the run's end")
+        assert record["executor"] == "execs:make" and record["status"] == "FAILED"
+    assert (folder / "made.txt").read_text().split() == ["made"]
+    assert (folder / "submitted.txt").read_text().split().count("total") == 2
+    assert server.stop() == 0
+
+
+def test_pyoco_serve_refuses_an_unknown_executor_with_exit_2(tmp_path):
+    folder = exec_folder(tmp_path)
+    done = store_cli(folder, "serve", "--port", "0", "--executor", "raay", "where.py")
+    assert done.returncode == 2 and "did you mean 'ray'" in done.stderr, done.stderr
+    store_no_traceback(done)
+
