@@ -2955,7 +2955,9 @@ def _run_coroutine(coro, timeout, name):
 
 _EXECUTOR_FORMS = ("thread", "process", "dask", "dask://HOST:PORT", "ray", "ray://HOST:PORT",
                    "MODULE:NAME")
-_CONNECT_TIMEOUT = 10.0     # seconds to reach a scheduler; SPEC: a usage error within 15 s
+# A scheduler that cannot be reached is a usage error within 15 s (SPEC section 14):
+_REACH_TIMEOUT = 4.0        # seconds for something to accept a connection at the address,
+_CONNECT_TIMEOUT = 9.0      # then for the client to connect
 
 
 class ExecutorError(PyocoError):
@@ -3038,9 +3040,11 @@ def _open_executor(spec, workers):
         opener = _open_dask if kind == "dask" else _open_ray
         if spec == "ray":   # a local Ray talks over loopback, not the machine's address
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        with _children_ignore_ctrl_c():
-            return opener(spec, workers, _import_for(spec, "distributed" if kind == "dask"
-                                                     else "ray"))
+        module = _import_for(spec, "distributed" if kind == "dask" else "ray")
+        if spec != kind:
+            return opener(spec, workers, module)
+        with _CtrlCIgnored():
+            return opener(spec, workers, module)
     return _open_named(spec)
 
 
@@ -3055,11 +3059,11 @@ def _import_for(spec, package):
 
 
 def _reach(spec, address, what):
-    """Fail within _CONNECT_TIMEOUT, naming the address, when nothing listens there."""
+    """Fail within _REACH_TIMEOUT, naming the address, when nothing listens there."""
     import socket
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), _CONNECT_TIMEOUT).close()
+        socket.create_connection((host.strip("[]"), int(port)), _REACH_TIMEOUT).close()
     except OSError as exc:
         raise ExecutorError("executor %r: cannot reach the %s at %s: %s"
                             % (spec, what, address, exc.strerror or exc)) from None
@@ -3091,10 +3095,10 @@ def _connect(spec, what, connect):
     return value
 
 
-class _children_ignore_ctrl_c:
-    """While a cluster starts, SIGINT is ignored, and so its processes inherit
-    ignoring it: Ctrl+C in a terminal reaches the whole process group, and the
-    run (not each worker) decides what stops. Only in the main thread."""
+class _CtrlCIgnored:
+    """While a local cluster starts, SIGINT is ignored, and so its processes
+    inherit ignoring it: Ctrl+C in a terminal reaches the whole process group,
+    and the run (not each worker) decides what stops. Only in the main thread."""
 
     def __enter__(self):
         import signal
