@@ -10913,21 +10913,66 @@ def exec_dask_scheduler(tmp_path_factory):
             proc.wait()
 
 
-EXEC_SPECS = ["process", "dask", "dask://", "ray", "execs:make"]
+# Ray 2.60 turns on token authentication for a cluster that `ray start` makes;
+# a Ray Client then needs the token, or the mode off on both sides, as here.
+EXEC_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def exec_listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def exec_ray_cluster(tmp_path_factory):
+    """A real Ray head with a Ray Client server on 127.0.0.1 for the session
+    (``ray start --head --block``, stopped by its pid): the client's HOST:PORT."""
+    python = exec_python("ray")
+    if subprocess.run([python, "-c", "import grpc"], capture_output=True).returncode:
+        pytest.skip("the Ray Client needs ray[client] (.ci/run installs it)")
+    folder = tmp_path_factory.mktemp("ray-cluster")
+    gcs, client = exec_free_port(), exec_free_port()
+    head = subprocess.Popen(
+        [python, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+         "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--ray-client-server-port",
+         str(client), "--include-dashboard", "false", "--num-cpus", "4",
+         "--disable-usage-stats"], cwd=str(folder), env=store_env(**EXEC_RAY_ENV),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store_poll(lambda: exec_listening(client) or head.poll() is not None, timeout=90)
+        assert head.poll() is None, "ray start --head exited with %s" % head.returncode
+        yield "127.0.0.1:%d" % client
+    finally:
+        head.terminate()            # it stops the processes it started, then exits
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+
+
+EXEC_SPECS = ["process", "dask", "dask://", "ray", "ray://", "execs:make"]
 
 
 @pytest.mark.parametrize("spec", EXEC_SPECS)
 def test_each_executor_runs_a_retry_a_timeout_and_a_map_to_the_right_record(
         spec, tmp_path, store_spawn, request):
     folder = exec_folder(tmp_path)
-    python = None
+    python, env = None, None
     if spec.startswith("dask"):
         python = exec_python("distributed")
-    elif spec == "ray":
+    elif spec.startswith("ray"):
         python = exec_python("ray")
     if spec == "dask://":
         spec += request.getfixturevalue("exec_dask_scheduler")
-    code, record, pid = exec_run(store_spawn, folder, "--executor", spec, python=python)
+    elif spec == "ray://":
+        spec += request.getfixturevalue("exec_ray_cluster")
+        env = store_env(**EXEC_RAY_ENV)
+    code, record, pid = exec_run(store_spawn, folder, "--executor", spec, python=python,
+                                 env=env)
     assert code == 1            # slow timed out: the run FAILED, everything else did its part
     assert record["executor"] == spec
     assert {name: t["state"] for name, t in record["tasks"].items()} == EXEC_STATES
