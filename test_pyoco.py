@@ -10934,7 +10934,7 @@ def exec_ray_cluster(tmp_path_factory):
     if subprocess.run([python, "-c", "import grpc"], capture_output=True).returncode:
         pytest.skip("the Ray Client needs ray[client] (.ci/run installs it)")
     folder = tmp_path_factory.mktemp("ray-cluster")
-    gcs, client = exec_free_port(), exec_free_port()
+    gcs, client = srv_free_port(), srv_free_port()
     head = subprocess.Popen(
         [python, "-m", "ray.scripts.scripts", "start", "--head", "--block",
          "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--ray-client-server-port",
@@ -11031,12 +11031,6 @@ def test_a_missing_executor_package_is_exit_2_saying_what_to_install(
     assert not (folder / ".pyoco").exists() or not RunStore(folder / ".pyoco").list()
 
 
-def exec_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("scheme, answering", [("dask", False), ("ray", False),
                                                ("dask", True)],
                          ids=["dask-refused", "ray-refused", "dask-silent"])
@@ -11050,7 +11044,7 @@ def test_an_unreachable_scheduler_is_exit_2_within_15_s_naming_the_address(
         if answering:
             listener.listen(8)
         address = "127.0.0.1:%d" % (listener.getsockname()[1] if answering
-                                    else exec_free_port())
+                                    else srv_free_port())
         began = time.monotonic()
         done = subprocess.run([python, "-m", "pyoco", "run", "where.py", "--flow", "where",
                                "--executor", "%s://%s" % (scheme, address)], cwd=str(folder),
