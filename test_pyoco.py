@@ -10821,6 +10821,8 @@ EXEC_NAMED = """\
         with open("made.txt", "a") as f:
             f.write("made\\n")
         return Noting(4)
+
+    LIMIT = 4
 """
 
 EXEC_STATES = {"numbers": "SUCCEEDED", "times_ten": "SUCCEEDED", "times_ten[0]": "SUCCEEDED",
@@ -11122,5 +11124,18 @@ def test_pyoco_serve_refuses_an_unknown_executor_with_exit_2(tmp_path):
     folder = exec_folder(tmp_path)
     done = store_cli(folder, "serve", "--port", "0", "--executor", "raay", "where.py")
     assert done.returncode == 2 and "did you mean 'ray'" in done.stderr, done.stderr
+    store_no_traceback(done)
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("nosuchmodule:make", "cannot import 'nosuchmodule'"),
+    ("execs:mkae", "did you mean 'make'?"),
+    ("execs:LIMIT", "is neither a concurrent.futures.Executor nor a function returning one"),
+])
+def test_a_module_name_executor_that_is_not_one_is_exit_2_saying_why(spec, says, tmp_path):
+    folder = exec_folder(tmp_path)
+    done = store_cli(folder, "run", "where.py", "--flow", "where", "--executor", spec)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     store_no_traceback(done)
 
