@@ -10845,9 +10845,10 @@ def exec_python(package):
         pytest.skip("%s is not installed (.ci/run installs it in a venv and sets %s)"
                     % (package, variable))
     if os.environ.get("CI") and python != sys.executable:
-        version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"],
-                                 capture_output=True, text=True).stdout.strip()
-        if version != str(tuple(sys.version_info[:2])):
+        probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+        version = subprocess.run([python, "-c", probe], capture_output=True,
+                                 text=True).stdout.strip()
+        if version != "%d.%d" % sys.version_info[:2]:
             pytest.skip("pyoco runs under %s here, the same under every pytest Python: this"
                         " test runs once per CI, under Python %s" % (python, version))
     return python
