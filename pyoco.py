@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "task", "Task", "Flow", "Engine", "Run", "TaskRecord", "Context",
     "TaskState", "RunState", "Event", "EVENT_KINDS",
-    "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip",
+    "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip", "ExecutorError",
     "main", "plugin_task", "load_plugins", "RunStore", "StoreError", "Server", "PluginWarning",
 ]
 
