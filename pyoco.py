@@ -3113,6 +3113,16 @@ class _CtrlCIgnored:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def _open_failed(spec, what, exc):
+    """Why ``spec`` could not be opened, in one line."""
+    address = spec.partition("://")[2]
+    if address:
+        return "executor %r: cannot reach the %s at %s: %s" % (spec, what, address,
+                                                               _describe(exc))
+    return "executor %r: could not start a local %s cluster: %s (see docs/scale-out.md)" % (
+        spec, what.split()[0], _describe(exc))
+
+
 def _open_dask(spec, workers, distributed):
     """``dask``: a LocalCluster of worker processes for the run, on 127.0.0.1
     without a dashboard; ``dask://HOST:PORT``: a client of that scheduler."""
@@ -3128,12 +3138,12 @@ def _open_dask(spec, workers, distributed):
         else:
             client = _connect(spec, "Dask scheduler", lambda: distributed.Client(
                 "tcp://" + spec.partition("://")[2], timeout=_CONNECT_TIMEOUT))
-    except (OSError, TimeoutError) as exc:
+    except ExecutorError:
+        raise
+    except Exception as exc:
         if cluster is not None:
             cluster.close()
-        raise ExecutorError("executor %r: cannot reach the Dask scheduler at %s: %s"
-                            % (spec, spec.partition("://")[2] or "a local cluster",
-                               _describe(exc))) from None
+        raise ExecutorError(_open_failed(spec, "Dask scheduler", exc)) from None
 
     def close(wait):
         if cluster is not None:     # its workers may still run calls given up at a deadline:
@@ -3162,9 +3172,10 @@ def _open_ray(spec, workers, ray):
             else:
                 _connect(spec, "Ray cluster", lambda: ray.init(
                     spec, log_to_driver=False, logging_level=logging.ERROR))
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            raise ExecutorError("executor %r: cannot reach the Ray cluster at %s: %s"
-                                % (spec, spec.partition("://")[2], _describe(exc))) from None
+        except ExecutorError:
+            raise
+        except Exception as exc:
+            raise ExecutorError(_open_failed(spec, "Ray cluster", exc)) from None
     pool = _ray_executor(ray)
 
     def close(wait):
