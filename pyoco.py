@@ -5122,6 +5122,7 @@ class Engine:
         """Run ``flow`` and return its ``Run``.
 
         Raises FlowError before anything runs when the flow is invalid,
+        ExecutorError (nothing recorded) when the executor cannot be opened,
         RunFailed when a task failed (``__cause__`` is its exception) and
         RunCancelled when the run was cancelled, unless ``raise_on_failure``
         is False. ``resume``: the id of a FAILED or CANCELLED run in the
