@@ -33,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "task", "Task", "Flow", "Engine", "Run", "TaskRecord", "Context",
     "TaskState", "RunState", "Event", "EVENT_KINDS",
-    "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip",
+    "PyocoError", "FlowError", "RunFailed", "RunCancelled", "Skip", "ExecutorError",
     "main", "plugin_task", "load_plugins", "RunStore", "StoreError", "Server", "PluginWarning",
     "run", "RunStatus", "TraceBackend", "ConsoleTraceBackend",
 ]
@@ -1196,6 +1196,10 @@ def _load_module(module_name, filename):
     """The module a pickled task came from, loaded from its file if need be
     (a flow file run by the CLI is not importable by name in a new process)."""
     module = sys.modules.get(module_name)
+    if module_name == "__main__" and filename and module is not None and os.path.abspath(
+            getattr(module, "__file__", None) or "") != os.path.abspath(filename):
+        module_name = "__pyoco_main__"      # a worker's own __main__ (Ray's) is not the script
+        module = sys.modules.get(module_name)
     if module is None:
         import importlib
         try:
@@ -3256,6 +3260,12 @@ class _Scheduler(_RunLedger):
                           if state == TaskState.RUNNING else self.stop_reason)
 
 
+def _timeout_error(name, timeout):
+    """What a task past its deadline fails with, on every executor ("exceeded
+    timeout" is the original pyoco's wording, which code may still match)."""
+    return TimeoutError("task %r timed out after %gs (exceeded timeout)" % (name, timeout))
+
+
 # ---------------------------------------------------------------------------
 # Calling a task: threads, process pools and other executors
 # ---------------------------------------------------------------------------
@@ -3406,19 +3416,18 @@ class _FutureDriver:
     the same _Scheduler as on threads.
     """
 
-    def __init__(self, core, workers, executor):
+    def __init__(self, core, workers, where):
         import queue
         self.core = core
         self.workers = workers
-        self.own = executor == "process"
-        self.pool = _ProcessSlots(workers) if self.own else executor
+        self.pool = where.pool          # an _OpenExecutor's: see _open_executor
+        self.cancel = where.cancel      # how a call given up at its deadline is stopped
         self.queue = queue.SimpleQueue()    # (task number, future) as futures finish
         self.ready = None
         self.running = {}       # task number -> (attempt, future, deadline or None)
         self.waiting = []       # heap of (due, seq, task number, next attempt, last error)
         self.seq = 0
-        if self.own:
-            core.on_abandon = self.pool.kill_all
+        core.on_abandon = where.kill_all
 
     def execute(self):
         from collections import deque
@@ -3435,8 +3444,6 @@ class _FutureDriver:
         except Exception as exc:            # a bug here must end the run, not leave it RUNNING
             core.crash(exc)
         finally:
-            if self.own:
-                self.pool.shutdown(wait=not core.closed)
             if core.run.artifacts_dir is not None:
                 import shutil
                 shutil.rmtree(os.path.join(core.run.artifacts_dir, _STAGING), ignore_errors=True)
@@ -3527,12 +3534,9 @@ class _FutureDriver:
         for i, (attempt, future, deadline) in list(self.running.items()):
             if deadline is not None and deadline <= now:
                 del self.running[i]
-                if self.own:
-                    self.pool.kill(future)
-                else:
-                    future.cancel()
-                self.outcome(i, attempt, _ERROR, TimeoutError(
-                    "task %r timed out after %gs" % (core.plan.names[i], core.plan.timeouts[i])))
+                self.cancel(future)
+                self.outcome(i, attempt, _ERROR, _timeout_error(
+                    core.plan.names[i], core.plan.timeouts[i]))
 
     def absorb(self, i, attempt, future):
         """Take a finished future's outcome into the run."""
@@ -3741,7 +3745,7 @@ def _call(fn, args, kwargs, timeout, name, sink, is_async=False):
             if not finished.is_set():
                 _abandoned.add(thread.ident)
                 _print_owners.pop(thread.ident, None)   # what it prints now is nobody's
-                return _ERROR, TimeoutError("task %r timed out after %gs" % (name, timeout))
+                return _ERROR, _timeout_error(name, timeout)
     return box[0]
 
 
@@ -3817,7 +3821,329 @@ def _run_coroutine(coro, timeout, name):
     try:
         return asyncio.run(bounded() if timeout is not None else coro)
     except asyncio.TimeoutError:
-        raise TimeoutError("task %r timed out after %gs" % (name, timeout)) from None
+        raise _timeout_error(name, timeout) from None
+
+
+# ---------------------------------------------------------------------------
+# Executors: from a SPEC string to what runs a run's calls (SPEC section 14)
+# ---------------------------------------------------------------------------
+
+_EXECUTOR_FORMS = ("thread", "process", "dask", "dask://HOST:PORT", "ray", "ray://HOST:PORT",
+                   "MODULE:NAME")
+# A scheduler that cannot be reached is a usage error within 15 s (SPEC section 14):
+_REACH_TIMEOUT = 4.0        # seconds for something to accept a connection at the address,
+_CONNECT_TIMEOUT = 9.0      # then for the client to connect
+
+
+class ExecutorError(PyocoError):
+    """An executor that cannot be opened: its package is not installed, its
+    scheduler cannot be reached, or MODULE:NAME names no executor."""
+
+
+def _check_executor(spec):
+    """Return ``spec`` when Engine(executor=...) takes it; else raise ValueError
+    naming the closest valid form. Opens nothing: that is _open_executor."""
+    if not isinstance(spec, str):
+        if callable(getattr(spec, "submit", None)) and not isinstance(spec, type):
+            return spec
+        raise ValueError("executor must be a SPEC string (%s) or a concurrent.futures.Executor,"
+                         " not %r" % (", ".join(_EXECUTOR_FORMS), spec))
+    if spec in ("thread", "process", "dask", "ray"):
+        return spec
+    scheme, sep, address = spec.partition("://")
+    if sep and scheme in ("dask", "ray"):
+        host, colon, port = address.rpartition(":")
+        if colon and host and port.isdigit() and 0 < int(port) < 65536:
+            return spec
+        raise ValueError("executor %r: write %s://HOST:PORT, as in %s://127.0.0.1:%d"
+                         % (spec, scheme, scheme, 8786 if scheme == "dask" else 10001))
+    module, colon, name = spec.partition(":")
+    if not sep and colon and name.isidentifier() and all(
+            part.isidentifier() for part in module.split(".")):
+        return spec
+    near = _closest(scheme if sep else spec, ("thread", "process", "dask", "ray"))
+    raise ValueError("unknown executor %r%s (the choices are: %s)"
+                     % (spec, near, ", ".join(_EXECUTOR_FORMS)))
+
+
+class _OpenExecutor:
+    """An executor opened for runs.
+
+    ``pool.submit`` runs the calls (None: pyoco's own threads);
+    ``cancel(future)`` stops a call given up at its deadline; ``kill_all()``
+    stops every running call at a hard stop; ``close(wait)`` releases what
+    was started for it, never an executor the caller passed in.
+    """
+
+    __slots__ = ("name", "pool", "cancel", "kill_all", "close")
+
+    def __init__(self, name, pool=None, cancel=None, kill_all=None, close=None):
+        self.name = name            # the record's "executor"
+        self.pool = pool
+        self.cancel = cancel or _cancel_future
+        self.kill_all = kill_all
+        self.close = close or _close_nothing
+
+
+def _cancel_future(future):
+    future.cancel()     # stops a call that has not started; a running one runs on, unheard
+
+
+def _close_nothing(wait):
+    pass
+
+
+def _open_executor(spec, workers):
+    """Open what runs the calls on ``spec`` (checked by _check_executor) for
+    up to ``workers`` calls at once. Raises ExecutorError when it cannot.
+
+    Everything that starts a cluster, connects to one or imports an
+    executor's package happens here, so Engine.run and the CLI do the same.
+    """
+    if not isinstance(spec, str):
+        return _OpenExecutor(type(spec).__name__, spec)
+    if spec == "thread":
+        return _OpenExecutor(spec)
+    if spec == "process":
+        slots = _ProcessSlots(workers)
+        return _OpenExecutor(spec, slots, slots.kill, slots.kill_all, slots.shutdown)
+    kind = spec.partition(":")[0]
+    if kind in ("dask", "ray"):
+        if spec != kind:        # reach the address first: a clear error, and fast
+            _reach(spec, spec.partition("://")[2], "Dask scheduler" if kind == "dask"
+                   else "Ray cluster")
+        opener = _open_dask if kind == "dask" else _open_ray
+        if spec == "ray":   # a local Ray talks over loopback, not the machine's address
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        module = _import_for(spec, "distributed" if kind == "dask" else "ray")
+        if spec != kind:
+            return opener(spec, workers, module)
+        with _CtrlCIgnored():
+            return opener(spec, workers, module)
+    return _open_named(spec)
+
+
+def _import_for(spec, package):
+    import importlib
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise ExecutorError("executor %r needs the %s package, which this Python (%s) cannot"
+                            " import (%s): pip install %s"
+                            % (spec, package, sys.executable, exc, package)) from None
+
+
+def _reach(spec, address, what):
+    """Fail within _REACH_TIMEOUT, naming the address, when nothing listens there."""
+    import socket
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), _REACH_TIMEOUT).close()
+    except OSError as exc:
+        raise ExecutorError("executor %r: cannot reach the %s at %s: %s"
+                            % (spec, what, address, exc.strerror or exc)) from None
+
+
+def _connect(spec, what, connect):
+    """``connect()`` on a daemon thread, given up after _CONNECT_TIMEOUT: a
+    scheduler that accepts the connection but never answers must not hang the
+    run (the clients' own timeouts cover only the first step)."""
+    import threading
+    box = []
+
+    def target():
+        try:
+            box.append((True, connect()))
+        except BaseException as exc:
+            box.append((False, exc))
+    thread = threading.Thread(target=target, name="pyoco-connect", daemon=True)
+    thread.start()
+    thread.join(_CONNECT_TIMEOUT)
+    address = spec.partition("://")[2]
+    if not box:
+        raise ExecutorError("executor %r: the %s at %s did not answer within %gs"
+                            % (spec, what, address, _CONNECT_TIMEOUT))
+    ok, value = box[0]
+    if not ok:
+        raise ExecutorError("executor %r: cannot connect to the %s at %s: %s"
+                            % (spec, what, address, _describe(value))) from None
+    return value
+
+
+class _CtrlCIgnored:
+    """While a local cluster starts, SIGINT is ignored, and so its processes
+    inherit ignoring it: Ctrl+C in a terminal reaches the whole process group,
+    and the run (not each worker) decides what stops. Only in the main thread."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        import signal
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _open_failed(spec, what, exc):
+    """Why ``spec`` could not be opened, in one line."""
+    address = spec.partition("://")[2]
+    if address:
+        return "executor %r: cannot reach the %s at %s: %s" % (spec, what, address,
+                                                               _describe(exc))
+    return "executor %r: could not start a local %s cluster: %s (see docs/scale-out.md)" % (
+        spec, what.split()[0], _describe(exc))
+
+
+def _open_dask(spec, workers, distributed):
+    """``dask``: a LocalCluster of worker processes for the run, on 127.0.0.1
+    without a dashboard; ``dask://HOST:PORT``: a client of that scheduler."""
+    import logging
+    cluster = None
+    try:
+        if spec == "dask":
+            n = max(1, min(workers, os.cpu_count() or 1))
+            cluster = distributed.LocalCluster(
+                n_workers=n, threads_per_worker=-(-workers // n), processes=True,
+                host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
+            client = distributed.Client(cluster, timeout=_CONNECT_TIMEOUT)
+        else:
+            client = _connect(spec, "Dask scheduler", lambda: distributed.Client(
+                "tcp://" + spec.partition("://")[2], timeout=_CONNECT_TIMEOUT))
+    except ExecutorError:
+        raise
+    except Exception as exc:
+        if cluster is not None:
+            cluster.close()
+        raise ExecutorError(_open_failed(spec, "Dask scheduler", exc)) from None
+
+    def close(wait):
+        if cluster is not None:     # its workers may still run calls given up at a deadline:
+            for nanny in list(cluster.workers.values()):    # stop them now, not in 4 s
+                if getattr(nanny, "pid", None):
+                    _kill_process(nanny.pid)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    # pure=False: a retry with the same arguments must run again, not reuse a result
+    return _OpenExecutor(spec, client.get_executor(pure=False), close=close)
+
+
+def _open_ray(spec, workers, ray):
+    """``ray``: a Ray instance of this machine's, on loopback, started for the
+    run and shut down after; ``ray://HOST:PORT``: a Ray client of that cluster.
+    When the program already called ray.init, that connection is used and left open."""
+    import logging
+    started = not ray.is_initialized()
+    if started:
+        try:
+            if spec == "ray":
+                ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=False,
+                         logging_level=logging.ERROR)
+            else:
+                _connect(spec, "Ray cluster", lambda: ray.init(
+                    spec, log_to_driver=False, logging_level=logging.ERROR))
+        except ExecutorError:
+            raise
+        except Exception as exc:
+            raise ExecutorError(_open_failed(spec, "Ray cluster", exc)) from None
+    pool = _ray_executor(ray)
+
+    def close(wait):
+        if started:
+            ray.shutdown()
+    return _OpenExecutor(spec, pool, pool.cancel_call, pool.cancel_all, close)
+
+
+def _ray_executor(ray):
+    """A concurrent.futures.Executor whose calls are Ray tasks. Ray has none of
+    its own, but ``ObjectRef.future()`` is a concurrent.futures.Future."""
+    import threading
+    from concurrent.futures import Executor
+
+    class RayExecutor(Executor):
+        def __init__(self):
+            self.remotes = {}       # function -> the Ray remote function that calls it
+            self.refs = {}          # future -> its ObjectRef, while the call runs
+            self.lock = threading.Lock()
+
+        def submit(self, fn, *args, **kwargs):
+            remote = self.remotes.get(fn)
+            if remote is None:      # pyoco's retries, not Ray's
+                remote = self.remotes[fn] = ray.remote(max_retries=0)(fn)
+            ref = remote.remote(*args, **kwargs)
+            future = ref.future()
+            with self.lock:
+                self.refs[future] = ref
+            future.add_done_callback(self.forget)
+            return future
+
+        def forget(self, future):
+            with self.lock:
+                self.refs.pop(future, None)
+
+        def cancel_call(self, future):
+            """Ray's own cancel; force kills the worker process running the call."""
+            with self.lock:
+                ref = self.refs.pop(future, None)
+            if ref is not None:
+                ray.cancel(ref, force=True)
+
+        def cancel_all(self):
+            with self.lock:
+                refs, self.refs = list(self.refs.values()), {}
+            for ref in refs:
+                ray.cancel(ref, force=True)
+
+    return RayExecutor()
+
+
+def _open_named(spec):
+    """``MODULE:NAME``: an Executor, or a function (or class) that returns one,
+    from MODULE imported from the working directory. An executor made here is
+    shut down after the run; one that MODULE holds is left as it is."""
+    import importlib
+    module_name, _, name = spec.partition(":")
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ExecutorError("executor %r: cannot import %r from %s: %s"
+                            % (spec, module_name, here, exc)) from None
+    except Exception as exc:
+        raise ExecutorError("executor %r: importing %r raised %s"
+                            % (spec, module_name, _describe(exc))) from None
+    found = getattr(module, name, _MISSING)
+    if found is _MISSING:
+        raise ExecutorError("executor %r: module %r has no %r%s" % (
+            spec, module_name, name,
+            _closest(name, [n for n in vars(module) if not n.startswith("_")])))
+    if not isinstance(found, type) and callable(getattr(found, "submit", None)):
+        return _OpenExecutor(spec, found)
+    if not callable(found):
+        raise ExecutorError("executor %r: %r is neither a concurrent.futures.Executor nor a"
+                            " function returning one" % (spec, found))
+    try:
+        made = found()
+    except Exception as exc:
+        raise ExecutorError("executor %r: calling %s() raised %s"
+                            % (spec, name, _describe(exc))) from None
+    if not callable(getattr(made, "submit", None)):
+        raise ExecutorError("executor %r: %s() returned %r, not a concurrent.futures.Executor"
+                            % (spec, name, made))
+
+    def close(wait):
+        try:                # the run does not wait for calls given up at their deadline
+            made.shutdown(wait=False, cancel_futures=True)
+        except TypeError:   # an Executor without cancel_futures
+            made.shutdown(wait=False)
+    return _OpenExecutor(spec, made, close=close)
 
 
 # ---------------------------------------------------------------------------
@@ -5851,11 +6177,16 @@ class Engine:
     is reported once and dropped) and only read.
     ``pools``: pool sizes (``{"api": 4}``) or ``{"size": .., "rate": "10/s"}``
     that override the flow's or declare more (a size alone keeps the flow's rate).
-    ``executor``: ``"thread"`` (default), ``"process"`` (a process per
-    worker; tasks, inputs and outputs must pickle, and a timeout kills the
-    task's process) or any ``concurrent.futures.Executor``, such as a Dask
-    client's ``get_executor()``. Outside threads, ``ctx`` is a copy: see
-    docs/scale-out.md.
+    ``executor``: where tasks run (SPEC section 14): ``"thread"`` (default),
+    ``"process"`` (a process per worker; tasks, inputs and outputs must
+    pickle, and a timeout kills the task's process), ``"dask"`` (a local
+    Dask cluster for the run), ``"dask://HOST:PORT"``, ``"ray"`` (a local Ray
+    for the run), ``"ray://HOST:PORT"``, ``"MODULE:NAME"`` (an Executor or a
+    function returning one), or any ``concurrent.futures.Executor``, such as
+    a Dask client's ``get_executor()``. PYOCO_EXECUTOR is for the CLI only.
+    An unknown SPEC is a ValueError; one that cannot be opened (a missing
+    package, an unreachable scheduler) is an ExecutorError from ``run``.
+    Outside threads, ``ctx`` is a copy: see docs/scale-out.md.
     ``progress``: when the cute trace goes to stderr, stderr is a terminal
     and tasks run on threads, each running map is one line redrawn in place
     instead of a line per instance (SPEC section 3). None (default): unless
@@ -5868,10 +6199,7 @@ class Engine:
                  executor="thread", pools=None, progress=None, trace_backend=None):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError("workers must be a whole number >= 1, not %r" % (workers,))
-        if executor not in ("thread", "process") and not callable(
-                getattr(executor, "submit", None)):
-            raise ValueError('executor must be "thread", "process" or a'
-                             " concurrent.futures.Executor, not %r" % (executor,))
+        _check_executor(executor)
         if trace_backend is not None and not callable(
                 getattr(trace_backend, "on_node_start", None)):
             raise TypeError("trace_backend must be a pyoco.TraceBackend (on_flow_start,"
@@ -5890,6 +6218,7 @@ class Engine:
         self.pools = dict(pools or {})      # sizes (or {"size", "rate"}) over the flow's own
         _parse_pools(self.pools, "Engine(pools=...)")
         self._active = {}           # run id -> its _Scheduler while the run goes
+        self._opened = None         # an _OpenExecutor kept open across runs (pyoco serve)
 
     @property
     def active_runs(self):
@@ -5911,6 +6240,7 @@ class Engine:
         """Run ``flow`` and return its ``Run``.
 
         Raises FlowError before anything runs when the flow is invalid,
+        ExecutorError (nothing recorded) when the executor cannot be opened,
         RunFailed when a task failed (``__cause__`` is its exception) and
         RunCancelled when the run was cancelled, unless ``raise_on_failure``
         is False. ``resume``: the id of a FAILED or CANCELLED run in the
@@ -5940,14 +6270,36 @@ class Engine:
         else:
             reused = {}
         pools = self._pools(plan)
+        where = self._opened or _open_executor(self.executor, self.workers)
+        ended = False
+        try:
+            run = self._run(plan, flow, params, binds, store, reused, pools, where, run_id,
+                            resume, scheduled_for, fixed, forced)
+            ended = True
+        finally:
+            if where is not self._opened:   # what this run started, also after Ctrl+C
+                where.close(wait=ended)
+        if store is not None:
+            store.prune()
+        if raise_on_failure:
+            if run.status == RunState.FAILED:
+                raise _run_failed("run %s of flow %r failed: %s"
+                                  % (run.run_id, run.flow_name, run.failure()), run) from run.error
+            if run.status == RunState.CANCELLED:
+                raise RunCancelled("run %s of flow %r was cancelled (%s)"
+                                   % (run.run_id, run.flow_name, run.reason), run)
+        return run
+
+    def _run(self, plan, flow, params, binds, store, reused, pools, where, run_id, resume,
+             scheduled_for, fixed, forced):
+        """One run on an opened executor, to its end; returns its Run."""
         run_id, folder = run_id or _new_run_id(), None
         if store is not None:
             run_id, folder = store.new_run_folder(run_id)
         run = Run(plan, flow, params, run_id)
         run.resumed_from = resume
         run.scheduled_for = scheduled_for
-        run.executor = self.executor if isinstance(self.executor, str) \
-            else type(self.executor).__name__
+        run.executor = where.name
         recorder = _RunRecorder(store, run, folder) if folder is not None else None
         cache = _CacheIndex(store, plan.flow_name, run_id) \
             if plan.cached and store is not None else None
@@ -5967,10 +6319,10 @@ class Engine:
             core.start()
             if not core.plan.roots:
                 core.finish()
-            elif self.executor == "thread":
+            elif where.pool is None:
                 _ThreadDriver(core, self.workers).execute()
             else:
-                _FutureDriver(core, self.workers, self.executor).execute()
+                _FutureDriver(core, self.workers, where).execute()
         finally:
             guard.restore()
             if recorder is not None:
@@ -5978,15 +6330,6 @@ class Engine:
             if tee:
                 _tee_remove()
             self._active.pop(run.run_id, None)      # after the record is final
-        if store is not None:
-            store.prune()
-        if raise_on_failure:
-            if run.status == RunState.FAILED:
-                raise _run_failed("run %s of flow %r failed: %s"
-                                  % (run.run_id, run.flow_name, run.failure()), run) from run.error
-            if run.status == RunState.CANCELLED:
-                raise RunCancelled("run %s of flow %r was cancelled (%s)"
-                                   % (run.run_id, run.flow_name, run.reason), run)
         return run
 
     def plan(self, flow, params=None, only=None, rerun_from=None, *, resume=None):
@@ -8009,6 +8352,8 @@ def _topological(plan):
 def _build_parser():
     import argparse
     store_help = "the run store folder (default: $PYOCO_HOME, else ./.pyoco)"
+    executor_help = ("where tasks run: thread (default), process, dask, dask://HOST:PORT, ray,"
+                     " ray://HOST:PORT or MODULE:NAME (default: $PYOCO_EXECUTOR, else thread)")
     parser = argparse.ArgumentParser(
         prog="pyoco", description="Run and inspect pyoco flows.",
         epilog="Exit codes: 0 success, 1 a run failed or check found problems,"
@@ -8047,6 +8392,7 @@ def _build_parser():
     run.add_argument("--plan", action="store_true",
                      help="say what the run would do, per task; nothing runs or is written")
     run.add_argument("--json", action="store_true", help="with --plan: the plan as JSON")
+    run.add_argument("--executor", metavar="SPEC", help=executor_help)
 
     check = commands.add_parser("check", help="validate a flow without running it",
                                 description="Validate a flow; nothing runs.")
@@ -8104,6 +8450,8 @@ def _build_parser():
                        help="progress lines for the runs it starts, as for run")
     serve.add_argument("--no-schedule", dest="schedule", action="store_false",
                        help="do not start the flows' scheduled runs (POST /runs still can)")
+    serve.add_argument("--executor", metavar="SPEC",
+                       help=executor_help + "; opened once and shared by the runs it starts")
 
     plugins = commands.add_parser("plugins", help="installed plugin tasks",
                                   description="Plugin tasks published under the entry-point"
@@ -8146,15 +8494,28 @@ def _cli_flow(args):
     return flow, dict(getattr(flow, "_defaults", None) or {})
 
 
+def _cli_executor(args):
+    """The executor SPEC: --executor, else $PYOCO_EXECUTOR, else thread."""
+    spec, where = args.executor, "--executor"
+    if spec is None:
+        spec, where = os.environ.get("PYOCO_EXECUTOR", "").strip() or "thread", \
+            "PYOCO_EXECUTOR"
+    try:
+        return _check_executor(spec)
+    except ValueError as exc:
+        raise UsageError("%s: %s" % (where, exc)) from None
+
+
 def _cmd_run(args):
     if args.workers < 1:
         raise UsageError("--workers must be at least 1, not %d" % args.workers)
     params = _parse_params(args.param)
+    executor = _cli_executor(args)
     flow, defaults = _cli_flow(args)
     params = dict(defaults, **params)
     engine = Engine(workers=args.workers, cute=args.cute, store=_cli_store(args),
                     pools=_parse_pool_sizes(args.pool),
-                    progress=_PROGRESS_FLAG[args.progress])
+                    progress=_PROGRESS_FLAG[args.progress], executor=executor)
     if args.json and not args.plan:
         raise UsageError("--json goes with --plan (pyoco run FLOW --plan --json)")
     targets = {"only": args.only or None, "rerun_from": args.rerun_from or None}
@@ -8323,20 +8684,26 @@ def _cmd_serve(args):
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be from 0 to 65535, not %d" % args.port)
     store = _cli_store(args)
+    executor = _cli_executor(args)
     flows, files = {}, {}
     for target in args.flows:
         for var, flow in _module_flows(_load_target(target)):
             if flows.setdefault(flow.name, flow) is not flow:
                 raise UsageError("two flows are named %r; give one another name" % flow.name)
             files[flow.name] = target
+    engine = Engine(store=store, progress=_PROGRESS_FLAG[args.progress], executor=executor)
     try:
         server = Server(store, host=args.host, port=args.port, flows=flows, files=files,
-                        engine=Engine(store=store, progress=_PROGRESS_FLAG[args.progress]),
-                        schedule=args.schedule)
+                        engine=engine, schedule=args.schedule)
     except OSError as exc:
         host = "[%s]" % args.host if ":" in args.host and "[" not in args.host else args.host
         raise UsageError("cannot listen on %s:%d: %s" % (host, args.port, exc.strerror
                                                          or exc)) from None
+    try:                    # one cluster or connection for the server's life, shared by its runs
+        engine._opened = _open_executor(executor, engine.workers)
+    except BaseException:
+        server.close()
+        raise
     if not _is_loopback(args.host) and not server.token:
         _warn("listening beyond loopback without PYOCO_API_TOKEN: POST endpoints are refused")
 
@@ -8360,6 +8727,7 @@ def _cmd_serve(args):
         pass
     finally:
         server.close()
+        engine._opened.close(wait=False)
     return 0
 
 
@@ -8417,7 +8785,7 @@ def main(argv=None):
         code = handler(args)
         drain_webhooks()
         return code
-    except (UsageError, StoreError) as exc:
+    except (UsageError, StoreError, ExecutorError) as exc:
         _write_line(None, "pyoco %s: error: %s\n" % (args.command, exc))
         return 2
     except KeyboardInterrupt:

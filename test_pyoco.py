@@ -8586,9 +8586,9 @@ def store_no_traceback(result):
 class StoreProc:
     """A running ``python -m pyoco ...`` whose output lines are read as they come."""
 
-    def __init__(self, cwd, *args, env=None, read=("stdout", "stderr")):
+    def __init__(self, cwd, *args, env=None, read=("stdout", "stderr"), python=None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyoco"] + [str(a) for a in args], cwd=str(cwd),
+            [python or sys.executable, "-m", "pyoco"] + [str(a) for a in args], cwd=str(cwd),
             env=env or store_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             encoding="utf-8")
         self.lines = {"stdout": [], "stderr": []}
@@ -8653,8 +8653,8 @@ def store_spawn():
     """Start ``pyoco`` subprocesses; any still running at the end of the test is killed."""
     started = []
 
-    def spawn(cwd, *args, env=None, read=("stdout", "stderr")):
-        proc = StoreProc(cwd, *args, env=env, read=read)
+    def spawn(cwd, *args, env=None, read=("stdout", "stderr"), python=None):
+        proc = StoreProc(cwd, *args, env=env, read=read, python=python)
         started.append(proc)
         return proc
 
@@ -12619,3 +12619,391 @@ def test_the_yaml_examples_python_twin_runs_the_same_flow(yaml_example):
     assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
     record = RunStore(yaml_example / "store").list()[0]
     assert set(record["tasks"]) == {"plant", "water", "count", "sell", "pickle_them", "report"}
+
+
+# Choosing where tasks run: --executor, PYOCO_EXECUTOR, Dask, Ray, MODULE:NAME (SPEC section 14)
+# ===========================================================================
+
+# One flow proves a whole executor: a map (numbers -> times_ten[0..2] -> total),
+# a retry (flaky fails its first attempt) and a timeout (slow sleeps past 0.5 s,
+# isolated, so the rest goes on). total saves an artifact naming the processes
+# the map ran in. With -p mode=hang, only `hang` runs: it writes its pid to
+# hang.pid and sleeps, for the Ctrl+C tests.
+EXEC_FLOW = """\
+    import json
+    import os
+    import time
+    from pyoco import Flow, task
+
+    @task
+    def numbers(ctx):
+        return [1, 2, 3]
+
+    @task
+    def times_ten(ctx, x):
+        return {"value": x * 10, "pid": os.getpid()}
+
+    @task
+    def total(ctx, times_ten):
+        ctx.save_artifact("total.json", json.dumps({
+            "total": sum(p["value"] for p in times_ten),
+            "pids": sorted({p["pid"] for p in times_ten})}))
+
+    @task(retries=2, retry_delay=0.01)
+    def flaky(ctx):
+        if ctx.attempt < 2:
+            raise ValueError("the first attempt fails")
+        return ctx.attempt
+
+    @task(timeout=0.5, fail_policy="isolate")
+    def slow(ctx):
+        time.sleep(1.5)
+
+    @task
+    def hang(ctx):
+        with open(os.path.join(ctx.params["folder"], "hang.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)
+
+    flow = Flow("where")
+    flow >> numbers >> times_ten.map("$node.numbers.output") >> total
+    flow >> flaky
+    flow >> slow
+
+    hanging = Flow("hanging")
+    hanging >> hang
+"""
+
+# MODULE:NAME: a function returning an Executor that notes every call it is given.
+EXEC_NAMED = """\
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Noting(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            with open("submitted.txt", "a") as f:
+                f.write(args[0].name + "\\n")
+            return super().submit(fn, *args, **kwargs)
+
+    def make():
+        with open("made.txt", "a") as f:
+            f.write("made\\n")
+        return Noting(4)
+
+    LIMIT = 4
+"""
+
+EXEC_STATES = {"numbers": "SUCCEEDED", "times_ten": "SUCCEEDED", "times_ten[0]": "SUCCEEDED",
+               "times_ten[1]": "SUCCEEDED", "times_ten[2]": "SUCCEEDED", "total": "SUCCEEDED",
+               "flaky": "SUCCEEDED", "slow": "FAILED"}
+
+
+def exec_python(package):
+    """The Python that has ``package`` (distributed or ray), or skip saying why.
+
+    .ci/run installs each into a venv and names its Python in DASK_TEST_PYTHON
+    or RAY_TEST_PYTHON. pyoco runs under that Python whichever Python runs
+    pytest, so under CI these tests run once, under the matching version."""
+    variable = {"distributed": "DASK_TEST_PYTHON", "ray": "RAY_TEST_PYTHON"}[package]
+    python = os.environ.get(variable) or (_dask_python() if package == "distributed" else None)
+    if python is None:
+        probe = subprocess.run([sys.executable, "-c", "import " + package], capture_output=True)
+        python = sys.executable if probe.returncode == 0 else None
+    if python is None:
+        pytest.skip("%s is not installed (.ci/run installs it in a venv and sets %s)"
+                    % (package, variable))
+    if os.environ.get("CI") and python != sys.executable:
+        probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+        version = subprocess.run([python, "-c", probe], capture_output=True,
+                                 text=True).stdout.strip()
+        if version != "%d.%d" % sys.version_info[:2]:
+            pytest.skip("pyoco runs under %s here, the same under every pytest Python: this"
+                        " test runs once per CI, under Python %s" % (python, version))
+    return python
+
+
+def exec_folder(tmp_path):
+    store_write(tmp_path / "where.py", EXEC_FLOW)
+    store_write(tmp_path / "execs.py", EXEC_NAMED)
+    return tmp_path
+
+
+def exec_descendants(pid):
+    """The pids of every process below ``pid`` (Linux /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def exec_run(store_spawn, folder, *args, python=None, env=None):
+    """``pyoco run where.py ARGS`` to its end: (exit code, its record, its pid)."""
+    proc = store_spawn(folder, "run", "where.py", "--flow", "where", *args, python=python,
+                       env=env)
+    code = proc.wait(120)
+    run_id = store_run_id(proc.text("stderr"))
+    assert "Traceback" not in proc.text("stderr"), proc.text("stderr")
+    return code, RunStore(folder / ".pyoco").get(run_id), proc.proc.pid
+
+
+@pytest.fixture(scope="session")
+def exec_dask_scheduler(tmp_path_factory):
+    """A real ``dask scheduler`` and ``dask worker`` on 127.0.0.1 for the session:
+    the scheduler's address (HOST:PORT). Both are stopped by their pids."""
+    python = exec_python("distributed")
+    folder = tmp_path_factory.mktemp("dask-scheduler")
+    where = folder / "scheduler.json"
+    env = store_env()
+    started = []
+
+    def start(*args):
+        started.append(subprocess.Popen([python, "-m"] + list(args), cwd=str(folder), env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+              "--no-dashboard", "--scheduler-file", str(where))
+        store_poll(lambda: where.exists() and "address" in where.read_text(), timeout=60)
+        address = json.loads(where.read_text())["address"]
+        start("distributed.cli.dask_worker", "--scheduler-file", str(where), "--host",
+              "127.0.0.1", "--no-nanny", "--nthreads", "4", "--no-dashboard")
+        yield address.split("://", 1)[1]
+    finally:
+        for proc in reversed(started):
+            proc.kill()
+            proc.wait()
+
+
+# Ray 2.60 turns on token authentication for a cluster that `ray start` makes;
+# a Ray Client then needs the token, or the mode off on both sides, as here.
+EXEC_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def exec_listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def exec_ray_cluster(tmp_path_factory):
+    """A real Ray head with a Ray Client server on 127.0.0.1 for the session
+    (``ray start --head --block``, stopped by its pid): the client's HOST:PORT."""
+    python = exec_python("ray")
+    if subprocess.run([python, "-c", "import grpc"], capture_output=True).returncode:
+        pytest.skip("the Ray Client needs ray[client] (.ci/run installs it)")
+    folder = tmp_path_factory.mktemp("ray-cluster")
+    gcs, client = srv_free_port(), srv_free_port()
+    head = subprocess.Popen(
+        [python, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+         "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--ray-client-server-port",
+         str(client), "--include-dashboard", "false", "--num-cpus", "4",
+         "--disable-usage-stats"], cwd=str(folder), env=store_env(**EXEC_RAY_ENV),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store_poll(lambda: exec_listening(client) or head.poll() is not None, timeout=90)
+        assert head.poll() is None, "ray start --head exited with %s" % head.returncode
+        yield "127.0.0.1:%d" % client
+    finally:
+        head.terminate()            # it stops the processes it started, then exits
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+
+
+EXEC_SPECS = ["process", "dask", "dask://", "ray", "ray://", "execs:make"]
+
+
+@pytest.mark.parametrize("spec", EXEC_SPECS)
+def test_each_executor_runs_a_retry_a_timeout_and_a_map_to_the_right_record(
+        spec, tmp_path, store_spawn, request):
+    folder = exec_folder(tmp_path)
+    python, env = None, None
+    if spec.startswith("dask"):
+        python = exec_python("distributed")
+    elif spec.startswith("ray"):
+        python = exec_python("ray")
+    if spec == "dask://":
+        spec += request.getfixturevalue("exec_dask_scheduler")
+    elif spec == "ray://":
+        spec += request.getfixturevalue("exec_ray_cluster")
+        env = store_env(**EXEC_RAY_ENV)
+    code, record, pid = exec_run(store_spawn, folder, "--executor", spec, python=python,
+                                 env=env)
+    assert code == 1            # slow timed out: the run FAILED, everything else did its part
+    assert record["executor"] == spec
+    assert {name: t["state"] for name, t in record["tasks"].items()} == EXEC_STATES
+    assert record["tasks"]["flaky"]["attempts"] == 2
+    assert record["tasks"]["slow"]["error"].startswith("TimeoutError")
+    assert record["tasks"]["slow"]["duration_ms"] < 1400    # failed at its deadline
+    saved = json.loads(Path(record["tasks"]["total"]["artifacts"]["total.json"]).read_text())
+    assert saved["total"] == 60
+    if spec != "execs:make":
+        assert pid not in saved["pids"]     # the map ran in other processes
+    else:                                   # the named executor ran every call
+        noted = (folder / "submitted.txt").read_text().split()
+        assert sorted(noted) == sorted(["numbers", "times_ten", "times_ten", "times_ten",
+                                        "total", "flaky", "flaky", "slow"])
+
+
+@pytest.mark.parametrize("package", ["distributed", "ray"])
+def test_ctrl_c_on_a_cluster_run_exits_130_saves_the_record_and_leaves_no_process(
+        package, tmp_path, store_spawn):
+    python = exec_python(package)
+    folder = exec_folder(tmp_path)
+    spec = "dask" if package == "distributed" else "ray"
+    proc = store_spawn(folder, "run", "where.py", "--flow", "hanging", "--executor", spec,
+                       "-p", "folder=%s" % folder, python=python)
+    run_id = store_run_id(proc.wait_for(r" start flow=hanging ", stream="stderr").string)
+    store_poll(lambda: (folder / "hang.pid").exists() and (folder / "hang.pid").read_text(),
+               timeout=120)
+    worker = int((folder / "hang.pid").read_text())
+    cluster = exec_descendants(proc.proc.pid)
+    assert worker in cluster and worker != proc.proc.pid
+    proc.proc.send_signal(signal.SIGINT)            # the first: a graceful cancel
+    proc.wait_for(r" cancel flow=hanging ", stream="stderr")
+    store_poll(lambda: RunStore(folder / ".pyoco").get(run_id)["status"] == "CANCELLING")
+    proc.proc.send_signal(signal.SIGINT)            # the second: stop at once
+    assert proc.wait(60) == 130
+    record = RunStore(folder / ".pyoco").get(run_id)
+    assert record["status"] == "CANCELLED" and record["executor"] == spec
+    assert record["tasks"]["hang"]["state"] == "CANCELLED"
+    store_poll(lambda: not any(pyoco._pid_alive(p) for p in cluster), timeout=30)
+
+
+@pytest.mark.parametrize("spec, package", [("dask", "distributed"), ("ray", "ray")])
+def test_a_missing_executor_package_is_exit_2_saying_what_to_install(
+        spec, package, tmp_path):
+    folder = exec_folder(tmp_path)
+    stubs = tmp_path / "stubs"              # shadows an installed package: as if missing
+    stubs.mkdir()
+    (stubs / (package + ".py")).write_text(
+        "raise ModuleNotFoundError(%r, name=%r)\n" % ("No module named %r" % package, package))
+    done = store_cli(folder, "run", "where.py", "--flow", "where", "--executor", spec,
+                     env=store_env(PYTHONPATH=os.pathsep.join([str(stubs), str(HERE)])))
+    assert done.returncode == 2
+    assert "pip install %s" % package in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    store_no_traceback(done)
+    assert not (folder / ".pyoco").exists() or not RunStore(folder / ".pyoco").list()
+
+
+@pytest.mark.parametrize("scheme, answering", [("dask", False), ("ray", False),
+                                               ("dask", True)],
+                         ids=["dask-refused", "ray-refused", "dask-silent"])
+def test_an_unreachable_scheduler_is_exit_2_within_15_s_naming_the_address(
+        scheme, answering, tmp_path):
+    """Refused: nothing listens. Silent: it accepts the connection, never answers."""
+    python = exec_python("distributed") if answering else sys.executable
+    folder = exec_folder(tmp_path)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        if answering:
+            listener.listen(8)
+        address = "127.0.0.1:%d" % (listener.getsockname()[1] if answering
+                                    else srv_free_port())
+        began = time.monotonic()
+        done = subprocess.run([python, "-m", "pyoco", "run", "where.py", "--flow", "where",
+                               "--executor", "%s://%s" % (scheme, address)], cwd=str(folder),
+                              env=store_env(), capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - began < 15
+    assert done.returncode == 2
+    assert address in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    store_no_traceback(done)
+
+
+@pytest.mark.parametrize("args, env, closest", [
+    (["--executor", "dsak"], {}, "'dask'"),
+    (["--executor", "thraed"], {}, "'thread'"),
+    (["--executor", "dask://nowhere"], {}, "dask://HOST:PORT"),
+    ([], {"PYOCO_EXECUTOR": "procss"}, "'process'"),
+])
+def test_an_unknown_executor_spec_is_exit_2_naming_the_closest(args, env, closest, tmp_path):
+    folder = exec_folder(tmp_path)
+    done = store_cli(folder, "run", "where.py", "--flow", "where", *args, env=store_env(**env))
+    assert done.returncode == 2
+    assert closest in done.stderr and ("PYOCO_EXECUTOR" if env else "--executor") in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    store_no_traceback(done)
+    with pytest.raises(ValueError, match="did you mean 'dask'"):
+        Engine(executor="dsak")
+
+
+@pytest.mark.parametrize("args, env, ran_on", [
+    ([], {}, "thread"),
+    ([], {"PYOCO_EXECUTOR": "process"}, "process"),
+    (["--executor", "thread"], {"PYOCO_EXECUTOR": "procss"}, "thread"),    # never read
+    (["--executor", "execs:make"], {"PYOCO_EXECUTOR": "process"}, "execs:make"),
+], ids=["default", "env", "flag-over-bad-env", "flag-over-env"])
+def test_pyoco_executor_applies_to_the_cli_and_the_flag_wins(args, env, ran_on, tmp_path,
+                                                              store_spawn):
+    folder = exec_folder(tmp_path)
+    code, record, pid = exec_run(store_spawn, folder, *args, env=store_env(**env))
+    assert code == 1 and record["executor"] == ran_on
+    saved = json.loads(Path(record["tasks"]["total"]["artifacts"]["total.json"]).read_text())
+    assert (saved["pids"] == [pid]) == (ran_on in ("thread", "execs:make"))
+    assert (folder / "submitted.txt").exists() == (ran_on == "execs:make")
+
+
+def test_engine_ignores_pyoco_executor_and_records_an_executor_by_class(monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setenv("PYOCO_EXECUTOR", "process")
+    flow = Flow("quiet")
+    flow >> _process_steady
+    assert Engine().executor == "thread"
+    run = Engine(trace=False, store=tmp_path).run(flow)
+    assert run.results["_process_steady"] == os.getpid()       # it ran here, on a thread
+    assert RunStore(tmp_path).get(run.run_id)["executor"] == "thread"
+    with ThreadPoolExecutor(2) as pool:
+        run = Engine(trace=False, store=tmp_path, executor=pool).run(flow)
+    assert RunStore(tmp_path).get(run.run_id)["executor"] == "ThreadPoolExecutor"
+
+
+def test_pyoco_serve_opens_its_executor_once_for_the_runs_it_starts(tmp_path, srv_cli_serve):
+    folder = exec_folder(tmp_path)
+    server = srv_cli_serve(folder / ".pyoco", folder / "where.py",
+                           options=["--executor", "execs:make"])
+    for _ in range(2):
+        status, answer = srv_json(server.url, "POST", "/runs", {"flow": "where"})
+        assert status == 202
+        record = srv_poll(lambda: (RunStore(folder / ".pyoco").get(answer["run_id"]) or {}).get(
+            "ended_at") and RunStore(folder / ".pyoco").get(answer["run_id"]), timeout=30,
+            what="the run's end")
+        assert record["executor"] == "execs:make" and record["status"] == "FAILED"
+    assert (folder / "made.txt").read_text().split() == ["made"]
+    assert (folder / "submitted.txt").read_text().split().count("total") == 2
+    assert server.stop() == 0
+
+
+def test_pyoco_serve_refuses_an_unknown_executor_with_exit_2(tmp_path):
+    folder = exec_folder(tmp_path)
+    done = store_cli(folder, "serve", "--port", "0", "--executor", "raay", "where.py")
+    assert done.returncode == 2 and "did you mean 'ray'" in done.stderr, done.stderr
+    store_no_traceback(done)
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("nosuchmodule:make", "cannot import 'nosuchmodule'"),
+    ("execs:mkae", "did you mean 'make'?"),
+    ("execs:LIMIT", "is neither a concurrent.futures.Executor nor a function returning one"),
+])
+def test_a_module_name_executor_that_is_not_one_is_exit_2_saying_why(spec, says, tmp_path):
+    folder = exec_folder(tmp_path)
+    done = store_cli(folder, "run", "where.py", "--flow", "where", "--executor", spec)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    store_no_traceback(done)
+
