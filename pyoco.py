@@ -3832,7 +3832,7 @@ _EXECUTOR_FORMS = ("thread", "process", "dask", "dask://HOST:PORT", "ray", "ray:
                    "MODULE:NAME")
 # A scheduler that cannot be reached is a usage error within 15 s (SPEC section 14):
 _REACH_TIMEOUT = 4.0        # seconds for something to accept a connection at the address,
-_CONNECT_TIMEOUT = 9.0      # then for the client to connect
+_CONNECT_TIMEOUT = 10.0     # then for the client to connect (a Ray client may take seconds)
 
 
 class ExecutorError(PyocoError):
