@@ -7259,8 +7259,8 @@ class _Timetable:
             if record["status"] in (RunState.PENDING, RunState.RUNNING, RunState.CANCELLING):
                 return record
         for run_id in list(self.server.runs):       # begun here, not yet in the store
-            run = self.server.live(run_id)
-            if run is not None and run.flow_name == name:
+            run = self.server.live(run_id)    # (or recorded, but its engine not yet done)
+            if run is not None and run.flow_name == name and run.status not in _FINISHED:
                 return run.to_dict(events=False)
         return None
 

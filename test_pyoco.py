@@ -12814,6 +12814,13 @@ def exec_ray_cluster(tmp_path_factory):
     try:
         store_poll(lambda: exec_listening(client) or head.poll() is not None, timeout=90)
         assert head.poll() is None, "ray start --head exited with %s" % head.returncode
+        # The client port listens before the head can serve a client: one client connects
+        # first, with room to spare, so the tests' own connects meet a cluster that is up.
+        warm = subprocess.run(
+            [python, "-c", "import ray, sys; ray.init(sys.argv[1]); ray.shutdown()",
+             "ray://127.0.0.1:%d" % client], cwd=str(folder), env=store_env(**EXEC_RAY_ENV),
+            capture_output=True, text=True, timeout=120)
+        assert warm.returncode == 0, warm.stderr[-2000:]
         yield "127.0.0.1:%d" % client
     finally:
         head.terminate()            # it stops the processes it started, then exits
