@@ -5597,23 +5597,26 @@ def _record_json(run):
     return "".join(parts)
 
 
-def _encode_output(value):
-    """An output as a JSON-ready entry for outputs.jsonl: JSON when it round-
-    trips exactly, else pickle; None when neither works."""
+def _output_line(name, value):
+    """Task ``name``'s output as one outputs.jsonl line: JSON when it round-trips
+    exactly, else pickle; None when neither works. The JSON text is written
+    as it was checked, not encoded a second time."""
     import json
+    task = json.dumps(name)
     try:
-        text = json.dumps(value, allow_nan=False)   # NaN and infinities go as pickle
+        text = json.dumps(value, allow_nan=False)     # \u escapes: any str can be written
         back = json.loads(text)
         if back == value and type(back) is type(value):
-            return {"json": back}
+            return '{"json": %s, "task": %s}' % (text, task)
     except (TypeError, ValueError, RecursionError):
         pass
     try:
         import base64
         import pickle
-        return {"pickle": base64.b64encode(pickle.dumps(value, protocol=4)).decode("ascii")}
+        data = base64.b64encode(pickle.dumps(value, protocol=4)).decode("ascii")
     except Exception:
         return None
+    return '{"pickle": "%s", "task": %s}' % (data, task)
 
 
 def _shorten_log_line(raw, limit):
@@ -5822,10 +5825,9 @@ class _RunRecorder:
             entry = index[name] in entries if entries else False
             if cached_only and not entry:
                 continue
-            encoded = _encode_output(results.get(name))
-            if encoded is not None:
-                encoded["task"] = name
-                lines.append(_dumps(encoded))
+            line = _output_line(name, results.get(name))
+            if line is not None:
+                lines.append(line)
                 if entry:
                     cached.append(dict(entries[index[name]], flow=run.flow_name, task=name,
                                        artifacts=run._task_artifacts.get(index[name]) or {}))
