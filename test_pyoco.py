@@ -1783,6 +1783,18 @@ def test_engine_rejects_a_bad_worker_count():
 # -- changes after a task is in a flow reach the next run (the plan cache)
 
 
+@pytest.mark.parametrize("options, error", [
+    ({"cache": "yes"}, "cache must be True, False or 'resume'"),
+    ({"cache": "resum"}, "did you mean 'resume'"),
+    ({"cache_ttl": 0}, "cache_ttl must be seconds > 0"),
+    ({"cache_key": "path"}, "cache_key must be a function"),
+    ({"version": [1]}, "version must be a string or a number"),
+])
+def test_bad_cache_options_are_clear_errors(options, error):
+    with pytest.raises(ValueError, match=re.escape(error)):
+        task(**options)(lambda ctx: None)
+
+
 # ===========================================================================
 # Model: expressions
 # ===========================================================================
@@ -2121,6 +2133,142 @@ def test_a_task_after_itself_is_a_flow_error_with_its_cycle():
     with pytest.raises(FlowError) as info:
         flow.add(a, after=[a])
     assert info.value.cycle == ["a", "a"]
+
+
+# ===========================================================================
+# Model: schedules
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# The parser: a table of expressions with known next times
+# ---------------------------------------------------------------------------
+
+def sch_ts(text):
+    """'2026-12-01T10:00Z' (seconds optional) as a Unix time."""
+    import calendar
+    fmt = "%Y-%m-%dT%H:%M:%SZ" if text.count(":") == 2 else "%Y-%m-%dT%H:%MZ"
+    return calendar.timegm(time.strptime(text, fmt))
+
+
+def sch_iso(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+SCH_NEXT = [
+    # (schedule, zone, after, the next times)
+    ("0 3 * * *", "UTC", "2026-01-31T12:00Z", ["2026-02-01T03:00:00Z", "2026-02-02T03:00:00Z"]),
+    ("0 0 31 * *", "UTC", "2026-01-31T00:00Z", ["2026-03-31T00:00:00Z", "2026-05-31T00:00:00Z"]),
+    ("0 0 29 2 *", "UTC", "2026-03-01T00:00Z", ["2028-02-29T00:00:00Z", "2032-02-29T00:00:00Z"]),
+    ("0 0 28-31 * *", "UTC", "2027-02-27T00:00Z",
+     ["2027-02-28T00:00:00Z", "2027-03-28T00:00:00Z"]),
+    ("0 0 * * 0", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    ("0 0 * * 7", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    ("0 0 * * sun", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z"]),
+    ("0 0 * * 5-7", "UTC", "2026-12-05T12:00Z", ["2026-12-06T00:00:00Z", "2026-12-11T00:00:00Z"]),
+    # both day fields restricted: the 13th OR a Friday
+    ("0 0 13 * 5", "UTC", "2026-12-01T00:00Z",
+     ["2026-12-04T00:00:00Z", "2026-12-11T00:00:00Z", "2026-12-13T00:00:00Z"]),
+    # a day field starting with * is unrestricted: odd days AND Fridays
+    ("0 0 */2 * fri", "UTC", "2026-12-01T00:00Z", ["2026-12-11T00:00:00Z", "2026-12-25T00:00:00Z"]),
+    ("15,45 9-17/4 * * mon-fri", "UTC", "2026-12-05T00:00Z",
+     ["2026-12-07T09:15:00Z", "2026-12-07T09:45:00Z", "2026-12-07T13:15:00Z"]),
+    ("0 12 * jan,JUL sat,sun", "UTC", "2026-12-01T00:00Z",
+     ["2027-01-02T12:00:00Z", "2027-01-03T12:00:00Z"]),
+    ("*/20 * * * *", "UTC", "2026-12-01T10:59:59Z", ["2026-12-01T11:00:00Z", "2026-12-01T11:20:00Z"]),
+    ("5/20 * * * *", "UTC", "2026-12-01T10:00Z", ["2026-12-01T10:05:00Z", "2026-12-01T10:25:00Z"]),
+    ("59 23 31 dec *", "UTC", "2026-12-31T23:59Z", ["2027-12-31T23:59:00Z"]),
+    ("@hourly", "UTC", "2026-12-01T12:34Z", ["2026-12-01T13:00:00Z"]),
+    ("@daily", "UTC", "2026-12-01T00:00Z", ["2026-12-02T00:00:00Z"]),
+    ("@weekly", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z"]),
+    ("@monthly", "UTC", "2026-12-15T00:00Z", ["2027-01-01T00:00:00Z", "2027-02-01T00:00:00Z"]),
+    ("@yearly", "UTC", "2026-06-01T00:00Z", ["2027-01-01T00:00:00Z"]),
+    ("0 9 * * *", "Asia/Tokyo", "2026-12-01T00:00Z", ["2026-12-02T00:00:00Z"]),
+    # intervals are multiples of N since 1970-01-01T00:00Z, whatever the zone
+    ("every 15m", "UTC", "2026-12-01T10:07:30Z", ["2026-12-01T10:15:00Z", "2026-12-01T10:30:00Z"]),
+    ("every 1d", "Asia/Tokyo", "2026-12-01T10:00Z", ["2026-12-02T00:00:00Z"]),
+    ("every 7s", "UTC", "1970-01-01T00:00:00Z", ["1970-01-01T00:00:07Z", "1970-01-01T00:00:14Z"]),
+    ("every 2h", "Asia/Kolkata", "2026-12-01T01:00Z", ["2026-12-01T02:00:00Z"]),
+    # daylight saving time in New York: 2026-03-08 02:00 -> 03:00, 2026-11-01 02:00 -> 01:00.
+    # A skipped wall time fires once, at the next minute that exists...
+    ("30 2 * * *", "America/New_York", "2026-03-07T12:00Z",
+     ["2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"]),
+    ("*/30 * * * *", "America/New_York", "2026-03-08T06:30Z",
+     ["2026-03-08T07:00:00Z", "2026-03-08T07:30:00Z"]),
+    # ... and a repeated hour fires once, at its first occurrence
+    ("30 1 * * *", "America/New_York", "2026-11-01T04:00Z",
+     ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"]),
+    ("*/30 * * * *", "America/New_York", "2026-11-01T05:15Z",
+     ["2026-11-01T05:30:00Z", "2026-11-01T07:00:00Z", "2026-11-01T07:30:00Z"]),
+]
+
+
+@pytest.mark.parametrize("text, zone, after, expected", SCH_NEXT,
+                         ids=["%s|%s|%s" % row[:3] for row in SCH_NEXT])
+def test_schedule_next_times_match_the_table(text, zone, after, expected):
+    flow = Flow("timed", schedule=text, schedule_tz=zone)
+    times = flow._schedule.upcoming(len(expected), sch_ts(after))
+    assert [sch_iso(ts) for ts in times] == expected
+    # the latest time at or before a time is the one before the next
+    first = sch_ts(expected[0])
+    assert flow._schedule.latest_until(first) == first
+    assert flow._schedule.latest_until(first - 1) < first
+
+
+def test_schedule_without_a_zone_is_the_servers_local_time():
+    flow = Flow("local", schedule="0 3 * * *")
+    ts = flow._schedule.next_after(time.time())
+    local = time.localtime(ts)
+    assert (local.tm_hour, local.tm_min, local.tm_sec) == (3, 0, 0)
+    assert flow.schedule_tz is None
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"schedule": "61 * * * *"}, ["minute", "'61'"]),
+    ({"schedule": "0 24 * * *"}, ["hour", "'24'"]),
+    ({"schedule": "0 0 0 * *"}, ["day of month", "'0'"]),
+    ({"schedule": "0 0 * 13 *"}, ["month", "'13'"]),
+    ({"schedule": "0 0 * * 8"}, ["day of week", "'8'"]),
+    ({"schedule": "0 0 * * mon-fry"}, ["day of week", "'fry'", "did you mean 'fri'"]),
+    ({"schedule": "0 0 * jan-dex *"}, ["month", "'dex'", "did you mean 'dec'"]),
+    ({"schedule": "*/0 * * * *"}, ["minute", "step"]),
+    ({"schedule": "5-1 * * * *"}, ["minute", "backwards"]),
+    ({"schedule": "0 0 30 feb *"}, ["day of month", "never"]),
+    ({"schedule": "0 3 * *"}, ["5 fields", "not 4"]),
+    ({"schedule": "@daly"}, ["'@daly'", "did you mean '@daily'"]),
+    ({"schedule": "every 15x"}, ["'every 15x'", "every 15m"]),
+    ({"schedule": "every 0m"}, ["'every 0m'"]),
+    ({"schedule": 15}, ["schedule must be a string", "15"]),
+    ({"schedule": "@daily", "schedule_tz": "Europe/Pariss"},
+     ["schedule_tz", "'Europe/Pariss'", "did you mean 'Europe/Paris'"]),
+    ({"schedule_tz": "../../etc/passwd"}, ["schedule_tz"]),
+    ({"schedule_overlap": "alow"}, ["schedule_overlap", "'alow'", "did you mean 'allow'"]),
+    ({"schedule_catchup": "all"}, ["schedule_catchup", "'all'", "'latest' or 'none'"]),
+])
+def test_bad_schedule_is_a_flow_error_naming_the_field_and_value(options, words):
+    with pytest.raises(FlowError) as caught:
+        Flow("nightly", **options)
+    for word in words:
+        assert word in str(caught.value)
+    assert "flow 'nightly'" in str(caught.value)
+    flow = Flow("nightly")          # the same check when the attribute is set
+    with pytest.raises(FlowError):
+        for key, value in options.items():
+            setattr(flow, key, value)
+
+
+def test_schedule_attributes_read_back_and_none_unschedules():
+    flow = Flow("nightly", schedule="0 3 * * *", schedule_tz="Europe/Paris",
+                schedule_overlap="allow", schedule_catchup="none")
+    assert (flow.schedule, flow.schedule_tz, flow.schedule_overlap, flow.schedule_catchup) == (
+        "0 3 * * *", "Europe/Paris", "allow", "none")
+    flow.schedule = "every 15m"
+    assert flow.schedule == "every 15m"
+    flow.schedule = None
+    assert flow.schedule is None and flow._schedule is None
+    with pytest.raises(TypeError, match="did you mean 'schedule'"):
+        Flow("x", schedul="@daily")
+    assert Flow("plain").schedule is None
 
 
 # ===========================================================================
@@ -3917,6 +4065,297 @@ def test_a_when_naming_an_unknown_task_is_a_flow_error_before_anything_runs():
     assert ran == []
 
 
+# ---------------------------------------------------------------------------
+# Incremental runs: cache=True, fingerprints and reuse (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+_CACHED_FLOW = '''
+from pyoco import task, Flow
+
+@task(cache=True{options})
+def fetch(ctx, day):
+    {body}
+
+flow = Flow(name="cached")
+flow >> fetch
+'''
+
+
+def _cached_flow_file(tmp_path, name, body, options=""):
+    return write(tmp_path / ("%s.py" % name), _CACHED_FLOW.format(body=body, options=options))
+
+
+def _reuse_of(run):
+    """Task name -> the run it was reused from, None for tasks that ran."""
+    return {name: record.reused_from for name, record in run.tasks.items()}
+
+
+@pytest.mark.parametrize("first, second, options, day, reused", [
+    ("return day * 2", "return day * 2", ("", ""), 1, True),
+    ("return day * 2", "return day * 3", ("", ""), 1, False),        # a changed constant
+    ("return day * 2", "return day + day", ("", ""), 1, False),      # a changed body
+    ("return day * 2", "# the double\n    return day * 2\n\n", ("", ""), 1, True),  # a comment
+    ("return day * 2", "return day * 2", ("", ""), 2, False),        # a changed parameter
+    ("return day * 2", "return day * 3", (", version=1", ", version=1"), 1, True),
+    ("return day * 2", "return day * 2", (", version=1", ", version=2"), 1, False),
+    ("return [day, (lambda: 1)()]", "return [day, (lambda: 2)()]", ("", ""), 1, False),
+])
+def test_a_cached_task_is_reused_only_while_its_code_and_inputs_are_unchanged(
+        tmp_path, first, second, options, day, reused):
+    engine = Engine(trace=False, store=tmp_path / "store")
+    old = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "one", first, options[0]))),
+                     {"day": 1})
+    new = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "two", second,
+                                                           options[1]))), {"day": day})
+    assert old.tasks["fetch"].reused_from is None and old.tasks["fetch"].attempts == 1
+    assert _reuse_of(new)["fetch"] == (old.run_id if reused else None)
+    assert new.tasks["fetch"].attempts == (0 if reused else 1)
+    assert new.status == "COMPLETED"
+
+
+def _cutoff_flow(calls):
+    @task(cache=False)
+    def source(ctx, day):
+        calls.append("source")
+        return day // 10            # 11 and 12 give the same output
+
+    @task(cache=True)
+    def report(ctx, source):
+        calls.append("report")
+        return "report of %d" % source
+
+    flow = Flow(name="cutoff")
+    flow >> source >> report
+    return flow
+
+
+@pytest.mark.parametrize("second_day, report_reused", [(12, True), (21, False)])
+def test_early_cut_off_judges_a_cached_task_by_its_own_inputs(tmp_path, make_engine,
+                                                            second_day, report_reused):
+    calls = []
+    engine = make_engine(store=tmp_path)
+    first = engine.run(_cutoff_flow(calls), {"day": 11})
+    del calls[:]
+    second = engine.run(_cutoff_flow(calls), {"day": second_day})
+    assert calls == (["source"] if report_reused else ["source", "report"])
+    assert second.tasks["report"].reused_from == (first.run_id if report_reused else None)
+    assert second.results["report"] == "report of %d" % (second_day // 10)
+
+
+def test_a_reused_task_succeeds_with_the_origin_runs_output_reason_trace_and_artifacts(
+        tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx, day):
+        calls.append(day)
+        ctx.save_artifact("day.txt", "day %d" % day)
+        return {"day": day}
+
+    flow = Flow(name="origin")
+    flow >> fetch
+    trace = io.StringIO()
+    engine = Engine(trace=trace, cute=True, store=tmp_path)
+    first = engine.run(flow, {"day": 3})
+    second = engine.run(flow, {"day": 3})
+    plain = Engine(trace=io.StringIO(), cute=False, store=tmp_path)
+    third = plain.run(flow, {"day": 3})
+    assert calls == [3]
+    for run in (second, third):     # a reuse of a reuse names the run where it last ran
+        record = run.to_dict()["tasks"]["fetch"]
+        assert record["state"] == "SUCCEEDED" and record["reused_from"] == first.run_id
+        assert record["reason"] == "same code and inputs as run %s" % first.run_id
+        assert run.results["fetch"] == {"day": 3}
+        with open(record["artifacts"]["day.txt"]) as f:
+            assert f.read() == "day 3"
+    assert "♻️ reuse node=fetch (run %s)" % first.run_id in trace.getvalue()
+    assert re.search(r"INFO reuse node=fetch from_run=%s .*run_id=%s"
+                     % (first.run_id, third.run_id), plain.trace.getvalue())
+    stored = RunStore(tmp_path).get(third.run_id)
+    assert stored["tasks"]["fetch"]["reused_from"] == first.run_id
+
+
+def _one_cached_task(calls, flow_name, output=1, **options):
+    """A flow of one cache=True task ``fetch(ctx, day=0)`` that notes each call in ``calls``."""
+    @task(cache=True, **options)
+    def fetch(ctx, day=0):
+        calls.append(day)
+        return output
+
+    flow = Flow(name=flow_name)
+    flow >> fetch
+    return flow
+
+
+def test_cache_ttl_ignores_entries_older_than_it_counting_from_the_origin_run(
+        tmp_path, monkeypatch):
+    calls = []
+    flow = _one_cached_task(calls, "ttl", cache_ttl=3600)
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow)
+    later = first.started_at
+    monkeypatch.setattr(pyoco._CacheIndex, "clock", staticmethod(lambda: later + 3599))
+    assert engine.run(flow).tasks["fetch"].reused_from == first.run_id
+    monkeypatch.setattr(pyoco._CacheIndex, "clock", staticmethod(lambda: later + 3601))
+    assert engine.run(flow).tasks["fetch"].reused_from is None
+    assert len(calls) == 2
+
+
+def test_cache_false_runs_again_even_on_resume_while_the_default_is_reused(tmp_path):
+    calls = []
+    broken = [True]
+
+    @task(cache=False)
+    def clock_in(ctx):
+        calls.append("clock_in")
+        return 1
+
+    @task
+    def seeds(ctx):
+        calls.append("seeds")
+        return 2
+
+    @task
+    def plant(ctx, clock_in, seeds):
+        if broken[0]:
+            raise RuntimeError("frozen")
+        return clock_in + seeds
+
+    flow = Flow(name="resumed")
+    flow.add(plant, after=[clock_in, seeds])
+    engine = Engine(trace=False, store=tmp_path)
+    failed = engine.run(flow, raise_on_failure=False)
+    broken[0] = False
+    resumed = engine.run(flow, resume=failed.run_id)
+    assert sorted(calls) == ["clock_in", "clock_in", "seeds"]
+    assert _reuse_of(resumed) == {"clock_in": None, "seeds": failed.run_id, "plant": None}
+    assert resumed.results["plant"] == 3
+
+
+def test_a_value_without_fingerprint_makes_the_task_run_saying_why(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def use(ctx, conn):
+        calls.append(conn)
+        return "used"
+
+    use.task.inputs = {"conn": threading.Lock()}     # neither JSON nor picklable
+    flow = Flow(name="lock")
+    flow >> use
+    engine = Engine(trace=False, store=tmp_path)
+    runs = [engine.run(flow), engine.run(flow)]
+    assert len(calls) == 2
+    for run in runs:
+        assert run.tasks["use"].reused_from is None
+        assert run.tasks["use"].reason == "not cacheable: input 'conn' has no fingerprint"
+
+
+def test_pruned_runs_take_their_outputs_out_of_the_cache(tmp_path, monkeypatch):
+    calls = []
+    flow = _one_cached_task(calls, "pruned")
+    monkeypatch.setenv("PYOCO_MAX_RUN_HISTORY", "1")
+    engine = Engine(trace=False, store=tmp_path)
+    for day in (1, 2, 1):           # day 1's run was pruned when day 2's ended
+        engine.run(flow, {"day": day})
+    assert calls == [1, 2, 1]
+
+
+@pytest.mark.parametrize("damaged", ["outputs.jsonl", "cache.jsonl"])
+@pytest.mark.parametrize("content", [b"", b"{not json\n", b'{"task": "fetch"}\n[1]\n'])
+def test_an_unreadable_output_or_cache_file_means_run_it(tmp_path, damaged, content):
+    calls = []
+    flow = _one_cached_task(calls, "damaged", {"big": "output"})
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow)
+    (tmp_path / "runs" / first.run_id / damaged).write_bytes(content)
+    second = engine.run(flow)
+    assert second.status == "COMPLETED" and second.tasks["fetch"].reused_from is None
+    assert second.results["fetch"] == {"big": "output"} and len(calls) == 2
+
+
+def _cached_square(calls):
+    """A cache=True task ``square(ctx, n)`` that notes each ``n`` it is called with."""
+    @task(cache=True)
+    def square(ctx, n):
+        calls.append(n)
+        return n * n
+    return square
+
+
+def test_cached_map_instances_are_reused_one_by_one(tmp_path):
+    calls = []
+    square = _cached_square(calls)
+
+    def flow_over(items):
+        flow = Flow(name="squares")
+        flow >> square.map(items)
+        return flow
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow_over([1, 2])).run_id
+    assert _plan_rows(engine.plan(flow_over([1, 2]))) == [
+        ("square", "reuse", "same code and inputs as run %s" % first, first)]
+    assert _plan_rows(engine.plan(flow_over([1, 2, 3]))) == [
+        ("square", "run", "no earlier run", None)]      # square[2] is new
+    run = engine.run(flow_over([1, 2, 3]))
+    assert sorted(calls) == [1, 2, 3] and run.results["square"] == [1, 4, 9]
+
+
+def test_resume_of_a_map_with_one_failed_instance_runs_only_that_instance(tmp_path):
+    calls = []
+    broken = [True]
+
+    @task
+    def items(ctx):
+        return ["a", "b", "c"]
+
+    @task(fail_policy="isolate")      # the other instances run on
+    def handle(ctx, item):
+        calls.append(item)
+        if item == "b" and broken[0]:
+            raise ValueError("bad b")
+        return item.upper()
+
+    flow = Flow(name="map-resume")
+    flow >> items >> handle.map("$node.items.output")
+    engine = Engine(trace=False, store=tmp_path)
+    failed = engine.run(flow, raise_on_failure=False)
+    assert [failed.tasks["handle[%d]" % k].state for k in range(3)] == [
+        "SUCCEEDED", "FAILED", "SUCCEEDED"]
+    broken[0] = False
+    del calls[:]
+    resumed = engine.run(flow, resume=failed.run_id)
+    assert calls == ["b"]
+    assert resumed.results["handle"] == ["A", "B", "C"]
+    assert _reuse_of(resumed)["handle[0]"] == failed.run_id
+    assert _reuse_of(resumed)["handle[1]"] is None
+
+
+def test_cache_key_replaces_the_inputs_in_the_fingerprint(tmp_path):
+    calls = []
+
+    @task(cache_key=lambda ctx, inputs: inputs["path"].split("?")[0])
+    def read(ctx, path):
+        calls.append(path)
+        return len(path)
+
+    flow = Flow(name="keyed")
+    flow >> read
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(flow, {"path": "a.txt?v=1"})
+    assert engine.run(flow, {"path": "a.txt?v=2"}).tasks["read"].reused_from == first.run_id
+    assert engine.run(flow, {"path": "b.txt"}).tasks["read"].reused_from is None
+    assert calls == ["a.txt?v=1", "b.txt"]
+
+
+def test_without_a_store_nothing_is_reused_across_runs():
+    calls = []
+    flow = _one_cached_task(calls, "no-store")
+    run_quiet(flow)
+    run_quiet(flow)
+    assert len(calls) == 2
+
+
 # ===========================================================================
 # Calling a task: threads, process pools and other executors
 # ===========================================================================
@@ -4321,6 +4760,414 @@ def test_sys_exit_in_a_task_fails_the_run_and_the_cli_exits_1(tmp_path):
     done = cli(tmp_path, "run", flow_file, "--store", tmp_path / "store", PYOCO_CUTE="0")
     assert done.returncode == 1, done.stderr
     assert "SystemExit" in done.stderr
+
+
+# ===========================================================================
+# Executors: from a SPEC string to what runs a run's calls (SPEC section 14)
+# ===========================================================================
+
+
+# ---------------------------------------------------------------------------
+# --executor, PYOCO_EXECUTOR, Dask, Ray, MODULE:NAME
+# ---------------------------------------------------------------------------
+
+# One flow proves a whole executor: a map (numbers -> times_ten[0..2] -> total),
+# a retry (flaky fails its first attempt) and a timeout (slow sleeps past 0.5 s,
+# isolated, so the rest goes on). total saves an artifact naming the processes
+# the map ran in. With -p mode=hang, only `hang` runs: it writes its pid to
+# hang.pid and sleeps, for the Ctrl+C tests.
+EXEC_FLOW = """\
+    import json
+    import os
+    import time
+    from pyoco import Flow, task
+
+    @task
+    def numbers(ctx):
+        return [1, 2, 3]
+
+    @task
+    def times_ten(ctx, x):
+        return {"value": x * 10, "pid": os.getpid()}
+
+    @task
+    def total(ctx, times_ten):
+        ctx.save_artifact("total.json", json.dumps({
+            "total": sum(p["value"] for p in times_ten),
+            "pids": sorted({p["pid"] for p in times_ten})}))
+
+    @task(retries=2, retry_delay=0.01)
+    def flaky(ctx):
+        if ctx.attempt < 2:
+            raise ValueError("the first attempt fails")
+        return ctx.attempt
+
+    @task(timeout=0.5, fail_policy="isolate")
+    def slow(ctx):
+        time.sleep(1.5)
+
+    @task
+    def hang(ctx):
+        with open(os.path.join(ctx.params["folder"], "hang.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)
+
+    flow = Flow("where")
+    flow >> numbers >> times_ten.map("$node.numbers.output") >> total
+    flow >> flaky
+    flow >> slow
+
+    hanging = Flow("hanging")
+    hanging >> hang
+"""
+
+# MODULE:NAME: a function returning an Executor that notes every call it is given.
+EXEC_NAMED = """\
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Noting(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            with open("submitted.txt", "a") as f:
+                f.write(args[0].name + "\\n")
+            return super().submit(fn, *args, **kwargs)
+
+    def make():
+        with open("made.txt", "a") as f:
+            f.write("made\\n")
+        return Noting(4)
+
+    LIMIT = 4
+"""
+
+EXEC_STATES = {"numbers": "SUCCEEDED", "times_ten": "SUCCEEDED", "times_ten[0]": "SUCCEEDED",
+               "times_ten[1]": "SUCCEEDED", "times_ten[2]": "SUCCEEDED", "total": "SUCCEEDED",
+               "flaky": "SUCCEEDED", "slow": "FAILED"}
+
+
+def exec_python(package):
+    """The Python that has ``package`` (distributed or ray), or skip saying why.
+
+    .ci/run installs each into a venv and names its Python in DASK_TEST_PYTHON
+    or RAY_TEST_PYTHON. pyoco runs under that Python whichever Python runs
+    pytest, so under CI these tests run once, under the matching version."""
+    variable = {"distributed": "DASK_TEST_PYTHON", "ray": "RAY_TEST_PYTHON"}[package]
+    python = os.environ.get(variable) or (_dask_python() if package == "distributed" else None)
+    if python is None:
+        probe = subprocess.run([sys.executable, "-c", "import " + package], capture_output=True)
+        python = sys.executable if probe.returncode == 0 else None
+    if python is None:
+        pytest.skip("%s is not installed (.ci/run installs it in a venv and sets %s)"
+                    % (package, variable))
+    if os.environ.get("CI") and python != sys.executable:
+        probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+        version = subprocess.run([python, "-c", probe], capture_output=True,
+                                 text=True).stdout.strip()
+        if version != "%d.%d" % sys.version_info[:2]:
+            pytest.skip("pyoco runs under %s here, the same under every pytest Python: this"
+                        " test runs once per CI, under Python %s" % (python, version))
+    return python
+
+
+def exec_folder(tmp_path):
+    write(tmp_path / "where.py", EXEC_FLOW)
+    write(tmp_path / "execs.py", EXEC_NAMED)
+    return tmp_path
+
+
+def exec_descendants(pid):
+    """The pids of every process below ``pid`` (Linux /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def exec_run(spawn, folder, *args, python=None, env=None):
+    """``pyoco run where.py ARGS`` to its end: (exit code, its record, its pid)."""
+    proc = spawn(folder, "run", "where.py", "--flow", "where", *args, python=python,
+                 env=env, plain=True)
+    code = proc.wait(120)
+    run_id = run_id_of(proc.text("stderr"))
+    assert "Traceback" not in proc.text("stderr"), proc.text("stderr")
+    return code, RunStore(folder / ".pyoco").get(run_id), proc.proc.pid
+
+
+@pytest.fixture(scope="session")
+def exec_dask_scheduler(tmp_path_factory):
+    """A real ``dask scheduler`` and ``dask worker`` on 127.0.0.1 for the session:
+    the scheduler's address (HOST:PORT). Both are stopped by their pids."""
+    python = exec_python("distributed")
+    folder = tmp_path_factory.mktemp("dask-scheduler")
+    where = folder / "scheduler.json"
+    env = child_env(plain=True)
+    started = []
+
+    def start(*args):
+        started.append(subprocess.Popen([python, "-m"] + list(args), cwd=str(folder), env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+              "--no-dashboard", "--scheduler-file", str(where))
+        wait_until(lambda: where.exists() and "address" in where.read_text(), timeout=60)
+        address = json.loads(where.read_text())["address"]
+        start("distributed.cli.dask_worker", "--scheduler-file", str(where), "--host",
+              "127.0.0.1", "--no-nanny", "--nthreads", "4", "--no-dashboard")
+        yield address.split("://", 1)[1]
+    finally:
+        for proc in reversed(started):
+            proc.kill()
+            proc.wait()
+
+
+# Ray 2.60 turns on token authentication for a cluster that `ray start` makes;
+# a Ray Client then needs the token, or the mode off on both sides, as here.
+EXEC_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def exec_listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def exec_ray_cluster(tmp_path_factory):
+    """A real Ray head with a Ray Client server on 127.0.0.1 for the session
+    (``ray start --head --block``, stopped by its pid): the client's HOST:PORT."""
+    python = exec_python("ray")
+    if subprocess.run([python, "-c", "import grpc"], capture_output=True).returncode:
+        pytest.skip("the Ray Client needs ray[client] (.ci/run installs it)")
+    folder = tmp_path_factory.mktemp("ray-cluster")
+    # The head's own port is Ray's pick (--port 0); the Ray Client server has no
+    # such option, so its port stays bound here until just before ray starts.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        client = held.getsockname()[1]
+    head = subprocess.Popen(
+        [python, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+         "--node-ip-address", "127.0.0.1", "--port", "0", "--ray-client-server-port",
+         str(client), "--include-dashboard", "false", "--num-cpus", "4",
+         "--disable-usage-stats"], cwd=str(folder), env=child_env(plain=True, **EXEC_RAY_ENV),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: exec_listening(client) or head.poll() is not None, timeout=90)
+        assert head.poll() is None, "ray start --head exited with %s" % head.returncode
+        # The client port listens before the head can serve a client: one client connects
+        # first, with room to spare, so the tests' own connects meet a cluster that is up.
+        # The proxy forks a server for each client, and on a busy machine that fork can
+        # die in gRPC ("Starting Ray client server failed"); the next client gets a new one.
+        for _ in range(3):
+            warm = subprocess.run(
+                [python, "-c", "import ray, sys; ray.init(sys.argv[1]); ray.shutdown()",
+                 "ray://127.0.0.1:%d" % client], cwd=str(folder),
+                env=child_env(plain=True, **EXEC_RAY_ENV),
+                capture_output=True, text=True, timeout=120)
+            if warm.returncode == 0:
+                break
+        assert warm.returncode == 0, warm.stderr[-2000:]
+        yield "127.0.0.1:%d" % client
+    finally:
+        head.terminate()            # it stops the processes it started, then exits
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+
+
+EXEC_SPECS = ["process", "dask", "dask://", "ray", "ray://", "execs:make"]
+
+
+@pytest.mark.parametrize("spec", EXEC_SPECS)
+def test_each_executor_runs_a_retry_a_timeout_and_a_map_to_the_right_record(
+        spec, tmp_path, spawn, request):
+    folder = exec_folder(tmp_path)
+    python, env = None, None
+    if spec.startswith("dask"):
+        python = exec_python("distributed")
+    elif spec.startswith("ray"):
+        python = exec_python("ray")
+    if spec == "dask://":
+        spec += request.getfixturevalue("exec_dask_scheduler")
+    elif spec == "ray://":
+        spec += request.getfixturevalue("exec_ray_cluster")
+        env = child_env(plain=True, **EXEC_RAY_ENV)
+    code, record, pid = exec_run(spawn, folder, "--executor", spec, python=python,
+                                 env=env)
+    assert code == 1            # slow timed out: the run FAILED, everything else did its part
+    assert record["executor"] == spec
+    assert {name: t["state"] for name, t in record["tasks"].items()} == EXEC_STATES
+    assert record["tasks"]["flaky"]["attempts"] == 2
+    assert record["tasks"]["slow"]["error"].startswith("TimeoutError")
+    assert record["tasks"]["slow"]["duration_ms"] < 1400    # failed at its deadline
+    saved = json.loads(Path(record["tasks"]["total"]["artifacts"]["total.json"]).read_text())
+    assert saved["total"] == 60
+    if spec != "execs:make":
+        assert pid not in saved["pids"]     # the map ran in other processes
+    else:                                   # the named executor ran every call
+        noted = (folder / "submitted.txt").read_text().split()
+        assert sorted(noted) == sorted(["numbers", "times_ten", "times_ten", "times_ten",
+                                        "total", "flaky", "flaky", "slow"])
+
+
+@pytest.mark.parametrize("package", ["distributed", "ray"])
+def test_ctrl_c_on_a_cluster_run_exits_130_saves_the_record_and_leaves_no_process(
+        package, tmp_path, spawn):
+    python = exec_python(package)
+    folder = exec_folder(tmp_path)
+    spec = "dask" if package == "distributed" else "ray"
+    proc = spawn(folder, "run", "where.py", "--flow", "hanging", "--executor", spec,
+                 "-p", "folder=%s" % folder, python=python, plain=True)
+    run_id = run_id_of(proc.wait_for(r" start flow=hanging ", stream="stderr").string)
+    wait_until(lambda: (folder / "hang.pid").exists() and (folder / "hang.pid").read_text(),
+               timeout=120)
+    worker = int((folder / "hang.pid").read_text())
+    cluster = exec_descendants(proc.proc.pid)
+    assert worker in cluster and worker != proc.proc.pid
+    proc.proc.send_signal(signal.SIGINT)            # the first: a graceful cancel
+    proc.wait_for(r" cancel flow=hanging ", stream="stderr")
+    wait_until(lambda: RunStore(folder / ".pyoco").get(run_id)["status"] == "CANCELLING")
+    proc.proc.send_signal(signal.SIGINT)            # the second: stop at once
+    assert proc.wait(60) == 130
+    record = RunStore(folder / ".pyoco").get(run_id)
+    assert record["status"] == "CANCELLED" and record["executor"] == spec
+    assert record["tasks"]["hang"]["state"] == "CANCELLED"
+    wait_until(lambda: not any(pyoco._pid_alive(p) for p in cluster), timeout=30)
+
+
+@pytest.mark.parametrize("spec, package", [("dask", "distributed"), ("ray", "ray")])
+def test_a_missing_executor_package_is_exit_2_saying_what_to_install(
+        spec, package, tmp_path):
+    folder = exec_folder(tmp_path)
+    stubs = tmp_path / "stubs"              # shadows an installed package: as if missing
+    stubs.mkdir()
+    (stubs / (package + ".py")).write_text(
+        "raise ModuleNotFoundError(%r, name=%r)\n" % ("No module named %r" % package, package))
+    done = cli(folder, "run", "where.py", "--flow", "where", "--executor", spec,
+               env=child_env(stubs, plain=True))
+    assert done.returncode == 2
+    assert "pip install %s" % package in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    no_traceback(done)
+    assert not (folder / ".pyoco").exists() or not RunStore(folder / ".pyoco").list()
+
+
+@pytest.mark.parametrize("scheme, answering", [("dask", False), ("ray", False),
+                                               ("dask", True)],
+                         ids=["dask-refused", "ray-refused", "dask-silent"])
+def test_an_unreachable_scheduler_is_exit_2_within_15_s_naming_the_address(
+        scheme, answering, tmp_path):
+    """Refused: nothing listens. Silent: it accepts the connection, never answers."""
+    python = exec_python("distributed") if answering else sys.executable
+    folder = exec_folder(tmp_path)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        if answering:
+            listener.listen(8)
+        address = "127.0.0.1:%d" % listener.getsockname()[1]   # bound, not listening: refused
+        began = time.monotonic()
+        done = cli(folder, "run", "where.py", "--flow", "where", "--executor",
+                   "%s://%s" % (scheme, address), python=python, plain=True)
+    assert time.monotonic() - began < 15
+    assert done.returncode == 2
+    assert address in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    no_traceback(done)
+
+
+@pytest.mark.parametrize("args, env, closest", [
+    (["--executor", "dsak"], {}, "'dask'"),
+    (["--executor", "thraed"], {}, "'thread'"),
+    (["--executor", "dask://nowhere"], {}, "dask://HOST:PORT"),
+    ([], {"PYOCO_EXECUTOR": "procss"}, "'process'"),
+])
+def test_an_unknown_executor_spec_is_exit_2_naming_the_closest(args, env, closest, tmp_path):
+    folder = exec_folder(tmp_path)
+    done = cli(folder, "run", "where.py", "--flow", "where", *args, plain=True, **env)
+    assert done.returncode == 2
+    assert closest in done.stderr and ("PYOCO_EXECUTOR" if env else "--executor") in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    no_traceback(done)
+    with pytest.raises(ValueError, match="did you mean 'dask'"):
+        Engine(executor="dsak")
+
+
+@pytest.mark.parametrize("args, env, ran_on", [
+    ([], {}, "thread"),
+    ([], {"PYOCO_EXECUTOR": "process"}, "process"),
+    (["--executor", "thread"], {"PYOCO_EXECUTOR": "procss"}, "thread"),    # never read
+    (["--executor", "execs:make"], {"PYOCO_EXECUTOR": "process"}, "execs:make"),
+], ids=["default", "env", "flag-over-bad-env", "flag-over-env"])
+def test_pyoco_executor_applies_to_the_cli_and_the_flag_wins(args, env, ran_on, tmp_path,
+                                                              spawn):
+    folder = exec_folder(tmp_path)
+    code, record, pid = exec_run(spawn, folder, *args, env=child_env(plain=True, **env))
+    assert code == 1 and record["executor"] == ran_on
+    saved = json.loads(Path(record["tasks"]["total"]["artifacts"]["total.json"]).read_text())
+    assert (saved["pids"] == [pid]) == (ran_on in ("thread", "execs:make"))
+    assert (folder / "submitted.txt").exists() == (ran_on == "execs:make")
+
+
+def test_engine_ignores_pyoco_executor_and_records_an_executor_by_class(monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setenv("PYOCO_EXECUTOR", "process")
+    flow = Flow("quiet")
+    flow >> _process_steady
+    assert Engine().executor == "thread"
+    run = Engine(trace=False, store=tmp_path).run(flow)
+    assert run.results["_process_steady"] == os.getpid()       # it ran here, on a thread
+    assert RunStore(tmp_path).get(run.run_id)["executor"] == "thread"
+    with ThreadPoolExecutor(2) as pool:
+        run = Engine(trace=False, store=tmp_path, executor=pool).run(flow)
+    assert RunStore(tmp_path).get(run.run_id)["executor"] == "ThreadPoolExecutor"
+
+
+def test_pyoco_serve_opens_its_executor_once_for_the_runs_it_starts(tmp_path, srv_cli_serve):
+    folder = exec_folder(tmp_path)
+    server = srv_cli_serve(folder / ".pyoco", folder / "where.py",
+                           options=["--executor", "execs:make"])
+    for _ in range(2):
+        status, answer = srv_json(server.url, "POST", "/runs", {"flow": "where"})
+        assert status == 202
+        record = wait_until(lambda: (RunStore(folder / ".pyoco").get(answer["run_id"]) or {}).get(
+            "ended_at") and RunStore(folder / ".pyoco").get(answer["run_id"]), timeout=30,
+            what="the run's end")
+        assert record["executor"] == "execs:make" and record["status"] == "FAILED"
+    assert (folder / "made.txt").read_text().split() == ["made"]
+    assert (folder / "submitted.txt").read_text().split().count("total") == 2
+    assert server.stop() == 0
+
+
+def test_pyoco_serve_refuses_an_unknown_executor_with_exit_2(tmp_path):
+    folder = exec_folder(tmp_path)
+    done = cli(folder, "serve", "--port", "0", "--executor", "raay", "where.py", plain=True)
+    assert done.returncode == 2 and "did you mean 'ray'" in done.stderr, done.stderr
+    no_traceback(done)
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("nosuchmodule:make", "cannot import 'nosuchmodule'"),
+    ("execs:mkae", "did you mean 'make'?"),
+    ("execs:LIMIT", "is neither a concurrent.futures.Executor nor a function returning one"),
+])
+def test_a_module_name_executor_that_is_not_one_is_exit_2_saying_why(spec, says, tmp_path):
+    folder = exec_folder(tmp_path)
+    done = cli(folder, "run", "where.py", "--flow", "where", "--executor", spec, plain=True)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    no_traceback(done)
 
 
 # ===========================================================================
@@ -5160,6 +6007,72 @@ def test_progress_option_is_checked_and_off_the_terminal_changes_nothing():
     for progress in (None, True, False):
         run, lines = _trace_of(_hello_flow(), cute=True, progress=progress)
         assert len(lines) == len(run.events) == 6
+
+
+# ---------------------------------------------------------------------------
+# Trace backends written for the original pyoco (SPEC section 15)
+# ---------------------------------------------------------------------------
+
+class RecordingBackend(pyoco.TraceBackend):
+    """A trace backend written for the original: it keeps what it is told."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_flow_start(self, flow_name, run_id=None):
+        self.calls.append(("flow_start", flow_name, run_id))
+
+    def on_flow_end(self, flow_name):
+        self.calls.append(("flow_end", flow_name))
+
+    def on_node_start(self, node_name):
+        self.calls.append(("start", node_name))
+
+    def on_node_end(self, node_name, duration_ms):
+        assert duration_ms >= 0
+        self.calls.append(("end", node_name))
+
+    def on_node_error(self, node_name, error):
+        self.calls.append(("error", node_name, repr(error)))
+
+
+def test_a_trace_backend_is_told_of_the_run_instead_of_the_trace(capfd):
+    from pyoco.core.engine import Engine
+    from pyoco.core.models import Flow, Task
+
+    def boom():
+        raise ValueError("Boom")
+
+    a, b = Task(func=lambda: 1, name="A"), Task(func=boom, name="B")
+    flow = Flow()
+    flow.add_task(a)
+    flow.add_task(b)
+    b.dependencies.add(a)
+    backend = RecordingBackend()
+    run = Engine(trace_backend=backend, store=False).run(flow, raise_on_failure=False)
+    assert backend.calls == [("flow_start", "main", run.run_id), ("start", "A"), ("end", "A"),
+                             ("start", "B"), ("error", "B", "ValueError('Boom')"),
+                             ("flow_end", "main")]
+    assert capfd.readouterr().err == ""         # the backend replaces pyoco's own trace
+    with pytest.raises(TypeError, match="trace_backend must be a pyoco.TraceBackend"):
+        Engine(trace_backend="cute")
+
+
+@pytest.mark.parametrize("style, lines", [
+    ("cute", ["🐇 pyoco > start flow=main run_id=", "🏃 start node=one", "✅ done node=one (",
+              "🥕 done flow=main"]),
+    ("plain", ["INFO pyoco start flow=main run_id=", "INFO pyoco start node=one",
+               "INFO pyoco end node=one dur_ms=", "INFO pyoco end flow=main"]),
+])
+def test_console_trace_backend_prints_the_originals_lines_to_stdout(capfd, style, lines):
+    from pyoco.trace.console import ConsoleTraceBackend
+    from pyoco.core.engine import Engine
+    Engine(trace_backend=ConsoleTraceBackend(style=style), store=False).run(
+        flow_of_one(lambda: "ok"))
+    out = capfd.readouterr().out.splitlines()
+    assert [line.startswith(want) for line, want in zip(out, lines)] == [True] * 4, out
+    with pytest.raises(ValueError, match="did you mean 'plain'"):
+        ConsoleTraceBackend(style="plan")
 
 
 # ===========================================================================
@@ -6730,6 +7643,193 @@ def test_api_resume_without_a_run_store_is_a_clear_error(tmp_path, monkeypatch):
         quiet().run(flow, resume=STORE_UNKNOWN_ID)
 
 
+# ---------------------------------------------------------------------------
+# Incremental runs: overrides, --only, --from and plans (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+def _targets_flow(calls, cache="resume"):
+    """fetch -> clean -> report, and fetch -> audit: a flow to select parts of."""
+    fetch = task(name="fetch", cache=cache)(lambda ctx: (calls.append("fetch"), [3, 1, 2])[1])
+    clean = task(name="clean", cache=cache)(
+        lambda ctx, fetch: (calls.append("clean"), sorted(fetch))[1])
+    report = task(name="report", cache=cache)(
+        lambda ctx, clean: (calls.append("report"), sum(clean))[1])
+    audit = task(name="audit", cache=cache)(
+        lambda ctx, fetch: (calls.append("audit"), len(fetch))[1])
+    flow = Flow(name="targets")
+    flow >> fetch >> clean >> report
+    flow.add(audit, after=[fetch])
+    return flow
+
+
+def test_overrides_give_a_task_its_output_without_calling_it():
+    calls = []
+    trace = io.StringIO()
+    run = Engine(trace=trace, cute=True).run(_targets_flow(calls), overrides={"fetch": [9, 8]})
+    assert "✅ done node=fetch (overridden)" in trace.getvalue()
+    assert "fetch" not in calls and sorted(calls) == ["audit", "clean", "report"]
+    record = run.tasks["fetch"]
+    assert record.state == "SUCCEEDED" and record.reason == "overridden"
+    assert record.attempts == 0 and record.reused_from is None
+    assert run.results["report"] == 17 and run.results["audit"] == 2
+
+
+@pytest.mark.parametrize("call, closest", [
+    (dict(overrides={"fetc": 1}), "'fetch'"),
+    (dict(only=["reprot"]), "'report'"),
+    (dict(rerun_from=["claen"]), "'clean'"),
+])
+def test_an_unknown_task_name_in_targets_or_overrides_is_a_flow_error_naming_the_closest(
+        call, closest):
+    calls = []
+    engine = quiet()
+    attempts = [engine.run] + ([] if "overrides" in call else [engine.plan])
+    for attempt in attempts:
+        with pytest.raises(pyoco.FlowError, match="did you mean %s" % re.escape(closest)):
+            attempt(_targets_flow(calls), **call)
+    assert calls == []
+
+
+def test_only_runs_the_named_tasks_and_what_they_need_and_skips_the_rest():
+    calls = []
+    run = run_quiet(_targets_flow(calls), only=["clean"])
+    assert sorted(calls) == ["clean", "fetch"]
+    for name in ("report", "audit"):
+        assert run.tasks[name].state == "SKIPPED" and run.tasks[name].reason == "not selected"
+    assert run.status == "COMPLETED"
+
+
+@pytest.mark.parametrize("resume, cache, reran", [
+    (False, True, ["clean", "report"]),
+    (True, True, ["clean", "report"]),
+    (True, "resume", ["clean", "report"]),      # a failed run keeps every output
+    (False, "resume", ["audit", "clean", "fetch", "report"]),   # a completed one does not
+])
+def test_from_runs_the_task_and_its_downstream_and_reuses_the_rest(tmp_path, resume, cache,
+                                                                   reran):
+    calls = []
+    engine = Engine(trace=False, store=tmp_path)
+    first = engine.run(_targets_flow(calls, cache), overrides={"report": None} if resume else
+                       None, raise_on_failure=False)
+    if resume and cache != True:
+        first = engine.run(_targets_flow(calls, cache), overrides={"clean": "x"},
+                           raise_on_failure=False)
+        assert first.status == "FAILED"
+    del calls[:]
+    run = engine.run(_targets_flow(calls, cache), rerun_from=["clean"],
+                     resume=first.run_id if resume else None)
+    assert sorted(calls) == reran
+    reused = {name: first.run_id for name in ("fetch", "audit") if name not in calls}
+    assert _reuse_of(run) == dict({"fetch": None, "clean": None, "report": None,
+                                   "audit": None}, **reused)
+    assert run.results["report"] == 6
+
+
+def test_only_with_resume_reuses_what_succeeded_and_skips_what_is_not_needed(tmp_path):
+    calls = []
+    engine = Engine(trace=False, store=tmp_path)
+    broken = _targets_flow(calls)
+    first = engine.run(broken, overrides={"fetch": "not a list"}, raise_on_failure=False)
+    assert first.status == "FAILED"
+    del calls[:]
+    run = engine.run(_targets_flow(calls), only=["audit"], resume=first.run_id)
+    assert run.tasks["report"].reason == "not selected"
+    assert run.status == "COMPLETED" and "fetch" not in calls
+
+
+def _plan_rows(entries):
+    return [(e["task"], e["action"], e["reason"], e["reused_from"]) for e in entries]
+
+
+def test_plan_says_why_each_task_runs_or_is_reused_and_runs_nothing(tmp_path):
+    calls = []
+
+    @task(cache=True)
+    def fetch(ctx, day):
+        calls.append("fetch")
+        return day % 2
+
+    @task(cache=True)
+    def report(ctx, fetch):
+        calls.append("report")
+        return fetch
+
+    @task(cache=False)
+    def notify(ctx, report):
+        calls.append("notify")
+
+    @task
+    def archive(ctx, report):
+        calls.append("archive")
+
+    @task(cache=True)
+    def use(ctx, conn):
+        calls.append("use")
+
+    use.task.inputs = {"conn": threading.Lock()}
+    flow = Flow(name="planned")
+    flow >> fetch >> report >> [notify, archive]
+    flow.add(use, after=[report])
+    engine = Engine(trace=False, store=tmp_path)
+    assert _plan_rows(engine.plan(flow, {"day": 1})) == [
+        ("fetch", "run", "no earlier run", None), ("report", "run", "no earlier run", None),
+        ("notify", "run", "cache=False", None),
+        ("archive", "run", "not cached (cache='resume')", None),
+        ("use", "run", "no earlier run", None)]
+    assert calls == [] and not (tmp_path / "runs").exists()    # nothing called or written
+    first = engine.run(flow, {"day": 1}).run_id
+    runs_before = sorted(os.listdir(tmp_path / "runs"))
+    same = _plan_rows(engine.plan(flow, {"day": 1}))
+    assert same[:2] == [("fetch", "reuse", "same code and inputs as run %s" % first, first),
+                        ("report", "reuse", "same code and inputs as run %s" % first, first)]
+    assert same[4] == ("use", "run", "not cacheable: input 'conn' has no fingerprint", None)
+    changed = _plan_rows(engine.plan(flow, {"day": 3}))
+    assert changed[:2] == [
+        ("fetch", "run", "input 'day' changed since run %s" % first, None),
+        ("report", "depends", "upstream 'fetch' runs: decided when it returns", None)]
+    assert _plan_rows(engine.plan(flow, {"day": 1}, only=["fetch"]))[1] == (
+        "report", "skip", "not selected", None)
+    assert sorted(os.listdir(tmp_path / "runs")) == runs_before
+
+
+def test_plan_sees_a_changed_function_body(tmp_path):
+    engine = Engine(trace=False, store=tmp_path / "store")
+    first = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "one", "return 1"))),
+                       {"day": 1})
+    flow = pyoco.load_flow(str(_cached_flow_file(tmp_path, "two", "return 2")))
+    assert _plan_rows(engine.plan(flow, {"day": 1})) == [
+        ("fetch", "run", "code changed since run %s" % first.run_id, None)]
+
+
+def test_a_parameter_only_an_overridden_or_unselected_task_needs_may_be_left_out():
+    @task
+    def fetch(ctx, day):
+        return day
+
+    @task
+    def show(ctx, fetch):
+        return "day %s" % fetch
+
+    flow = Flow(name="left-out")
+    flow >> fetch >> show
+    assert run_quiet(flow, overrides={"fetch": 7}).results["show"] == "day 7"
+    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
+        run_quiet(flow, overrides={"show": "x"})
+    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
+        run_quiet(flow, only=["show"])
+
+
+def test_from_a_cached_map_runs_its_instances_again(tmp_path):
+    calls = []
+    flow = Flow(name="forced-map")
+    flow >> _cached_square(calls).map([1, 2])
+    engine = Engine(trace=False, store=tmp_path)
+    engine.run(flow)
+    assert engine.run(flow).tasks["square[0]"].reused_from is not None
+    run = engine.run(flow, rerun_from=["square"])
+    assert sorted(calls) == [1, 1, 2, 2] and run.results["square"] == [1, 4]
+
+
 # ===========================================================================
 # Read side: metrics
 # ===========================================================================
@@ -7071,6 +8171,50 @@ def test_grafana_dashboard_uses_only_metrics_that_metrics_emits(srv_outcomes):
     emitted = {re.sub(r"_(bucket|sum|count)$", "", name)
                for name, _, _ in srv_metrics(server.url)[2]}
     assert used and used <= emitted, used - emitted
+
+
+# ---------------------------------------------------------------------------
+# Schedules and reused tasks in /metrics
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_schedule_metrics_pass_promtool_check_metrics(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server, clock = sch_server(srv_serve, store, [sch_quick_flow(SRV_WEIRD)], "2026-12-01T10:02Z")
+    sch_move([clock], "2026-12-01T10:05Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z"])
+    _, text, samples = srv_metrics(server.url)
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow=SRV_WEIRD) == 0
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode("utf-8"),
+                           capture_output=True, timeout=30)
+    assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
+
+
+@pytest.fixture
+def reused_store(tmp_path, srv_serve):
+    """A store where flow "again" ran fetch once and then reused it twice."""
+    @task(cache=True)
+    def fetch(ctx):
+        return 1
+
+    @task
+    def show(ctx, fetch):
+        return fetch
+
+    flow = Flow(name="again")
+    flow >> fetch >> show
+    engine = Engine(trace=False, store=tmp_path)
+    runs = [engine.run(flow) for _ in range(3)]
+    return srv_serve(tmp_path).url, runs
+
+
+def test_metrics_count_reused_tasks_by_flow_and_task(reused_store):
+    url, runs = reused_store
+    _, _, body = page_get(url + "/metrics")
+    text = body.decode("utf-8")
+    assert "# TYPE pyoco_tasks_reused_total counter" in text
+    assert 'pyoco_tasks_reused_total{flow="again",task="fetch"} 2' in text
+    assert 'pyoco_tasks_reused_total{flow="again",task="show"}' not in text
 
 
 # ===========================================================================
@@ -7904,6 +9048,309 @@ def test_request_body_over_1_mib_is_413_without_reading_it(tmp_path, srv_serve):
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b'{"error": ' in answer
     assert srv_request(server.url, "GET", "/healthz")[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# pyoco serve's scheduler: an injected clock on a real Server, real HTTP
+# ---------------------------------------------------------------------------
+
+class SchClock:
+    """The scheduler's clock, moved by the test. ``wait`` returns when the time
+    moves (or the scheduler stops); ``move_to`` returns once the scheduler has
+    looked at the new time and waits again, so nothing waits for real minutes."""
+
+    def __init__(self, now):
+        self.t = self.read = now
+        self.idle_at = None         # the time the scheduler is waiting at, if it waits
+        self.cond = threading.Condition()
+
+    def now(self):
+        with self.cond:
+            self.read = self.t
+            return self.t
+
+    def wait(self, seconds, stop):
+        with self.cond:
+            if self.read != self.t:         # moved since the scheduler looked: look again
+                return
+            self.idle_at = self.t
+            self.cond.notify_all()
+            while self.t == self.idle_at and not stop.is_set():
+                self.cond.wait(0.05)        # also notices stop, which sets no condition
+            self.idle_at = None
+
+    def set(self, t):
+        with self.cond:
+            self.t = t
+            self.cond.notify_all()
+
+    def settled(self):
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.idle_at == self.t, WAIT), \
+                "the scheduler did not come back to waiting at %s" % sch_iso(self.t)
+
+
+def sch_move(clocks, when):
+    """Move every clock to ``when`` at once, then wait until each scheduler is idle."""
+    for clock in clocks:
+        clock.set(sch_ts(when))
+    for clock in clocks:
+        clock.settled()
+
+
+def sch_scheduled(store, flow=None):
+    """The scheduled_for of every run in the store (of ``flow``), oldest first."""
+    records = RunStore(store).list(flow=flow)
+    return sorted(r["scheduled_for"] for r in records if r["scheduled_for"])
+
+
+def sch_wait_runs(store, expected, flow=None):
+    """Wait until the store's scheduled runs are ``expected`` (ISO minutes) and all finished."""
+    def reached():
+        records = RunStore(store).list(flow=flow)
+        done = all(r["status"] == "COMPLETED" for r in records)
+        return done and sorted(r["scheduled_for"] for r in records) == expected and [records]
+    return wait_until(reached, what="scheduled runs %s" % expected)[0]
+
+
+def sch_server(srv_serve, store, flows, now, **options):
+    clock = SchClock(sch_ts(now))
+    server = srv_serve(store, flows={f.name: f for f in flows}, clock=clock,
+                       engine=quiet(store=str(store)), **options)
+    clock.settled()
+    return server, clock
+
+
+def sch_quick_flow(name="every5", schedule="*/5 * * * *", **options):
+    @task(name="work_" + name)
+    def work(ctx):
+        return ctx.run_id
+
+    flow = Flow(name, schedule=schedule, schedule_tz="UTC", **options)
+    flow >> work
+    return flow
+
+
+def test_scheduled_runs_start_at_their_times_with_scheduled_for(tmp_path, srv_serve):
+    store = tmp_path / "store"
+    server, clock = sch_server(srv_serve, store, [sch_quick_flow()], "2026-12-01T10:02Z")
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="every5") == sch_ts("2026-12-01T10:05Z")
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow="every5") == 0
+    assert sch_scheduled(store) == []
+    sch_move([clock], "2026-12-01T10:05Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z"])
+    sch_move([clock], "2026-12-01T10:09:59Z")           # not yet
+    sch_move([clock], "2026-12-01T10:10:30Z")
+    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z", "2026-12-01T10:10:00.000Z"])
+    sch_move([clock], "2026-12-01T10:31Z")              # asleep for four times: one run, the latest
+    records = sch_wait_runs(store, ["2026-12-01T10:05:00.000Z", "2026-12-01T10:10:00.000Z",
+                                    "2026-12-01T10:30:00.000Z"])
+    assert all(r["params"] == {} for r in records)
+    status, full = srv_json(server.url, "GET", "/runs/" + records[0]["run_id"])
+    assert status == 200 and set(full) == RUN_KEYS
+    assert full["tasks"]["work_every5"]["state"] == "SUCCEEDED"
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="every5") == sch_ts("2026-12-01T10:35Z")
+    wait_until(lambda: srv_value(srv_metrics(server.url)[2], "pyoco_runs_total", flow="every5",
+                               status="COMPLETED") == 3, what="three runs in /metrics")
+
+
+def sch_blocking_flow(release, overlap):
+    @task
+    def hold(ctx):
+        release.wait(WAIT)
+
+    flow = Flow("held", schedule="every 1m", schedule_overlap=overlap)
+    flow >> hold
+    return flow
+
+
+@pytest.mark.parametrize("overlap, expected, skipped", [
+    ("skip", ["10:01", "10:03"], 1),
+    ("allow", ["10:01", "10:02", "10:03"], 0),
+])
+def test_scheduled_time_is_skipped_while_the_flow_still_runs(tmp_path, srv_serve, capsys,
+                                                             overlap, expected, skipped):
+    store = tmp_path / "store"
+    release = threading.Event()
+    server, clock = sch_server(srv_serve, store, [sch_blocking_flow(release, overlap)],
+                               "2026-12-01T10:00:30Z")
+    sch_move([clock], "2026-12-01T10:01Z")
+    first = wait_until(lambda: RunStore(store).list(status="RUNNING"), what="the first run")
+    sch_move([clock], "2026-12-01T10:02Z")
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_skipped_total", flow="held") == skipped
+    err = capsys.readouterr().err
+    skip_lines = [line for line in err.splitlines() if "skip" in line]
+    if skipped:
+        assert skip_lines == ["pyoco serve: skip flow 'held' at 2026-12-01T10:02:00.000Z: run"
+                              " %s is still RUNNING" % first[0]["run_id"]]
+    else:
+        assert skip_lines == []
+    release.set()
+    wait_until(lambda: not RunStore(store).list(status="RUNNING"), what="the runs to end")
+    sch_move([clock], "2026-12-01T10:03Z")
+    sch_wait_runs(store, ["2026-12-01T%s:00.000Z" % hm for hm in expected])
+
+
+def sch_history(store, flow, when):
+    """A finished scheduled run of ``flow`` for time ``when``, as a previous server made it."""
+    quiet(store=str(store)).run(flow, scheduled_for=sch_ts(when))
+
+
+@pytest.mark.parametrize("catchup, history, expected", [
+    ("latest", "2026-12-01T09:00Z", ["2026-12-01T09:00:00.000Z", "2026-12-01T12:00:00.000Z"]),
+    ("none", "2026-12-01T09:00Z", ["2026-12-01T09:00:00.000Z"]),
+    ("latest", None, []),                   # never scheduled here yet: nothing was missed
+    ("latest", "2026-12-01T12:00Z", ["2026-12-01T12:00:00.000Z"]),     # nothing missed since
+])
+def test_catch_up_runs_the_latest_missed_time_once_at_start(tmp_path, srv_serve, catchup,
+                                                            history, expected):
+    store = tmp_path / "store"
+    flow = sch_quick_flow("hourly", "@hourly", schedule_catchup=catchup)
+    if history:
+        sch_history(store, flow, history)
+    server, clock = sch_server(srv_serve, store, [flow], "2026-12-01T12:30Z")
+    sch_wait_runs(store, expected)
+    sch_move([clock], "2026-12-01T12:59Z")
+    assert sch_scheduled(store) == expected
+    sch_move([clock], "2026-12-01T13:00Z")
+    sch_wait_runs(store, expected + ["2026-12-01T13:00:00.000Z"])
+
+
+def test_two_servers_on_one_store_start_each_time_once(tmp_path, srv_serve):
+    # Two Server objects rather than two processes: their clocks must be injected
+    # to go through several times at once, and they share only the store's files,
+    # as two processes do. A claim left by a server that died costs only its time.
+    store = tmp_path / "store"
+    flow = sch_quick_flow("shared", "every 1m")
+    claims = store / "schedule" / "shared"
+    claims.mkdir(parents=True)
+    (claims / ("%d.claim" % sch_ts("2026-12-01T10:03Z"))).write_text("{}")
+    servers = [sch_server(srv_serve, store, [flow], "2026-12-01T10:00:30Z") for _ in range(2)]
+    clocks = [clock for _, clock in servers]
+    expected = []
+    for minute in range(1, 6):
+        sch_move(clocks, "2026-12-01T10:%02d:00Z" % minute)
+        if minute != 3:
+            expected.append("2026-12-01T10:%02d:00.000Z" % minute)
+        sch_wait_runs(store, expected)
+    assert len(RunStore(store).ids()) == 4          # the claims are not runs to any reader
+    listing = cli(tmp_path, "runs", "list", "--store", store, "--json")
+    assert listing.returncode == 0 and len(json.loads(listing.stdout)) == 4
+    assert sorted(os.listdir(claims)) == sorted("%d.claim" % sch_ts("2026-12-01T10:%02dZ" % m)
+                                                for m in range(1, 6))
+
+
+def test_server_close_stops_the_scheduler(tmp_path):
+    store = tmp_path / "store"
+    clock = SchClock(sch_ts("2026-12-01T10:02Z"))
+    server = pyoco.Server(str(store), port=0, flows={"every5": sch_quick_flow()}, clock=clock,
+                          engine=quiet(store=str(store))).start()
+    clock.settled()
+    thread = server.timetable.thread
+    server.close()
+    assert not thread.is_alive()
+    clock.set(sch_ts("2026-12-01T10:05Z"))
+    assert sch_scheduled(store) == []
+
+
+def test_unscheduled_flows_start_no_scheduler(tmp_path, srv_serve):
+    server = srv_serve(tmp_path / "store", flows={"plain": Flow("plain")})
+    assert server.timetable is None
+    assert "pyoco_schedule" not in srv_metrics(server.url)[1]
+
+
+SCH_HELD_FLOW = '''\
+from pyoco import task, Flow
+
+@task
+def hold(ctx):
+    ctx.cancelled.wait(30)
+
+flow = Flow("held", schedule="every 1s")
+flow >> hold
+'''
+
+
+def test_pyoco_serve_starts_scheduled_runs_and_ctrl_c_cancels_them(tmp_path, srv_cli_serve):
+    # Real time, but only a second: "every 1s" starts one run; the next
+    # times are skipped while it runs; SIGTERM (Ctrl+C's path) cancels it.
+    store = tmp_path / "store"
+    flow_file = srv_flow_file(tmp_path, "held", SCH_HELD_FLOW)
+    server = srv_cli_serve(store, flow_file)
+    record = wait_until(lambda: RunStore(store).list(status="RUNNING"), what="a scheduled run")[0]
+    assert ISO.match(record["scheduled_for"])
+    assert record["scheduled_for"].endswith(".000Z")
+    server.wait_for(r"pyoco serve: skip flow 'held' at ", stream="stderr")
+    assert "pyoco serve: flow 'held' runs at 'every 1s' (UTC); next at " in server.text("stderr")
+    assert server.stop() == 0
+    final = RunStore(store).get(record["run_id"])
+    assert final["status"] == "CANCELLED"
+    assert final["scheduled_for"] == record["scheduled_for"]
+    assert [r["run_id"] for r in RunStore(store).list()] == [record["run_id"]]
+
+
+def test_pyoco_serve_no_schedule_starts_no_scheduled_runs(tmp_path, srv_cli_serve):
+    store = tmp_path / "store"
+    flow_file = srv_flow_file(tmp_path, "held", SCH_HELD_FLOW.replace(
+        "ctx.cancelled.wait(30)", "return 1"))
+    server = srv_cli_serve(store, flow_file, options=["--no-schedule"])
+    server.wait_for(r"not scheduled here \(--no-schedule\)", stream="stderr")
+    status, flows = srv_json(server.url, "GET", "/flows")
+    assert status == 200
+    assert [(f["flow"], f["schedule"], f["next_run_at"]) for f in flows] == [
+        ("held", "every 1s", None)]
+    assert "pyoco_schedule" not in srv_metrics(server.url)[1]
+    status, body = srv_json(server.url, "POST", "/runs", {"flow": "held"})     # by hand still
+    assert status == 202
+    record = srv_wait_status(server, body["run_id"], "COMPLETED")
+    assert record["scheduled_for"] is None
+    assert server.stop() == 0
+    assert [r["run_id"] for r in RunStore(store).list()] == [body["run_id"]]
+    assert not (store / "schedule").exists()
+
+
+# ---------------------------------------------------------------------------
+# GET /flows: the loaded flows, their schedules and last runs
+# ---------------------------------------------------------------------------
+
+SCH_FLOWS_KEYS = {"flow", "file", "schedule", "next_run_at", "last_run"}
+
+
+def test_get_flows_lists_loaded_flows_with_schedule_next_time_and_last_run(tmp_path,
+                                                                           srv_cli_serve):
+    store = tmp_path / "store"
+    yearly = srv_flow_file(tmp_path, "yearly", SCH_FLOW.replace("ticker", "yearly")
+                           % "0 3 1 jan *")
+    greet = srv_flow_file(tmp_path)
+    server = srv_cli_serve(store, yearly, greet)
+    status, flows = srv_json(server.url, "GET", "/flows")
+    assert status == 200
+    assert [set(f) for f in flows] == [SCH_FLOWS_KEYS, SCH_FLOWS_KEYS]
+    assert flows[0] == {"flow": "yearly", "file": str(yearly), "schedule": "0 3 1 jan *",
+                        "next_run_at": "%d-01-01T03:00:00.000Z" % (time.gmtime().tm_year + 1),
+                        "last_run": None}
+    assert flows[1] == {"flow": "greet", "file": str(greet), "schedule": None,
+                        "next_run_at": None, "last_run": None}
+    samples = srv_metrics(server.url)[2]
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
+                     flow="yearly") == sch_ts(flows[0]["next_run_at"][:16] + "Z")
+    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds", flow="greet") is None
+    _, body = srv_json(server.url, "POST", "/runs", {"flow": "greet", "params": {"who": "flows"}})
+    srv_wait_status(server, body["run_id"], "COMPLETED")
+
+    def last_run():
+        last = srv_json(server.url, "GET", "/flows")[1][1]["last_run"]
+        return last and last["status"] == "COMPLETED" and last
+    last = wait_until(last_run, what="greet's last run")
+    assert last["run_id"] == body["run_id"] and "events" not in last
+    assert set(last) == RUN_KEYS - {"events"}
+    assert srv_request(server.url, "GET", "/flows?x=1")[0] == 400
+    assert srv_request(server.url, "POST", "/flows")[0] == 405
 
 
 # ===========================================================================
@@ -8815,6 +10262,63 @@ def test_plugins_are_discovered_only_when_a_plugin_task_is_asked_for(plug_demo_t
         "after_plugin_task": True, "demo_after_plugin_task": True}
 
 
+# ---------------------------------------------------------------------------
+# Register hooks written for the original pyoco (SPEC section 15)
+# ---------------------------------------------------------------------------
+
+def test_a_register_hook_written_for_the_original_loads_its_tasks(tmp_path):
+    folder = plug_make_dist(tmp_path / "site", "plug_orig", {"plug_origmod": '''\
+        from pyoco.core.models import Task
+
+        class ImageClassify(Task):
+            """Label an image."""
+
+            def __init__(self):
+                super().__init__(func=self.run, name="image_classify")
+
+            def run(self, ctx, path="bunny.png"):
+                return "label of " + path
+
+        class Resize(Task):
+            def run(self, ctx, size=1):
+                return size * 2
+
+        def register(registry):
+            registry.task_class(ImageClassify)
+            registry.task_class(Resize, name="resize", retries=2)
+
+            @registry.task(name="shout", timeout_sec=5)
+            def shout(ctx, text="hi"):
+                return text.upper()
+
+            registry.register_callable(lambda ctx: 1, name="one")
+            registry.task_info("resize", summary="Resize an image.")
+    '''}, {"orig": "plug_origmod:register"})
+    listing = plug_cli([folder], tmp_path, "plugins", "list", "--json")
+    rows = {row["name"]: (row["kind"], row["summary"]) for row in plug_json(listing)}
+    assert rows == {"image_classify": ("task", "Label an image."),
+                    "resize": ("task", "Resize an image."), "shout": ("function", None),
+                    "one": ("function", None)}, listing.stderr
+    lint = plug_cli([folder], tmp_path, "plugins", "lint", "--json")
+    assert {(f["plugin"], f["level"]) for f in plug_json(lint)} >= {("shout", "warning")}
+    probe = plug_python(["-c", "import pyoco; from pyoco import plugin_task as p;"
+                         " r = p('resize'); s = p('shout'); i = p('image_classify', retries=1);"
+                         " print(r.name, r.retries, s.timeout, i.name, i.retries)"], [folder],
+                        tmp_path)
+    assert probe.stdout.split() == ["resize", "2", "5", "image_classify", "1"], probe.stderr
+
+
+def test_registry_rejects_unknown_options_and_info_keys_naming_the_closest():
+    registry = pyoco.PluginRegistry()
+    with pytest.raises(TypeError, match="'retries'"):
+        registry.task_class(type("T", (Task,), {"run": lambda self, ctx: 1}), retrys=1)
+    registry.register_callable(lambda ctx: 1, name="one")
+    with pytest.raises(TypeError, match="'summary'"):
+        registry.task_info("one", sumary="x")
+    with pytest.raises(KeyError, match="'one'"):
+        registry.task_info("onee", summary="x")
+
+
 # ===========================================================================
 # CLI
 # ===========================================================================
@@ -9446,6 +10950,301 @@ TUT_DOCS = HERE / "docs" / "tutorial"
 
 
 # ---------------------------------------------------------------------------
+# check: a flow's schedule and its next times; a bad schedule does not load
+# ---------------------------------------------------------------------------
+
+SCH_FLOW = '''\
+from pyoco import task, Flow
+
+@task
+def tick(ctx):
+    return 1
+
+flow = Flow("ticker", schedule=%r, schedule_tz="UTC")
+flow >> tick
+'''
+
+
+def test_cli_check_prints_the_schedule_and_its_next_three_times(tmp_path):
+    write(tmp_path / "ticker.py", SCH_FLOW % "0 3 * * *")
+    before = time.time()
+    done = cli(tmp_path, "check", "ticker.py")
+    assert done.returncode == 0, done.stderr
+    expected = [pyoco._iso(ts) for ts in Flow("x", schedule="0 3 * * *", schedule_tz="UTC")
+                ._schedule.upcoming(3, before)]
+    assert "schedule: 0 3 * * * (UTC); next: %s" % ", ".join(expected) in done.stdout
+    report = json.loads(cli(tmp_path, "check", "ticker.py", "--json").stdout)
+    assert report["schedule"] == "0 3 * * *"
+    assert report["next_runs"] == expected
+    for stamp in expected:
+        assert ISO.match(stamp) and stamp.endswith("T03:00:00.000Z")
+    write(tmp_path / "plain.py", "from pyoco import Flow\nflow = Flow('plain')\n")
+    plain = json.loads(cli(tmp_path, "check", "plain.py", "--json").stdout)
+    assert (plain["schedule"], plain["next_runs"]) == (None, [])
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_flow_file_with_a_bad_schedule_does_not_load(tmp_path, command):
+    write(tmp_path / "ticker.py", SCH_FLOW % "0 3 * * funday")
+    done = cli(tmp_path, command, "ticker.py")
+    assert done.returncode == 2
+    assert "ticker.py:7:" in done.stderr and "day of week" in done.stderr
+    assert "'funday'" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# --plan, --only and --from (SPEC section 11)
+# ---------------------------------------------------------------------------
+
+_PLAN_FLOW = '''
+from pyoco import task, Flow
+
+@task(cache=True)
+def fetch(ctx):
+    print("fetched")
+    return 1
+
+@task
+def show(ctx, fetch):
+    print("shown", fetch)
+
+flow = Flow(name="cli-plan")
+flow >> fetch >> show
+'''
+
+
+def test_cli_plan_prints_one_line_per_task_or_json_and_writes_nothing(tmp_path):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    first = cli(tmp_path, "run", "flow.py", "--plan")
+    assert first.returncode == 0, first.stderr
+    assert "fetched" not in first.stdout and not (tmp_path / ".pyoco").exists()
+    lines = first.stdout.splitlines()
+    assert lines[0].split() == ["ACTION", "TASK", "REASON"]
+    assert re.match(r"run\s+fetch\s+no earlier run$", lines[1])
+    assert re.match(r"run\s+show\s+not cached \(cache='resume'\)$", lines[2])
+    ran = cli(tmp_path, "run", "flow.py")
+    assert ran.returncode == 0 and "fetched" in ran.stdout
+    run_id = re.search(r"run_id=(\S+)", ran.stderr).group(1)
+    as_json = cli(tmp_path, "run", "flow.py", "--plan", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == [
+        {"task": "fetch", "action": "reuse", "reason": "same code and inputs as run %s" % run_id,
+         "reused_from": run_id},
+        {"task": "show", "action": "run", "reason": "not cached (cache='resume')",
+         "reused_from": None}]
+    again = cli(tmp_path, "run", "flow.py", "--non-cute")
+    assert "fetched" not in again.stdout and "shown 1" in again.stdout
+    assert re.search(r"INFO reuse node=fetch from_run=%s " % run_id, again.stderr)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--plan", "--only", "shwo"), "did you mean 'show'?"),
+    (("--from", "fetc"), "did you mean 'fetch'?"),
+    (("--only", "nothing"), "has no task 'nothing'"),
+    (("--json",), "--json goes with --plan"),
+])
+def test_cli_unknown_targets_and_json_without_plan_exit_2(tmp_path, args, words):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    done = cli(tmp_path, "run", "flow.py", *args)
+    assert done.returncode == 2 and words in done.stderr
+    assert "Traceback" not in done.stderr and "fetched" not in done.stdout
+
+
+def test_cli_only_and_from_select_tasks(tmp_path):
+    write(tmp_path / "flow.py", _PLAN_FLOW)
+    only = cli(tmp_path, "run", "flow.py", "--only", "fetch")
+    assert only.returncode == 0 and "fetched" in only.stdout and "shown" not in only.stdout
+    assert "⏭️ skip node=show (not selected)" in only.stderr
+    again = cli(tmp_path, "run", "flow.py", "--from", "show")
+    assert again.returncode == 0 and "fetched" not in again.stdout
+    assert "shown 1" in again.stdout
+
+
+# ---------------------------------------------------------------------------
+# YAML flow files written for the original pyoco (SPEC section 15)
+# ---------------------------------------------------------------------------
+
+def yaml_python():
+    """An interpreter with PyYAML for the YAML flow-file tests: this one, else
+    $YAML_TEST_PYTHON (.ci/run makes one); without either the test is skipped."""
+    import importlib.util
+    if importlib.util.find_spec("yaml") is not None:
+        return sys.executable
+    if os.environ.get("YAML_TEST_PYTHON"):
+        return os.environ["YAML_TEST_PYTHON"]
+    pytest.skip("PyYAML is not installed for this Python and YAML_TEST_PYTHON is not set"
+                " (.ci/run sets it to a throwaway venv with PyYAML)")
+
+
+def yaml_cli(cwd, *args, python=None, env=None):
+    """``python -m pyoco ARGS`` in ``cwd`` with an interpreter that has PyYAML."""
+    return cli(cwd, *args, python=python or yaml_python(), env=env)
+
+
+@pytest.fixture
+def yaml_example(tmp_path):
+    """A copy of examples/original_yaml to run in."""
+    folder = tmp_path / "original_yaml"
+    shutil.copytree(str(HERE / "examples" / "original_yaml"), str(folder))
+    return folder
+
+
+def test_yaml_flow_file_runs_with_config_flow_and_json_params(yaml_example):
+    done = yaml_cli(yaml_example, "run", "--config", "flow.yaml", "--flow", "harvest",
+                    "--param", "rows=4", "--store", "store")
+    assert done.returncode == 0, done.stderr
+    assert "planting 4 rows" in done.stdout
+    assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
+    record = RunStore(yaml_example / "store").list()[0]
+    assert record["params"] == {"rows": 4} and record["flow"] == "harvest"
+    assert list(record["tasks"]) == ["plant", "water", "count", "sell", "pickle_them", "report"]
+
+
+def test_yaml_or_join_runs_after_one_success_and_the_run_still_fails(yaml_example):
+    done = yaml_cli(yaml_example, "run", "flow.yaml", "-p", "rows=12", "--store", "store")
+    assert done.returncode == 1, done.stderr
+    assert "report: pickled 12 carrots" in done.stdout
+    assert "task 'sell' raised ValueError: the stall holds 10 carrots" in done.stderr
+
+
+def test_yaml_check_and_graph_read_the_file_and_run_nothing(yaml_example):
+    check = yaml_cli(yaml_example, "check", "flow.yaml", "--json")
+    assert check.returncode == 0, check.stderr
+    report = json.loads(check.stdout)
+    assert report["ok"] and report["flow"] == "harvest" and report["needs_params"] == []
+    assert report["rules"] == {"report": ["run_if=any_succeeded"]}
+    graph = yaml_cli(yaml_example, "graph", "--config", "flow.yaml")
+    assert graph.returncode == 0 and "count <- plant, water" in graph.stdout
+    assert "report [run_if=any_succeeded] <- sell, pickle_them" in graph.stdout
+    assert "planting" not in check.stdout + graph.stdout
+    assert not (yaml_example / ".pyoco").exists()
+
+
+YAML_TASKS = '''\
+from pathlib import Path
+from pyoco import task
+
+@task
+def A(ctx):
+    Path("ran-A").write_text("")
+
+@task
+def B(ctx):
+    Path("ran-B").write_text("")
+
+@task
+def C(ctx):
+    Path("ran-C").write_text("")
+'''
+
+
+@pytest.mark.parametrize("graph, message", [
+    ("__import__('os').system('touch PWNED')", "expected >> after '__import__', got '('"),
+    ("A >> B; __import__('os').system('touch PWNED')", "expected >> after 'B', got ';'"),
+    ("A >> B & C", "put the group in parentheses: (a & b)"),
+    ("A >> [B, C]", "unexpected '['"),
+    ("(A & B | C)", "a group mixes & and |"),
+    ("A >> D", "no task 'D' (tasks: A, B, C)"),
+    ("A >> B >>", "the chain ends after >>"),
+    ("A >> (B & )", "expected a task name inside ( ), got ')'"),
+    ("C >> C", "task 'C' cannot run after itself"),
+])
+def test_yaml_graph_lines_other_than_chains_are_refused_before_anything_runs(tmp_path, graph,
+                                                                          message):
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    write(tmp_path / "flow.yaml", '''\
+        discovery:
+          glob_modules: ["tasks.py"]
+        flows:
+          main:
+            graph: |
+              # a comment line
+              A >> B
+              %s
+        ''' % graph)
+    for command in ("run", "check"):
+        done = yaml_cli(tmp_path, command, "flow.yaml", "--store", "store") if command == "run" \
+            else yaml_cli(tmp_path, command, "flow.yaml")
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert "flow.yaml:8: flow 'main' graph line 3" in done.stderr and message in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml", "tasks.py"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("flows: {main: {graph: A}}\ntaskz: {}\n", "unknown key 'taskz' in the file; did you mean"
+                                               " 'tasks'?"),
+    ("flows: {main: {graph: A, default: {}}}\n", "unknown key 'default' in flows.main; did you"
+                                                 " mean 'defaults'?"),
+    ("tasks: {A: {callable: 'tasks:A', timout_sec: 1}}\nflow: {graph: A}\n",
+     "unknown key 'timout_sec' in tasks.A; did you mean 'timeout_sec'?"),
+    ("tasks: {A: {callable: 'tasks.A'}}\nflow: {graph: A}\n", "must be \"module:function\""),
+    ("tasks: {A: {callable: 'tasks:Nope'}}\nflow: {graph: A}\n", "module 'tasks' has no 'Nope'"),
+    ("discovery: {glob_modules: [jobs/*.py]}\nflow: {graph: A}\n", "matches no .py file"),
+    ("flows: {one: {graph: A}, two: {graph: B}}\n", "several flows: one, two; pick one with"
+                                                    " --flow NAME"),
+    ("flows: {main: {graph: A}\n", "not valid YAML"),
+])
+def test_yaml_file_mistakes_are_usage_errors_naming_the_key(tmp_path, text, message):
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    (tmp_path / "flow.yaml").write_text(text, encoding="utf-8")
+    done = yaml_cli(tmp_path, "run", "--config", "flow.yaml", "--store", "store")
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.glob("ran-*"))
+
+
+def test_a_top_level_flow_runs_tasks_by_callable_and_defaults_yield_to_params(tmp_path):
+    write(tmp_path / "tasks.py", YAML_TASKS + '''\
+
+def greet(ctx, who):
+    print("hello " + who)
+''')
+    write(tmp_path / "flow.yaml", '''\
+        tasks:
+          A: {callable: "tasks:A"}
+          greet: {callable: "tasks:greet", inputs: {who: "$ctx.params.who"}}
+        flow:
+          defaults: {who: world}
+          graph: "flow >> A >> greet"
+        ''')
+    done = yaml_cli(tmp_path, "run", "flow.yaml", "--store", "store")
+    assert done.returncode == 0 and "hello world" in done.stdout, done.stderr
+    done = yaml_cli(tmp_path, "run", "flow.yaml", "--param", "who=carrot", "--store", "store")
+    assert "hello carrot" in done.stdout and (tmp_path / "ran-A").exists()
+
+
+def test_a_yaml_flow_without_pyyaml_exits_2_saying_pip_install_pyyaml(tmp_path):
+    hide = tmp_path / "hide" / "yaml"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError(\"No module named 'yaml'\")\n")
+    write(tmp_path / "tasks.py", YAML_TASKS)
+    write(tmp_path / "flow.yaml", "discovery: {glob_modules: [tasks.py]}\nflow: {graph: A}\n")
+    env = child_env(tmp_path / "hide")
+    for args in (("run", "--config", "flow.yaml", "--store", "store"), ("check", "flow.yaml")):
+        done = cli(tmp_path, *args, env=env)
+        assert done.returncode == 2 and "pip install pyyaml" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "ran-A").exists()
+    probe = run_python(tmp_path, "-c", "import pyoco, sys; print('yaml' in sys.modules)")
+    assert probe.stdout.strip() == "False"
+
+
+def test_run_and_check_need_one_flow_file_either_way(tmp_path):
+    for args, message in ((("run",), "needs a flow: FLOW.py"),
+                          (("check", "a.py", "--config", "b.yaml"), "give the flow file once")):
+        done = cli(tmp_path, *args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_the_yaml_examples_python_twin_runs_the_same_flow(yaml_example):
+    done = cli(yaml_example, "run", "tasks.py", "-p", "rows=4", "--store", "store")
+    assert done.returncode == 0, done.stderr
+    assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
+    record = RunStore(yaml_example / "store").list()[0]
+    assert set(record["tasks"]) == {"plant", "water", "count", "sell", "pickle_them", "report"}
+
+
+# ---------------------------------------------------------------------------
 # The tutorial: helpers
 # ---------------------------------------------------------------------------
 
@@ -10070,6 +11869,46 @@ def test_tut_pools_run_if_and_cleanup_of_the_flow_control_step(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# The tutorial, step 11: incremental runs
+# ---------------------------------------------------------------------------
+
+def test_tut_unchanged_tasks_are_reused_and_plan_says_what_will_run(tmp_path):
+    first = ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=3"))
+    assert "🧺 harvesting 3 rows" in first.stdout and "⚖️ 2.9 kg" in first.stdout
+    origin = run_id_of(first.stderr)
+    again = ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=3"))
+    assert "harvesting" not in again.stdout and "⚖️" not in again.stdout
+    assert "📣 today's harvest: 2.9 kg of carrots" in again.stdout
+    for name in ("harvest", "weigh"):
+        assert "♻️ reuse node=%s (run %s)" % (name, origin) in again.stderr
+    record = tut_record(tmp_path, run_id_of(again.stderr))
+    assert record["tasks"]["weigh"]["reused_from"] == origin
+    assert record["tasks"]["announce"]["reused_from"] is None
+
+    plan = ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=4", "--plan"))
+    rows = [line.split(None, 2) for line in plan.stdout.splitlines()[1:]]
+    assert rows == [
+        ["run", "harvest", "input 'rows' changed since run %s" % run_id_of(again.stderr)],
+        ["depends", "weigh", "upstream 'harvest' runs: decided when it returns"],
+        ["run", "announce", "cache=False"]]
+    assert len(os.listdir(tut_store(tmp_path) / "runs")) == 2   # the plan wrote nothing
+    invalid = ok(tut_run(tmp_path, "s11_incremental.py", "--plan"), code=2)
+    assert "needs parameter 'rows'" in invalid.stderr and "Traceback" not in invalid.stderr
+
+    only = ok(tut_run(tmp_path, "s11_incremental.py", "--only", "harvest", "-p", "rows=5"))
+    assert "🧺 harvesting 5 rows" in only.stdout and "⚖️" not in only.stdout
+    assert "⏭️ skip node=announce (not selected)" in only.stderr
+    as_json = json.loads(ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=5",
+                                        "--plan", "--json")).stdout)
+    assert as_json[0] == {"task": "harvest", "action": "reuse", "reused_from": run_id_of(only.stderr),
+                          "reason": "same code and inputs as run %s" % run_id_of(only.stderr)}
+
+    script = ok(run_python(tmp_path, tut_example("s11_incremental.py")))
+    assert "🧪 the flow weighs 100 carrots as 8.0 kg" in script.stdout
+    assert "harvesting" not in script.stdout
+
+
+# ---------------------------------------------------------------------------
 # The README's examples
 # ---------------------------------------------------------------------------
 
@@ -10083,6 +11922,21 @@ def test_readme_python_examples_run_in_order(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "✨ Saved: CARROT" in done.stdout
     assert "COMPLETED {'fetch': [1, 2, 3], 'total': 6, 'Upload': 'uploaded 6'}" in done.stdout
+
+
+def test_scheduled_report_example_checks_and_runs(tmp_path):
+    example = HERE / "examples" / "scheduled_report.py"
+    report = json.loads(cli(tmp_path, "check", example, "--json").stdout)
+    assert report["ok"] and report["schedule"] == "30 6 * * mon-fri"
+    for stamp in report["next_runs"]:                   # 06:30 in Tokyo, Monday to Friday
+        day = time.gmtime(sch_ts(stamp[:19] + "Z") + 9 * 3600)
+        assert (day.tm_hour, day.tm_min, day.tm_wday < 5) == (6, 30, True)
+    done = cli(tmp_path, "run", example, "--store", tmp_path / "store")
+    assert done.returncode == 0, done.stderr
+    record = RunStore(tmp_path / "store").list()[0]
+    assert record["status"] == "COMPLETED" and record["scheduled_for"] is None
+    assert "report.txt" in record["tasks"]["write_report"]["artifacts"]
+    assert "docs/scheduling.md" in (HERE / "README.md").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -10326,1446 +12180,8 @@ def test_core_module_names_of_the_original_package_work():
     assert pyoco.core.models.Flow is Flow
 
 
-# ===========================================================================
-# The browser page
-# ===========================================================================
-
-
 # ---------------------------------------------------------------------------
-# The page, its endpoints and a real headless Chromium
-# ---------------------------------------------------------------------------
-
-PAGE_FLOW = textwrap.dedent('''
-    import time
-    from pyoco import task, Flow
-
-    @task
-    def extract(ctx):
-        time.sleep(0.05)
-        print("extracted 3 files")
-        return ["a.csv", "b.csv", "c.csv"]
-
-    @task(retries=2, retry_delay=0.05)
-    def clean(ctx, path):
-        time.sleep(0.04)
-        if path == "b.csv" and ctx.attempt == 1:
-            raise ValueError("flaky disk")
-        return path
-
-    @task
-    def load(ctx, clean):
-        time.sleep(0.03)
-        ctx.save_artifact("report.txt", "rows: 42\\n")
-        return len(clean)
-
-    @task(fail_policy="isolate")
-    def notify(ctx, extract):
-        time.sleep(0.02)
-        raise ConnectionError("mail server said no")
-
-    @task
-    def archive(ctx, notify):
-        return True
-
-    flow = Flow("nightly_etl")
-    flow >> extract >> clean.map("$node.extract.output") >> load
-    flow.add(notify, after=[extract])
-    flow.add(archive, after=[notify])
-''')
-
-
-def page_get(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.status, dict(response.headers), response.read()
-
-
-@pytest.fixture(scope="module")
-def page_site(tmp_path_factory):
-    """A store with one run that fans out, retries and fails, and a server over it."""
-    folder = tmp_path_factory.mktemp("page")
-    flow_file = write(folder / "etl.py", PAGE_FLOW)
-    store = folder / "store"
-    done = cli(folder, "run", flow_file, "--store", store, PYOCO_CUTE="0")
-    assert done.returncode == 1, done.stderr
-    run_id = pyoco.RunStore(store).ids()[0]
-    server = pyoco.Server(store, port=0).start()
-    yield server.url, run_id, store
-    server.close()
-
-
-def test_page_is_one_self_contained_document(page_site):
-    url, run_id, _ = page_site
-    for path in ("/", "/runs/%s/view" % run_id):
-        status, headers, body = page_get(url + path)
-        assert status == 200
-        assert headers["Content-Type"].startswith("text/html")
-        text = body.decode("utf-8")
-        assert "<script>" in text and "<style>" in text
-        # Nothing is fetched from elsewhere: no CDN, no external script or style.
-        for marker in ('src="http', "src='http", 'href="http', "@import", "//cdn"):
-            assert marker not in text
-
-
-def test_graph_endpoint_gives_the_runs_dag_with_map_instances(page_site):
-    url, run_id, _ = page_site
-    _, _, body = page_get("%s/runs/%s/graph" % (url, run_id))
-    graph = json.loads(body)
-    assert graph["run_id"] == run_id
-    assert set(graph["nodes"]) == {"extract", "clean", "load", "notify", "archive",
-                                   "clean[0]", "clean[1]", "clean[2]"}
-    edges = {tuple(e) for e in graph["edges"]}
-    assert {("extract", "clean"), ("clean", "load"), ("extract", "notify"),
-            ("notify", "archive"), ("clean", "clean[1]")} <= edges
-
-
-def test_graph_of_unknown_run_is_404(page_site):
-    url, _, _ = page_site
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        page_get(url + "/runs/20000101-000000-00000000/graph")
-    assert caught.value.code == 404
-    assert "error" in json.loads(caught.value.read())
-
-
-def test_artifact_is_served_inert_and_paths_cannot_escape(page_site):
-    url, run_id, store = page_site
-    status, headers, body = page_get("%s/runs/%s/artifacts/report.txt" % (url, run_id))
-    assert status == 200 and body == b"rows: 42\n"
-    assert headers["Content-Security-Policy"] == "sandbox"
-    assert headers["X-Content-Type-Options"] == "nosniff"
-    secret = Path(store) / "runs" / run_id / "run.json"
-    assert secret.exists()
-    for bad in ("..%2Frun.json", "%2E%2E/run.json", "nope.txt", "..%2F..%2F..%2Fetc%2Fpasswd"):
-        with pytest.raises(urllib.error.HTTPError) as caught:
-            page_get("%s/runs/%s/artifacts/%s" % (url, run_id, bad))
-        assert caught.value.code == 404, bad
-
-
-def test_record_tells_the_page_everything_it_draws(page_site):
-    # The page computes nothing the API cannot tell: states, times, attempts,
-    # retries (as events), errors and tracebacks, artifacts.
-    url, run_id, _ = page_site
-    _, _, body = page_get("%s/runs/%s" % (url, run_id))
-    record = json.loads(body)
-    tasks = record["tasks"]
-    assert tasks["clean[1]"]["attempts"] == 2
-    assert any(e["event"] == "task.retrying" and e["task"] == "clean[1]" for e in record["events"])
-    assert tasks["notify"]["state"] == "FAILED"
-    assert "ConnectionError: mail server said no" in tasks["notify"]["traceback"]
-    assert "pyoco.py" not in tasks["notify"]["traceback"].splitlines()[1]
-    assert tasks["archive"]["state"] == "SKIPPED"
-    assert "report.txt" in tasks["load"]["artifacts"]
-    for name in ("extract", "clean[0]", "clean[1]", "clean[2]", "load"):
-        assert tasks[name]["started_at"] and tasks[name]["ended_at"]
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def page_browser(url, *extra):
-    profile = tempfile.mkdtemp(prefix="pyoco-chromium-")
-    try:
-        done = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--user-data-dir=" + profile, "--virtual-time-budget=5000",
-             "--window-size=1280,1300", *extra, url],
-            capture_output=True, text=True, timeout=90)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
-    return done
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-def test_browser_renders_run_list_and_timeline(page_site, tmp_path):
-    url, run_id, _ = page_site
-    listing = page_browser(url + "/", "--dump-dom")
-    assert listing.returncode == 0, listing.stderr[-2000:]
-    assert 'id="runs"' in listing.stdout
-    assert 'data-run="%s"' % run_id in listing.stdout
-
-    view = page_browser("%s/runs/%s/view" % (url, run_id), "--dump-dom")
-    dom = view.stdout
-    assert 'id="timeline"' in dom
-    for name in ("extract", "clean[0]", "clean[1]", "clean[2]", "load", "notify", "archive"):
-        assert 'class="tl-row" data-task="%s"' % name in dom
-    assert 'data-task="clean[1]" data-state="SUCCEEDED"' in dom
-    assert 'data-task="notify" data-state="FAILED"' in dom
-    assert 'data-task="archive" data-state="SKIPPED"' in dom
-    assert 'class="tl-tick"' in dom                      # the retry of clean[1]
-    assert 'id="dag"' in dom and "mail server said no" in dom
-    assert "/runs/%s/artifacts/report.txt" % run_id in dom
-
-    shot = tmp_path / "page.png"
-    done = page_browser("%s/runs/%s/view" % (url, run_id), "--screenshot=%s" % shot)
-    assert done.returncode == 0 and shot.stat().st_size > 10000
-    target = os.environ.get("PYOCO_UPDATE_SCREENSHOT")
-    if target:                      # how docs/serve-page.png is made
-        shutil.copyfile(shot, target)
-
-
-# ===========================================================================
-# Schedules (SPEC 13): the cron parser, Flow options, check, serve's scheduler
-# ===========================================================================
-
-# ---------------------------------------------------------------------------
-# The parser: a table of expressions with known next times
-# ---------------------------------------------------------------------------
-
-def sch_ts(text):
-    """'2026-12-01T10:00Z' (seconds optional) as a Unix time."""
-    import calendar
-    fmt = "%Y-%m-%dT%H:%M:%SZ" if text.count(":") == 2 else "%Y-%m-%dT%H:%MZ"
-    return calendar.timegm(time.strptime(text, fmt))
-
-
-def sch_iso(ts):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-SCH_NEXT = [
-    # (schedule, zone, after, the next times)
-    ("0 3 * * *", "UTC", "2026-01-31T12:00Z", ["2026-02-01T03:00:00Z", "2026-02-02T03:00:00Z"]),
-    ("0 0 31 * *", "UTC", "2026-01-31T00:00Z", ["2026-03-31T00:00:00Z", "2026-05-31T00:00:00Z"]),
-    ("0 0 29 2 *", "UTC", "2026-03-01T00:00Z", ["2028-02-29T00:00:00Z", "2032-02-29T00:00:00Z"]),
-    ("0 0 28-31 * *", "UTC", "2027-02-27T00:00Z",
-     ["2027-02-28T00:00:00Z", "2027-03-28T00:00:00Z"]),
-    ("0 0 * * 0", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z", "2026-12-13T00:00:00Z"]),
-    ("0 0 * * 7", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z", "2026-12-13T00:00:00Z"]),
-    ("0 0 * * sun", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z"]),
-    ("0 0 * * 5-7", "UTC", "2026-12-05T12:00Z", ["2026-12-06T00:00:00Z", "2026-12-11T00:00:00Z"]),
-    # both day fields restricted: the 13th OR a Friday
-    ("0 0 13 * 5", "UTC", "2026-12-01T00:00Z",
-     ["2026-12-04T00:00:00Z", "2026-12-11T00:00:00Z", "2026-12-13T00:00:00Z"]),
-    # a day field starting with * is unrestricted: odd days AND Fridays
-    ("0 0 */2 * fri", "UTC", "2026-12-01T00:00Z", ["2026-12-11T00:00:00Z", "2026-12-25T00:00:00Z"]),
-    ("15,45 9-17/4 * * mon-fri", "UTC", "2026-12-05T00:00Z",
-     ["2026-12-07T09:15:00Z", "2026-12-07T09:45:00Z", "2026-12-07T13:15:00Z"]),
-    ("0 12 * jan,JUL sat,sun", "UTC", "2026-12-01T00:00Z",
-     ["2027-01-02T12:00:00Z", "2027-01-03T12:00:00Z"]),
-    ("*/20 * * * *", "UTC", "2026-12-01T10:59:59Z", ["2026-12-01T11:00:00Z", "2026-12-01T11:20:00Z"]),
-    ("5/20 * * * *", "UTC", "2026-12-01T10:00Z", ["2026-12-01T10:05:00Z", "2026-12-01T10:25:00Z"]),
-    ("59 23 31 dec *", "UTC", "2026-12-31T23:59Z", ["2027-12-31T23:59:00Z"]),
-    ("@hourly", "UTC", "2026-12-01T12:34Z", ["2026-12-01T13:00:00Z"]),
-    ("@daily", "UTC", "2026-12-01T00:00Z", ["2026-12-02T00:00:00Z"]),
-    ("@weekly", "UTC", "2026-12-01T00:00Z", ["2026-12-06T00:00:00Z"]),
-    ("@monthly", "UTC", "2026-12-15T00:00Z", ["2027-01-01T00:00:00Z", "2027-02-01T00:00:00Z"]),
-    ("@yearly", "UTC", "2026-06-01T00:00Z", ["2027-01-01T00:00:00Z"]),
-    ("0 9 * * *", "Asia/Tokyo", "2026-12-01T00:00Z", ["2026-12-02T00:00:00Z"]),
-    # intervals are multiples of N since 1970-01-01T00:00Z, whatever the zone
-    ("every 15m", "UTC", "2026-12-01T10:07:30Z", ["2026-12-01T10:15:00Z", "2026-12-01T10:30:00Z"]),
-    ("every 1d", "Asia/Tokyo", "2026-12-01T10:00Z", ["2026-12-02T00:00:00Z"]),
-    ("every 7s", "UTC", "1970-01-01T00:00:00Z", ["1970-01-01T00:00:07Z", "1970-01-01T00:00:14Z"]),
-    ("every 2h", "Asia/Kolkata", "2026-12-01T01:00Z", ["2026-12-01T02:00:00Z"]),
-    # daylight saving time in New York: 2026-03-08 02:00 -> 03:00, 2026-11-01 02:00 -> 01:00.
-    # A skipped wall time fires once, at the next minute that exists...
-    ("30 2 * * *", "America/New_York", "2026-03-07T12:00Z",
-     ["2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"]),
-    ("*/30 * * * *", "America/New_York", "2026-03-08T06:30Z",
-     ["2026-03-08T07:00:00Z", "2026-03-08T07:30:00Z"]),
-    # ... and a repeated hour fires once, at its first occurrence
-    ("30 1 * * *", "America/New_York", "2026-11-01T04:00Z",
-     ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"]),
-    ("*/30 * * * *", "America/New_York", "2026-11-01T05:15Z",
-     ["2026-11-01T05:30:00Z", "2026-11-01T07:00:00Z", "2026-11-01T07:30:00Z"]),
-]
-
-
-@pytest.mark.parametrize("text, zone, after, expected", SCH_NEXT,
-                         ids=["%s|%s|%s" % row[:3] for row in SCH_NEXT])
-def test_schedule_next_times_match_the_table(text, zone, after, expected):
-    flow = Flow("timed", schedule=text, schedule_tz=zone)
-    times = flow._schedule.upcoming(len(expected), sch_ts(after))
-    assert [sch_iso(ts) for ts in times] == expected
-    # the latest time at or before a time is the one before the next
-    first = sch_ts(expected[0])
-    assert flow._schedule.latest_until(first) == first
-    assert flow._schedule.latest_until(first - 1) < first
-
-
-def test_schedule_without_a_zone_is_the_servers_local_time():
-    flow = Flow("local", schedule="0 3 * * *")
-    ts = flow._schedule.next_after(time.time())
-    local = time.localtime(ts)
-    assert (local.tm_hour, local.tm_min, local.tm_sec) == (3, 0, 0)
-    assert flow.schedule_tz is None
-
-
-@pytest.mark.parametrize("options, words", [
-    ({"schedule": "61 * * * *"}, ["minute", "'61'"]),
-    ({"schedule": "0 24 * * *"}, ["hour", "'24'"]),
-    ({"schedule": "0 0 0 * *"}, ["day of month", "'0'"]),
-    ({"schedule": "0 0 * 13 *"}, ["month", "'13'"]),
-    ({"schedule": "0 0 * * 8"}, ["day of week", "'8'"]),
-    ({"schedule": "0 0 * * mon-fry"}, ["day of week", "'fry'", "did you mean 'fri'"]),
-    ({"schedule": "0 0 * jan-dex *"}, ["month", "'dex'", "did you mean 'dec'"]),
-    ({"schedule": "*/0 * * * *"}, ["minute", "step"]),
-    ({"schedule": "5-1 * * * *"}, ["minute", "backwards"]),
-    ({"schedule": "0 0 30 feb *"}, ["day of month", "never"]),
-    ({"schedule": "0 3 * *"}, ["5 fields", "not 4"]),
-    ({"schedule": "@daly"}, ["'@daly'", "did you mean '@daily'"]),
-    ({"schedule": "every 15x"}, ["'every 15x'", "every 15m"]),
-    ({"schedule": "every 0m"}, ["'every 0m'"]),
-    ({"schedule": 15}, ["schedule must be a string", "15"]),
-    ({"schedule": "@daily", "schedule_tz": "Europe/Pariss"},
-     ["schedule_tz", "'Europe/Pariss'", "did you mean 'Europe/Paris'"]),
-    ({"schedule_tz": "../../etc/passwd"}, ["schedule_tz"]),
-    ({"schedule_overlap": "alow"}, ["schedule_overlap", "'alow'", "did you mean 'allow'"]),
-    ({"schedule_catchup": "all"}, ["schedule_catchup", "'all'", "'latest' or 'none'"]),
-])
-def test_bad_schedule_is_a_flow_error_naming_the_field_and_value(options, words):
-    with pytest.raises(FlowError) as caught:
-        Flow("nightly", **options)
-    for word in words:
-        assert word in str(caught.value)
-    assert "flow 'nightly'" in str(caught.value)
-    flow = Flow("nightly")          # the same check when the attribute is set
-    with pytest.raises(FlowError):
-        for key, value in options.items():
-            setattr(flow, key, value)
-
-
-def test_schedule_attributes_read_back_and_none_unschedules():
-    flow = Flow("nightly", schedule="0 3 * * *", schedule_tz="Europe/Paris",
-                schedule_overlap="allow", schedule_catchup="none")
-    assert (flow.schedule, flow.schedule_tz, flow.schedule_overlap, flow.schedule_catchup) == (
-        "0 3 * * *", "Europe/Paris", "allow", "none")
-    flow.schedule = "every 15m"
-    assert flow.schedule == "every 15m"
-    flow.schedule = None
-    assert flow.schedule is None and flow._schedule is None
-    with pytest.raises(TypeError, match="did you mean 'schedule'"):
-        Flow("x", schedul="@daily")
-    assert Flow("plain").schedule is None
-
-
-SCH_FLOW = '''\
-from pyoco import task, Flow
-
-@task
-def tick(ctx):
-    return 1
-
-flow = Flow("ticker", schedule=%r, schedule_tz="UTC")
-flow >> tick
-'''
-
-
-def test_cli_check_prints_the_schedule_and_its_next_three_times(tmp_path):
-    write(tmp_path / "ticker.py", SCH_FLOW % "0 3 * * *")
-    before = time.time()
-    done = cli(tmp_path, "check", "ticker.py")
-    assert done.returncode == 0, done.stderr
-    expected = [pyoco._iso(ts) for ts in Flow("x", schedule="0 3 * * *", schedule_tz="UTC")
-                ._schedule.upcoming(3, before)]
-    assert "schedule: 0 3 * * * (UTC); next: %s" % ", ".join(expected) in done.stdout
-    report = json.loads(cli(tmp_path, "check", "ticker.py", "--json").stdout)
-    assert report["schedule"] == "0 3 * * *"
-    assert report["next_runs"] == expected
-    for stamp in expected:
-        assert ISO.match(stamp) and stamp.endswith("T03:00:00.000Z")
-    write(tmp_path / "plain.py", "from pyoco import Flow\nflow = Flow('plain')\n")
-    plain = json.loads(cli(tmp_path, "check", "plain.py", "--json").stdout)
-    assert (plain["schedule"], plain["next_runs"]) == (None, [])
-
-
-@pytest.mark.parametrize("command", ["run", "check"])
-def test_flow_file_with_a_bad_schedule_does_not_load(tmp_path, command):
-    write(tmp_path / "ticker.py", SCH_FLOW % "0 3 * * funday")
-    done = cli(tmp_path, command, "ticker.py")
-    assert done.returncode == 2
-    assert "ticker.py:7:" in done.stderr and "day of week" in done.stderr
-    assert "'funday'" in done.stderr and "Traceback" not in done.stderr
-
-
-# ---------------------------------------------------------------------------
-# pyoco serve's scheduler: an injected clock on a real Server, real HTTP
-# ---------------------------------------------------------------------------
-
-class SchClock:
-    """The scheduler's clock, moved by the test. ``wait`` returns when the time
-    moves (or the scheduler stops); ``move_to`` returns once the scheduler has
-    looked at the new time and waits again, so nothing waits for real minutes."""
-
-    def __init__(self, now):
-        self.t = self.read = now
-        self.idle_at = None         # the time the scheduler is waiting at, if it waits
-        self.cond = threading.Condition()
-
-    def now(self):
-        with self.cond:
-            self.read = self.t
-            return self.t
-
-    def wait(self, seconds, stop):
-        with self.cond:
-            if self.read != self.t:         # moved since the scheduler looked: look again
-                return
-            self.idle_at = self.t
-            self.cond.notify_all()
-            while self.t == self.idle_at and not stop.is_set():
-                self.cond.wait(0.05)        # also notices stop, which sets no condition
-            self.idle_at = None
-
-    def set(self, t):
-        with self.cond:
-            self.t = t
-            self.cond.notify_all()
-
-    def settled(self):
-        with self.cond:
-            assert self.cond.wait_for(lambda: self.idle_at == self.t, WAIT), \
-                "the scheduler did not come back to waiting at %s" % sch_iso(self.t)
-
-
-def sch_move(clocks, when):
-    """Move every clock to ``when`` at once, then wait until each scheduler is idle."""
-    for clock in clocks:
-        clock.set(sch_ts(when))
-    for clock in clocks:
-        clock.settled()
-
-
-def sch_scheduled(store, flow=None):
-    """The scheduled_for of every run in the store (of ``flow``), oldest first."""
-    records = RunStore(store).list(flow=flow)
-    return sorted(r["scheduled_for"] for r in records if r["scheduled_for"])
-
-
-def sch_wait_runs(store, expected, flow=None):
-    """Wait until the store's scheduled runs are ``expected`` (ISO minutes) and all finished."""
-    def reached():
-        records = RunStore(store).list(flow=flow)
-        done = all(r["status"] == "COMPLETED" for r in records)
-        return done and sorted(r["scheduled_for"] for r in records) == expected and [records]
-    return wait_until(reached, what="scheduled runs %s" % expected)[0]
-
-
-def sch_server(srv_serve, store, flows, now, **options):
-    clock = SchClock(sch_ts(now))
-    server = srv_serve(store, flows={f.name: f for f in flows}, clock=clock,
-                       engine=quiet(store=str(store)), **options)
-    clock.settled()
-    return server, clock
-
-
-def sch_quick_flow(name="every5", schedule="*/5 * * * *", **options):
-    @task(name="work_" + name)
-    def work(ctx):
-        return ctx.run_id
-
-    flow = Flow(name, schedule=schedule, schedule_tz="UTC", **options)
-    flow >> work
-    return flow
-
-
-def test_scheduled_runs_start_at_their_times_with_scheduled_for(tmp_path, srv_serve):
-    store = tmp_path / "store"
-    server, clock = sch_server(srv_serve, store, [sch_quick_flow()], "2026-12-01T10:02Z")
-    samples = srv_metrics(server.url)[2]
-    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
-                     flow="every5") == sch_ts("2026-12-01T10:05Z")
-    assert srv_value(samples, "pyoco_schedule_skipped_total", flow="every5") == 0
-    assert sch_scheduled(store) == []
-    sch_move([clock], "2026-12-01T10:05Z")
-    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z"])
-    sch_move([clock], "2026-12-01T10:09:59Z")           # not yet
-    sch_move([clock], "2026-12-01T10:10:30Z")
-    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z", "2026-12-01T10:10:00.000Z"])
-    sch_move([clock], "2026-12-01T10:31Z")              # asleep for four times: one run, the latest
-    records = sch_wait_runs(store, ["2026-12-01T10:05:00.000Z", "2026-12-01T10:10:00.000Z",
-                                    "2026-12-01T10:30:00.000Z"])
-    assert all(r["params"] == {} for r in records)
-    status, full = srv_json(server.url, "GET", "/runs/" + records[0]["run_id"])
-    assert status == 200 and set(full) == RUN_KEYS
-    assert full["tasks"]["work_every5"]["state"] == "SUCCEEDED"
-    samples = srv_metrics(server.url)[2]
-    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
-                     flow="every5") == sch_ts("2026-12-01T10:35Z")
-    wait_until(lambda: srv_value(srv_metrics(server.url)[2], "pyoco_runs_total", flow="every5",
-                               status="COMPLETED") == 3, what="three runs in /metrics")
-
-
-def sch_blocking_flow(release, overlap):
-    @task
-    def hold(ctx):
-        release.wait(WAIT)
-
-    flow = Flow("held", schedule="every 1m", schedule_overlap=overlap)
-    flow >> hold
-    return flow
-
-
-@pytest.mark.parametrize("overlap, expected, skipped", [
-    ("skip", ["10:01", "10:03"], 1),
-    ("allow", ["10:01", "10:02", "10:03"], 0),
-])
-def test_scheduled_time_is_skipped_while_the_flow_still_runs(tmp_path, srv_serve, capsys,
-                                                             overlap, expected, skipped):
-    store = tmp_path / "store"
-    release = threading.Event()
-    server, clock = sch_server(srv_serve, store, [sch_blocking_flow(release, overlap)],
-                               "2026-12-01T10:00:30Z")
-    sch_move([clock], "2026-12-01T10:01Z")
-    first = wait_until(lambda: RunStore(store).list(status="RUNNING"), what="the first run")
-    sch_move([clock], "2026-12-01T10:02Z")
-    samples = srv_metrics(server.url)[2]
-    assert srv_value(samples, "pyoco_schedule_skipped_total", flow="held") == skipped
-    err = capsys.readouterr().err
-    skip_lines = [line for line in err.splitlines() if "skip" in line]
-    if skipped:
-        assert skip_lines == ["pyoco serve: skip flow 'held' at 2026-12-01T10:02:00.000Z: run"
-                              " %s is still RUNNING" % first[0]["run_id"]]
-    else:
-        assert skip_lines == []
-    release.set()
-    wait_until(lambda: not RunStore(store).list(status="RUNNING"), what="the runs to end")
-    sch_move([clock], "2026-12-01T10:03Z")
-    sch_wait_runs(store, ["2026-12-01T%s:00.000Z" % hm for hm in expected])
-
-
-def sch_history(store, flow, when):
-    """A finished scheduled run of ``flow`` for time ``when``, as a previous server made it."""
-    quiet(store=str(store)).run(flow, scheduled_for=sch_ts(when))
-
-
-@pytest.mark.parametrize("catchup, history, expected", [
-    ("latest", "2026-12-01T09:00Z", ["2026-12-01T09:00:00.000Z", "2026-12-01T12:00:00.000Z"]),
-    ("none", "2026-12-01T09:00Z", ["2026-12-01T09:00:00.000Z"]),
-    ("latest", None, []),                   # never scheduled here yet: nothing was missed
-    ("latest", "2026-12-01T12:00Z", ["2026-12-01T12:00:00.000Z"]),     # nothing missed since
-])
-def test_catch_up_runs_the_latest_missed_time_once_at_start(tmp_path, srv_serve, catchup,
-                                                            history, expected):
-    store = tmp_path / "store"
-    flow = sch_quick_flow("hourly", "@hourly", schedule_catchup=catchup)
-    if history:
-        sch_history(store, flow, history)
-    server, clock = sch_server(srv_serve, store, [flow], "2026-12-01T12:30Z")
-    sch_wait_runs(store, expected)
-    sch_move([clock], "2026-12-01T12:59Z")
-    assert sch_scheduled(store) == expected
-    sch_move([clock], "2026-12-01T13:00Z")
-    sch_wait_runs(store, expected + ["2026-12-01T13:00:00.000Z"])
-
-
-def test_two_servers_on_one_store_start_each_time_once(tmp_path, srv_serve):
-    # Two Server objects rather than two processes: their clocks must be injected
-    # to go through several times at once, and they share only the store's files,
-    # as two processes do. A claim left by a server that died costs only its time.
-    store = tmp_path / "store"
-    flow = sch_quick_flow("shared", "every 1m")
-    claims = store / "schedule" / "shared"
-    claims.mkdir(parents=True)
-    (claims / ("%d.claim" % sch_ts("2026-12-01T10:03Z"))).write_text("{}")
-    servers = [sch_server(srv_serve, store, [flow], "2026-12-01T10:00:30Z") for _ in range(2)]
-    clocks = [clock for _, clock in servers]
-    expected = []
-    for minute in range(1, 6):
-        sch_move(clocks, "2026-12-01T10:%02d:00Z" % minute)
-        if minute != 3:
-            expected.append("2026-12-01T10:%02d:00.000Z" % minute)
-        sch_wait_runs(store, expected)
-    assert len(RunStore(store).ids()) == 4          # the claims are not runs to any reader
-    listing = cli(tmp_path, "runs", "list", "--store", store, "--json")
-    assert listing.returncode == 0 and len(json.loads(listing.stdout)) == 4
-    assert sorted(os.listdir(claims)) == sorted("%d.claim" % sch_ts("2026-12-01T10:%02dZ" % m)
-                                                for m in range(1, 6))
-
-
-def test_server_close_stops_the_scheduler(tmp_path):
-    store = tmp_path / "store"
-    clock = SchClock(sch_ts("2026-12-01T10:02Z"))
-    server = pyoco.Server(str(store), port=0, flows={"every5": sch_quick_flow()}, clock=clock,
-                          engine=quiet(store=str(store))).start()
-    clock.settled()
-    thread = server.timetable.thread
-    server.close()
-    assert not thread.is_alive()
-    clock.set(sch_ts("2026-12-01T10:05Z"))
-    assert sch_scheduled(store) == []
-
-
-def test_unscheduled_flows_start_no_scheduler(tmp_path, srv_serve):
-    server = srv_serve(tmp_path / "store", flows={"plain": Flow("plain")})
-    assert server.timetable is None
-    assert "pyoco_schedule" not in srv_metrics(server.url)[1]
-
-
-SCH_HELD_FLOW = '''\
-from pyoco import task, Flow
-
-@task
-def hold(ctx):
-    ctx.cancelled.wait(30)
-
-flow = Flow("held", schedule="every 1s")
-flow >> hold
-'''
-
-
-def test_pyoco_serve_starts_scheduled_runs_and_ctrl_c_cancels_them(tmp_path, srv_cli_serve):
-    # Real time, but only a second: "every 1s" starts one run; the next
-    # times are skipped while it runs; SIGTERM (Ctrl+C's path) cancels it.
-    store = tmp_path / "store"
-    flow_file = srv_flow_file(tmp_path, "held", SCH_HELD_FLOW)
-    server = srv_cli_serve(store, flow_file)
-    record = wait_until(lambda: RunStore(store).list(status="RUNNING"), what="a scheduled run")[0]
-    assert ISO.match(record["scheduled_for"])
-    assert record["scheduled_for"].endswith(".000Z")
-    server.wait_for(r"pyoco serve: skip flow 'held' at ", stream="stderr")
-    assert "pyoco serve: flow 'held' runs at 'every 1s' (UTC); next at " in server.text("stderr")
-    assert server.stop() == 0
-    final = RunStore(store).get(record["run_id"])
-    assert final["status"] == "CANCELLED"
-    assert final["scheduled_for"] == record["scheduled_for"]
-    assert [r["run_id"] for r in RunStore(store).list()] == [record["run_id"]]
-
-
-def test_pyoco_serve_no_schedule_starts_no_scheduled_runs(tmp_path, srv_cli_serve):
-    store = tmp_path / "store"
-    flow_file = srv_flow_file(tmp_path, "held", SCH_HELD_FLOW.replace(
-        "ctx.cancelled.wait(30)", "return 1"))
-    server = srv_cli_serve(store, flow_file, options=["--no-schedule"])
-    server.wait_for(r"not scheduled here \(--no-schedule\)", stream="stderr")
-    status, flows = srv_json(server.url, "GET", "/flows")
-    assert status == 200
-    assert [(f["flow"], f["schedule"], f["next_run_at"]) for f in flows] == [
-        ("held", "every 1s", None)]
-    assert "pyoco_schedule" not in srv_metrics(server.url)[1]
-    status, body = srv_json(server.url, "POST", "/runs", {"flow": "held"})     # by hand still
-    assert status == 202
-    record = srv_wait_status(server, body["run_id"], "COMPLETED")
-    assert record["scheduled_for"] is None
-    assert server.stop() == 0
-    assert [r["run_id"] for r in RunStore(store).list()] == [body["run_id"]]
-    assert not (store / "schedule").exists()
-
-
-# ---------------------------------------------------------------------------
-# GET /flows and the page's flows view (real server, headless Chromium)
-# ---------------------------------------------------------------------------
-
-SCH_FLOWS_KEYS = {"flow", "file", "schedule", "next_run_at", "last_run"}
-
-
-def test_get_flows_lists_loaded_flows_with_schedule_next_time_and_last_run(tmp_path,
-                                                                           srv_cli_serve):
-    store = tmp_path / "store"
-    yearly = srv_flow_file(tmp_path, "yearly", SCH_FLOW.replace("ticker", "yearly")
-                           % "0 3 1 jan *")
-    greet = srv_flow_file(tmp_path)
-    server = srv_cli_serve(store, yearly, greet)
-    status, flows = srv_json(server.url, "GET", "/flows")
-    assert status == 200
-    assert [set(f) for f in flows] == [SCH_FLOWS_KEYS, SCH_FLOWS_KEYS]
-    assert flows[0] == {"flow": "yearly", "file": str(yearly), "schedule": "0 3 1 jan *",
-                        "next_run_at": "%d-01-01T03:00:00.000Z" % (time.gmtime().tm_year + 1),
-                        "last_run": None}
-    assert flows[1] == {"flow": "greet", "file": str(greet), "schedule": None,
-                        "next_run_at": None, "last_run": None}
-    samples = srv_metrics(server.url)[2]
-    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds",
-                     flow="yearly") == sch_ts(flows[0]["next_run_at"][:16] + "Z")
-    assert srv_value(samples, "pyoco_schedule_next_run_timestamp_seconds", flow="greet") is None
-    _, body = srv_json(server.url, "POST", "/runs", {"flow": "greet", "params": {"who": "flows"}})
-    srv_wait_status(server, body["run_id"], "COMPLETED")
-
-    def last_run():
-        last = srv_json(server.url, "GET", "/flows")[1][1]["last_run"]
-        return last and last["status"] == "COMPLETED" and last
-    last = wait_until(last_run, what="greet's last run")
-    assert last["run_id"] == body["run_id"] and "events" not in last
-    assert set(last) == RUN_KEYS - {"events"}
-    assert srv_request(server.url, "GET", "/flows?x=1")[0] == 400
-    assert srv_request(server.url, "POST", "/flows")[0] == 405
-
-
-def sch_site_flows(hold):
-    """Three flows for the flows view: nightly (fails now and then), sync (can be
-    held running by a parameter) and an unscheduled report."""
-    @task
-    def extract(ctx, n=0):
-        time.sleep(0.01 + 0.004 * (n % 5))      # work of varying length
-        if n in (3, 8):
-            raise ValueError("upstream was down")
-
-    @task
-    def sync(ctx, n=0, held=False):
-        time.sleep(0.005 + 0.002 * n)           # work
-        if held:
-            hold.wait(60)
-
-    @task
-    def report(ctx):
-        return "ok"
-
-    nightly = Flow("nightly_etl", schedule="0 3 * * *", schedule_tz="Europe/Paris")
-    nightly >> extract
-    hourly = Flow("hourly_sync", schedule="every 15m")
-    hourly >> sync
-    adhoc = Flow("adhoc_report")
-    adhoc >> report
-    return [nightly, hourly, adhoc]
-
-
-@pytest.fixture
-def sch_flows_site(tmp_path, srv_serve):
-    """A server with a history of runs of three flows and one run still running;
-    its clock stands still just after the last scheduled times, so no scheduled
-    run starts (or is caught up) while the page is read."""
-    store = tmp_path / "store"
-    hold = threading.Event()
-    flows = sch_site_flows(hold)
-    engine = quiet(store=str(store))
-    for n in range(12):
-        engine.run(flows[0], {"n": n}, raise_on_failure=False,
-                   scheduled_for=sch_ts("2026-11-20T02:00Z") + n * 86400)
-    for n in range(7):
-        engine.run(flows[1], {"n": n}, scheduled_for=sch_ts("2026-12-01T07:30Z") + n * 900)
-    engine.run(flows[2])
-    clock = SchClock(sch_ts("2026-12-01T09:10Z"))
-    server = srv_serve(store, flows={f.name: f for f in flows}, clock=clock, engine=engine,
-                       files={f.name: "flows/%s.py" % f.name for f in flows})
-    clock.settled()
-    _, body = srv_json(server.url, "POST", "/runs",
-                       {"flow": "hourly_sync", "params": {"n": 7, "held": True}})
-    srv_wait_status(server, body["run_id"], "RUNNING")
-    server.running_id = body["run_id"]
-    yield server
-    hold.set()
-
-
-SCH_SCREENSHOT = os.environ.get("PYOCO_UPDATE_FLOWS_SCREENSHOT")   # read before fixtures clear it
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-def test_browser_flows_view_shows_each_flow_with_runs_rate_trend_and_buttons(sch_flows_site,
-                                                                             tmp_path):
-    server = sch_flows_site
-    done = page_browser(server.url + "/", "--dump-dom")
-    assert done.returncode == 0, done.stderr[-2000:]
-    dom = done.stdout
-    assert 'id="flows"' in dom
-    rows = {name: re.search(r'<tr data-flow="%s">(.*?)</tr>' % name, dom, re.S).group(1)
-            for name in ("nightly_etl", "hourly_sync", "adhoc_report")}
-    nightly = rows["nightly_etl"]
-    assert "0 3 * * *" in nightly and "2026-12-02 02:00:00.000" in nightly   # 03:00 in Paris
-    assert nightly.count('class="cell s-COMPLETED"') == 10
-    assert nightly.count('class="cell s-FAILED"') == 2
-    assert '<td class="rate" title="10 of 12 finished runs completed">83%</td>' in nightly
-    assert nightly.count("<polyline") == 1 and 'data-flow="nightly_etl"' in nightly
-    for record in RunStore(server.store.root).list(flow="nightly_etl"):
-        assert 'href="/runs/%s/view"' % record["run_id"] in nightly      # each cell is a link
-    sync = rows["hourly_sync"]
-    assert "every 15m" in sync and "2026-12-01 09:15:00.000" in sync
-    assert 'class="cell s-RUNNING" href="/runs/%s/view"' % server.running_id in sync
-    assert '<button type="button" class="cancel" data-run="%s"' % server.running_id in sync
-    assert ">100%<" in sync
-    adhoc = rows["adhoc_report"]
-    assert "class=\"mono next\">–<" in adhoc and adhoc.count('class="cell s-') == 1
-    assert "Run now" in adhoc and "cancel" not in adhoc
-
-    shot = tmp_path / "flows.png"
-    done = page_browser(server.url + "/", "--screenshot=%s" % shot)
-    assert done.returncode == 0 and shot.stat().st_size > 10000
-    if SCH_SCREENSHOT:              # how docs/flows-view.png is made
-        shutil.copyfile(shot, SCH_SCREENSHOT)
-
-
-def test_page_buttons_are_refused_without_the_token_when_one_is_set(tmp_path, srv_serve):
-    # The buttons send what this sends: a POST from the page's own origin.
-    store = tmp_path / "store"
-    hold = threading.Event()
-    flows = {f.name: f for f in sch_site_flows(hold)}
-    server = srv_serve(store, flows=flows, token="s3cret", clock=SchClock(time.time()))
-    page = {"Origin": server.url}
-    body = {"flow": "hourly_sync", "params": {"held": True}}
-    assert srv_json(server.url, "POST", "/runs", body, page)[0] == 401
-    assert srv_json(server.url, "POST", "/runs", body, {
-        "Origin": "http://evil.example", "Authorization": "Bearer s3cret"})[0] == 403
-    status, started = srv_json(server.url, "POST", "/runs", body,
-                               dict(page, Authorization="Bearer s3cret"))
-    assert status == 202
-    cancel = "/runs/%s/cancel" % started["run_id"]
-    assert srv_json(server.url, "POST", cancel, None, page)[0] == 401
-    assert srv_json(server.url, "POST", cancel, None,
-                    dict(page, Authorization="Bearer s3cret"))[0] == 202
-    hold.set()
-    srv_wait_status(server, started["run_id"], "CANCELLED")
-    text = page_get(server.url + "/")[2].decode("utf-8")
-    assert 'sessionStorage.setItem("pyoco-token"' in text and 'localStorage.setItem("pyoco-token"' not in text
-    assert '"Authorization"] = "Bearer " + token' in text
-
-
-# ---------------------------------------------------------------------------
-# The scheduling docs' example runs
-# ---------------------------------------------------------------------------
-
-def test_scheduled_report_example_checks_and_runs(tmp_path):
-    example = HERE / "examples" / "scheduled_report.py"
-    report = json.loads(cli(tmp_path, "check", example, "--json").stdout)
-    assert report["ok"] and report["schedule"] == "30 6 * * mon-fri"
-    for stamp in report["next_runs"]:                   # 06:30 in Tokyo, Monday to Friday
-        day = time.gmtime(sch_ts(stamp[:19] + "Z") + 9 * 3600)
-        assert (day.tm_hour, day.tm_min, day.tm_wday < 5) == (6, 30, True)
-    done = cli(tmp_path, "run", example, "--store", tmp_path / "store")
-    assert done.returncode == 0, done.stderr
-    record = RunStore(tmp_path / "store").list()[0]
-    assert record["status"] == "COMPLETED" and record["scheduled_for"] is None
-    assert "report.txt" in record["tasks"]["write_report"]["artifacts"]
-    assert "docs/scheduling.md" in (HERE / "README.md").read_text(encoding="utf-8")
-
-
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
-def test_schedule_metrics_pass_promtool_check_metrics(tmp_path, srv_serve):
-    store = tmp_path / "store"
-    server, clock = sch_server(srv_serve, store, [sch_quick_flow(SRV_WEIRD)], "2026-12-01T10:02Z")
-    sch_move([clock], "2026-12-01T10:05Z")
-    sch_wait_runs(store, ["2026-12-01T10:05:00.000Z"])
-    _, text, samples = srv_metrics(server.url)
-    assert srv_value(samples, "pyoco_schedule_skipped_total", flow=SRV_WEIRD) == 0
-    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode("utf-8"),
-                           capture_output=True, timeout=30)
-    assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
-
-
-# ---------------------------------------------------------------------------
-# Incremental runs: cache=True, fingerprints and reuse (SPEC section 11)
-# ---------------------------------------------------------------------------
-
-_CACHED_FLOW = '''
-from pyoco import task, Flow
-
-@task(cache=True{options})
-def fetch(ctx, day):
-    {body}
-
-flow = Flow(name="cached")
-flow >> fetch
-'''
-
-
-def _cached_flow_file(tmp_path, name, body, options=""):
-    return write(tmp_path / ("%s.py" % name), _CACHED_FLOW.format(body=body, options=options))
-
-
-def _reuse_of(run):
-    """Task name -> the run it was reused from, None for tasks that ran."""
-    return {name: record.reused_from for name, record in run.tasks.items()}
-
-
-@pytest.mark.parametrize("first, second, options, day, reused", [
-    ("return day * 2", "return day * 2", ("", ""), 1, True),
-    ("return day * 2", "return day * 3", ("", ""), 1, False),        # a changed constant
-    ("return day * 2", "return day + day", ("", ""), 1, False),      # a changed body
-    ("return day * 2", "# the double\n    return day * 2\n\n", ("", ""), 1, True),  # a comment
-    ("return day * 2", "return day * 2", ("", ""), 2, False),        # a changed parameter
-    ("return day * 2", "return day * 3", (", version=1", ", version=1"), 1, True),
-    ("return day * 2", "return day * 2", (", version=1", ", version=2"), 1, False),
-    ("return [day, (lambda: 1)()]", "return [day, (lambda: 2)()]", ("", ""), 1, False),
-])
-def test_a_cached_task_is_reused_only_while_its_code_and_inputs_are_unchanged(
-        tmp_path, first, second, options, day, reused):
-    engine = Engine(trace=False, store=tmp_path / "store")
-    old = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "one", first, options[0]))),
-                     {"day": 1})
-    new = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "two", second,
-                                                           options[1]))), {"day": day})
-    assert old.tasks["fetch"].reused_from is None and old.tasks["fetch"].attempts == 1
-    assert _reuse_of(new)["fetch"] == (old.run_id if reused else None)
-    assert new.tasks["fetch"].attempts == (0 if reused else 1)
-    assert new.status == "COMPLETED"
-
-
-def _cutoff_flow(calls):
-    @task(cache=False)
-    def source(ctx, day):
-        calls.append("source")
-        return day // 10            # 11 and 12 give the same output
-
-    @task(cache=True)
-    def report(ctx, source):
-        calls.append("report")
-        return "report of %d" % source
-
-    flow = Flow(name="cutoff")
-    flow >> source >> report
-    return flow
-
-
-@pytest.mark.parametrize("second_day, report_reused", [(12, True), (21, False)])
-def test_early_cut_off_judges_a_cached_task_by_its_own_inputs(tmp_path, make_engine,
-                                                            second_day, report_reused):
-    calls = []
-    engine = make_engine(store=tmp_path)
-    first = engine.run(_cutoff_flow(calls), {"day": 11})
-    del calls[:]
-    second = engine.run(_cutoff_flow(calls), {"day": second_day})
-    assert calls == (["source"] if report_reused else ["source", "report"])
-    assert second.tasks["report"].reused_from == (first.run_id if report_reused else None)
-    assert second.results["report"] == "report of %d" % (second_day // 10)
-
-
-def test_a_reused_task_succeeds_with_the_origin_runs_output_reason_trace_and_artifacts(
-        tmp_path):
-    calls = []
-
-    @task(cache=True)
-    def fetch(ctx, day):
-        calls.append(day)
-        ctx.save_artifact("day.txt", "day %d" % day)
-        return {"day": day}
-
-    flow = Flow(name="origin")
-    flow >> fetch
-    trace = io.StringIO()
-    engine = Engine(trace=trace, cute=True, store=tmp_path)
-    first = engine.run(flow, {"day": 3})
-    second = engine.run(flow, {"day": 3})
-    plain = Engine(trace=io.StringIO(), cute=False, store=tmp_path)
-    third = plain.run(flow, {"day": 3})
-    assert calls == [3]
-    for run in (second, third):     # a reuse of a reuse names the run where it last ran
-        record = run.to_dict()["tasks"]["fetch"]
-        assert record["state"] == "SUCCEEDED" and record["reused_from"] == first.run_id
-        assert record["reason"] == "same code and inputs as run %s" % first.run_id
-        assert run.results["fetch"] == {"day": 3}
-        with open(record["artifacts"]["day.txt"]) as f:
-            assert f.read() == "day 3"
-    assert "♻️ reuse node=fetch (run %s)" % first.run_id in trace.getvalue()
-    assert re.search(r"INFO reuse node=fetch from_run=%s .*run_id=%s"
-                     % (first.run_id, third.run_id), plain.trace.getvalue())
-    stored = RunStore(tmp_path).get(third.run_id)
-    assert stored["tasks"]["fetch"]["reused_from"] == first.run_id
-
-
-def _one_cached_task(calls, flow_name, output=1, **options):
-    """A flow of one cache=True task ``fetch(ctx, day=0)`` that notes each call in ``calls``."""
-    @task(cache=True, **options)
-    def fetch(ctx, day=0):
-        calls.append(day)
-        return output
-
-    flow = Flow(name=flow_name)
-    flow >> fetch
-    return flow
-
-
-def test_cache_ttl_ignores_entries_older_than_it_counting_from_the_origin_run(
-        tmp_path, monkeypatch):
-    calls = []
-    flow = _one_cached_task(calls, "ttl", cache_ttl=3600)
-    engine = Engine(trace=False, store=tmp_path)
-    first = engine.run(flow)
-    later = first.started_at
-    monkeypatch.setattr(pyoco._CacheIndex, "clock", staticmethod(lambda: later + 3599))
-    assert engine.run(flow).tasks["fetch"].reused_from == first.run_id
-    monkeypatch.setattr(pyoco._CacheIndex, "clock", staticmethod(lambda: later + 3601))
-    assert engine.run(flow).tasks["fetch"].reused_from is None
-    assert len(calls) == 2
-
-
-def test_cache_false_runs_again_even_on_resume_while_the_default_is_reused(tmp_path):
-    calls = []
-    broken = [True]
-
-    @task(cache=False)
-    def clock_in(ctx):
-        calls.append("clock_in")
-        return 1
-
-    @task
-    def seeds(ctx):
-        calls.append("seeds")
-        return 2
-
-    @task
-    def plant(ctx, clock_in, seeds):
-        if broken[0]:
-            raise RuntimeError("frozen")
-        return clock_in + seeds
-
-    flow = Flow(name="resumed")
-    flow.add(plant, after=[clock_in, seeds])
-    engine = Engine(trace=False, store=tmp_path)
-    failed = engine.run(flow, raise_on_failure=False)
-    broken[0] = False
-    resumed = engine.run(flow, resume=failed.run_id)
-    assert sorted(calls) == ["clock_in", "clock_in", "seeds"]
-    assert _reuse_of(resumed) == {"clock_in": None, "seeds": failed.run_id, "plant": None}
-    assert resumed.results["plant"] == 3
-
-
-def test_a_value_without_fingerprint_makes_the_task_run_saying_why(tmp_path):
-    calls = []
-
-    @task(cache=True)
-    def use(ctx, conn):
-        calls.append(conn)
-        return "used"
-
-    use.task.inputs = {"conn": threading.Lock()}     # neither JSON nor picklable
-    flow = Flow(name="lock")
-    flow >> use
-    engine = Engine(trace=False, store=tmp_path)
-    runs = [engine.run(flow), engine.run(flow)]
-    assert len(calls) == 2
-    for run in runs:
-        assert run.tasks["use"].reused_from is None
-        assert run.tasks["use"].reason == "not cacheable: input 'conn' has no fingerprint"
-
-
-def test_pruned_runs_take_their_outputs_out_of_the_cache(tmp_path, monkeypatch):
-    calls = []
-    flow = _one_cached_task(calls, "pruned")
-    monkeypatch.setenv("PYOCO_MAX_RUN_HISTORY", "1")
-    engine = Engine(trace=False, store=tmp_path)
-    for day in (1, 2, 1):           # day 1's run was pruned when day 2's ended
-        engine.run(flow, {"day": day})
-    assert calls == [1, 2, 1]
-
-
-@pytest.mark.parametrize("damaged", ["outputs.jsonl", "cache.jsonl"])
-@pytest.mark.parametrize("content", [b"", b"{not json\n", b'{"task": "fetch"}\n[1]\n'])
-def test_an_unreadable_output_or_cache_file_means_run_it(tmp_path, damaged, content):
-    calls = []
-    flow = _one_cached_task(calls, "damaged", {"big": "output"})
-    engine = Engine(trace=False, store=tmp_path)
-    first = engine.run(flow)
-    (tmp_path / "runs" / first.run_id / damaged).write_bytes(content)
-    second = engine.run(flow)
-    assert second.status == "COMPLETED" and second.tasks["fetch"].reused_from is None
-    assert second.results["fetch"] == {"big": "output"} and len(calls) == 2
-
-
-def test_cached_map_instances_are_reused_one_by_one(tmp_path):
-    calls = []
-
-    @task(cache=True)
-    def square(ctx, n):
-        calls.append(n)
-        return n * n
-
-    def flow_over(items):
-        flow = Flow(name="squares")
-        flow >> square.map(items)
-        return flow
-    engine = Engine(trace=False, store=tmp_path)
-    first = engine.run(flow_over([1, 2])).run_id
-    assert _plan_rows(engine.plan(flow_over([1, 2]))) == [
-        ("square", "reuse", "same code and inputs as run %s" % first, first)]
-    assert _plan_rows(engine.plan(flow_over([1, 2, 3]))) == [
-        ("square", "run", "no earlier run", None)]      # square[2] is new
-    run = engine.run(flow_over([1, 2, 3]))
-    assert sorted(calls) == [1, 2, 3] and run.results["square"] == [1, 4, 9]
-
-
-def test_resume_of_a_map_with_one_failed_instance_runs_only_that_instance(tmp_path):
-    calls = []
-    broken = [True]
-
-    @task
-    def items(ctx):
-        return ["a", "b", "c"]
-
-    @task(fail_policy="isolate")      # the other instances run on
-    def handle(ctx, item):
-        calls.append(item)
-        if item == "b" and broken[0]:
-            raise ValueError("bad b")
-        return item.upper()
-
-    flow = Flow(name="map-resume")
-    flow >> items >> handle.map("$node.items.output")
-    engine = Engine(trace=False, store=tmp_path)
-    failed = engine.run(flow, raise_on_failure=False)
-    assert [failed.tasks["handle[%d]" % k].state for k in range(3)] == [
-        "SUCCEEDED", "FAILED", "SUCCEEDED"]
-    broken[0] = False
-    del calls[:]
-    resumed = engine.run(flow, resume=failed.run_id)
-    assert calls == ["b"]
-    assert resumed.results["handle"] == ["A", "B", "C"]
-    assert _reuse_of(resumed)["handle[0]"] == failed.run_id
-    assert _reuse_of(resumed)["handle[1]"] is None
-
-
-@pytest.mark.parametrize("options, error", [
-    ({"cache": "yes"}, "cache must be True, False or 'resume'"),
-    ({"cache": "resum"}, "did you mean 'resume'"),
-    ({"cache_ttl": 0}, "cache_ttl must be seconds > 0"),
-    ({"cache_key": "path"}, "cache_key must be a function"),
-    ({"version": [1]}, "version must be a string or a number"),
-])
-def test_bad_cache_options_are_clear_errors(options, error):
-    with pytest.raises(ValueError, match=re.escape(error)):
-        task(**options)(lambda ctx: None)
-
-
-def test_cache_key_replaces_the_inputs_in_the_fingerprint(tmp_path):
-    calls = []
-
-    @task(cache_key=lambda ctx, inputs: inputs["path"].split("?")[0])
-    def read(ctx, path):
-        calls.append(path)
-        return len(path)
-
-    flow = Flow(name="keyed")
-    flow >> read
-    engine = Engine(trace=False, store=tmp_path)
-    first = engine.run(flow, {"path": "a.txt?v=1"})
-    assert engine.run(flow, {"path": "a.txt?v=2"}).tasks["read"].reused_from == first.run_id
-    assert engine.run(flow, {"path": "b.txt"}).tasks["read"].reused_from is None
-    assert calls == ["a.txt?v=1", "b.txt"]
-
-
-def test_without_a_store_nothing_is_reused_across_runs():
-    calls = []
-    flow = _one_cached_task(calls, "no-store")
-    run_quiet(flow)
-    run_quiet(flow)
-    assert len(calls) == 2
-
-
-# ---------------------------------------------------------------------------
-# Incremental runs: overrides, --only / --from and --plan (SPEC section 11)
-# ---------------------------------------------------------------------------
-
-def _targets_flow(calls, cache="resume"):
-    """fetch -> clean -> report, and fetch -> audit: a flow to select parts of."""
-    fetch = task(name="fetch", cache=cache)(lambda ctx: (calls.append("fetch"), [3, 1, 2])[1])
-    clean = task(name="clean", cache=cache)(
-        lambda ctx, fetch: (calls.append("clean"), sorted(fetch))[1])
-    report = task(name="report", cache=cache)(
-        lambda ctx, clean: (calls.append("report"), sum(clean))[1])
-    audit = task(name="audit", cache=cache)(
-        lambda ctx, fetch: (calls.append("audit"), len(fetch))[1])
-    flow = Flow(name="targets")
-    flow >> fetch >> clean >> report
-    flow.add(audit, after=[fetch])
-    return flow
-
-
-def test_overrides_give_a_task_its_output_without_calling_it():
-    calls = []
-    trace = io.StringIO()
-    run = Engine(trace=trace, cute=True).run(_targets_flow(calls), overrides={"fetch": [9, 8]})
-    assert "✅ done node=fetch (overridden)" in trace.getvalue()
-    assert "fetch" not in calls and sorted(calls) == ["audit", "clean", "report"]
-    record = run.tasks["fetch"]
-    assert record.state == "SUCCEEDED" and record.reason == "overridden"
-    assert record.attempts == 0 and record.reused_from is None
-    assert run.results["report"] == 17 and run.results["audit"] == 2
-
-
-@pytest.mark.parametrize("call, closest", [
-    (dict(overrides={"fetc": 1}), "'fetch'"),
-    (dict(only=["reprot"]), "'report'"),
-    (dict(rerun_from=["claen"]), "'clean'"),
-])
-def test_an_unknown_task_name_in_targets_or_overrides_is_a_flow_error_naming_the_closest(
-        call, closest):
-    calls = []
-    engine = quiet()
-    attempts = [engine.run] + ([] if "overrides" in call else [engine.plan])
-    for attempt in attempts:
-        with pytest.raises(pyoco.FlowError, match="did you mean %s" % re.escape(closest)):
-            attempt(_targets_flow(calls), **call)
-    assert calls == []
-
-
-def test_only_runs_the_named_tasks_and_what_they_need_and_skips_the_rest():
-    calls = []
-    run = run_quiet(_targets_flow(calls), only=["clean"])
-    assert sorted(calls) == ["clean", "fetch"]
-    for name in ("report", "audit"):
-        assert run.tasks[name].state == "SKIPPED" and run.tasks[name].reason == "not selected"
-    assert run.status == "COMPLETED"
-
-
-@pytest.mark.parametrize("resume, cache, reran", [
-    (False, True, ["clean", "report"]),
-    (True, True, ["clean", "report"]),
-    (True, "resume", ["clean", "report"]),      # a failed run keeps every output
-    (False, "resume", ["audit", "clean", "fetch", "report"]),   # a completed one does not
-])
-def test_from_runs_the_task_and_its_downstream_and_reuses_the_rest(tmp_path, resume, cache,
-                                                                   reran):
-    calls = []
-    engine = Engine(trace=False, store=tmp_path)
-    first = engine.run(_targets_flow(calls, cache), overrides={"report": None} if resume else
-                       None, raise_on_failure=False)
-    if resume and cache != True:
-        first = engine.run(_targets_flow(calls, cache), overrides={"clean": "x"},
-                           raise_on_failure=False)
-        assert first.status == "FAILED"
-    del calls[:]
-    run = engine.run(_targets_flow(calls, cache), rerun_from=["clean"],
-                     resume=first.run_id if resume else None)
-    assert sorted(calls) == reran
-    reused = {name: first.run_id for name in ("fetch", "audit") if name not in calls}
-    assert _reuse_of(run) == dict({"fetch": None, "clean": None, "report": None,
-                                   "audit": None}, **reused)
-    assert run.results["report"] == 6
-
-
-def test_only_with_resume_reuses_what_succeeded_and_skips_what_is_not_needed(tmp_path):
-    calls = []
-    engine = Engine(trace=False, store=tmp_path)
-    broken = _targets_flow(calls)
-    first = engine.run(broken, overrides={"fetch": "not a list"}, raise_on_failure=False)
-    assert first.status == "FAILED"
-    del calls[:]
-    run = engine.run(_targets_flow(calls), only=["audit"], resume=first.run_id)
-    assert run.tasks["report"].reason == "not selected"
-    assert run.status == "COMPLETED" and "fetch" not in calls
-
-
-def _plan_rows(entries):
-    return [(e["task"], e["action"], e["reason"], e["reused_from"]) for e in entries]
-
-
-def test_plan_says_why_each_task_runs_or_is_reused_and_runs_nothing(tmp_path):
-    calls = []
-
-    @task(cache=True)
-    def fetch(ctx, day):
-        calls.append("fetch")
-        return day % 2
-
-    @task(cache=True)
-    def report(ctx, fetch):
-        calls.append("report")
-        return fetch
-
-    @task(cache=False)
-    def notify(ctx, report):
-        calls.append("notify")
-
-    @task
-    def archive(ctx, report):
-        calls.append("archive")
-
-    @task(cache=True)
-    def use(ctx, conn):
-        calls.append("use")
-
-    use.task.inputs = {"conn": threading.Lock()}
-    flow = Flow(name="planned")
-    flow >> fetch >> report >> [notify, archive]
-    flow.add(use, after=[report])
-    engine = Engine(trace=False, store=tmp_path)
-    assert _plan_rows(engine.plan(flow, {"day": 1})) == [
-        ("fetch", "run", "no earlier run", None), ("report", "run", "no earlier run", None),
-        ("notify", "run", "cache=False", None),
-        ("archive", "run", "not cached (cache='resume')", None),
-        ("use", "run", "no earlier run", None)]
-    assert calls == [] and not (tmp_path / "runs").exists()    # nothing called or written
-    first = engine.run(flow, {"day": 1}).run_id
-    runs_before = sorted(os.listdir(tmp_path / "runs"))
-    same = _plan_rows(engine.plan(flow, {"day": 1}))
-    assert same[:2] == [("fetch", "reuse", "same code and inputs as run %s" % first, first),
-                        ("report", "reuse", "same code and inputs as run %s" % first, first)]
-    assert same[4] == ("use", "run", "not cacheable: input 'conn' has no fingerprint", None)
-    changed = _plan_rows(engine.plan(flow, {"day": 3}))
-    assert changed[:2] == [
-        ("fetch", "run", "input 'day' changed since run %s" % first, None),
-        ("report", "depends", "upstream 'fetch' runs: decided when it returns", None)]
-    assert _plan_rows(engine.plan(flow, {"day": 1}, only=["fetch"]))[1] == (
-        "report", "skip", "not selected", None)
-    assert sorted(os.listdir(tmp_path / "runs")) == runs_before
-
-
-def test_plan_sees_a_changed_function_body(tmp_path):
-    engine = Engine(trace=False, store=tmp_path / "store")
-    first = engine.run(pyoco.load_flow(str(_cached_flow_file(tmp_path, "one", "return 1"))),
-                       {"day": 1})
-    flow = pyoco.load_flow(str(_cached_flow_file(tmp_path, "two", "return 2")))
-    assert _plan_rows(engine.plan(flow, {"day": 1})) == [
-        ("fetch", "run", "code changed since run %s" % first.run_id, None)]
-
-
-_PLAN_FLOW = '''
-from pyoco import task, Flow
-
-@task(cache=True)
-def fetch(ctx):
-    print("fetched")
-    return 1
-
-@task
-def show(ctx, fetch):
-    print("shown", fetch)
-
-flow = Flow(name="cli-plan")
-flow >> fetch >> show
-'''
-
-
-def test_cli_plan_prints_one_line_per_task_or_json_and_writes_nothing(tmp_path):
-    write(tmp_path / "flow.py", _PLAN_FLOW)
-    first = cli(tmp_path, "run", "flow.py", "--plan")
-    assert first.returncode == 0, first.stderr
-    assert "fetched" not in first.stdout and not (tmp_path / ".pyoco").exists()
-    lines = first.stdout.splitlines()
-    assert lines[0].split() == ["ACTION", "TASK", "REASON"]
-    assert re.match(r"run\s+fetch\s+no earlier run$", lines[1])
-    assert re.match(r"run\s+show\s+not cached \(cache='resume'\)$", lines[2])
-    ran = cli(tmp_path, "run", "flow.py")
-    assert ran.returncode == 0 and "fetched" in ran.stdout
-    run_id = re.search(r"run_id=(\S+)", ran.stderr).group(1)
-    as_json = cli(tmp_path, "run", "flow.py", "--plan", "--json")
-    assert as_json.returncode == 0, as_json.stderr
-    assert json.loads(as_json.stdout) == [
-        {"task": "fetch", "action": "reuse", "reason": "same code and inputs as run %s" % run_id,
-         "reused_from": run_id},
-        {"task": "show", "action": "run", "reason": "not cached (cache='resume')",
-         "reused_from": None}]
-    again = cli(tmp_path, "run", "flow.py", "--non-cute")
-    assert "fetched" not in again.stdout and "shown 1" in again.stdout
-    assert re.search(r"INFO reuse node=fetch from_run=%s " % run_id, again.stderr)
-
-
-@pytest.mark.parametrize("args, words", [
-    (("--plan", "--only", "shwo"), "did you mean 'show'?"),
-    (("--from", "fetc"), "did you mean 'fetch'?"),
-    (("--only", "nothing"), "has no task 'nothing'"),
-    (("--json",), "--json goes with --plan"),
-])
-def test_cli_unknown_targets_and_json_without_plan_exit_2(tmp_path, args, words):
-    write(tmp_path / "flow.py", _PLAN_FLOW)
-    done = cli(tmp_path, "run", "flow.py", *args)
-    assert done.returncode == 2 and words in done.stderr
-    assert "Traceback" not in done.stderr and "fetched" not in done.stdout
-
-
-def test_cli_only_and_from_select_tasks(tmp_path):
-    write(tmp_path / "flow.py", _PLAN_FLOW)
-    only = cli(tmp_path, "run", "flow.py", "--only", "fetch")
-    assert only.returncode == 0 and "fetched" in only.stdout and "shown" not in only.stdout
-    assert "⏭️ skip node=show (not selected)" in only.stderr
-    again = cli(tmp_path, "run", "flow.py", "--from", "show")
-    assert again.returncode == 0 and "fetched" not in again.stdout
-    assert "shown 1" in again.stdout
-
-
-def test_a_parameter_only_an_overridden_or_unselected_task_needs_may_be_left_out():
-    @task
-    def fetch(ctx, day):
-        return day
-
-    @task
-    def show(ctx, fetch):
-        return "day %s" % fetch
-
-    flow = Flow(name="left-out")
-    flow >> fetch >> show
-    assert run_quiet(flow, overrides={"fetch": 7}).results["show"] == "day 7"
-    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
-        run_quiet(flow, overrides={"show": "x"})
-    with pytest.raises(pyoco.FlowError, match="needs parameter 'day'"):
-        run_quiet(flow, only=["show"])
-
-
-def test_from_a_cached_map_runs_its_instances_again(tmp_path):
-    calls = []
-
-    @task(cache=True)
-    def square(ctx, n):
-        calls.append(n)
-        return n * n
-
-    flow = Flow(name="forced-map")
-    flow >> square.map([1, 2])
-    engine = Engine(trace=False, store=tmp_path)
-    engine.run(flow)
-    assert engine.run(flow).tasks["square[0]"].reused_from is not None
-    run = engine.run(flow, rerun_from=["square"])
-    assert sorted(calls) == [1, 1, 2, 2] and run.results["square"] == [1, 4]
-
-
-# ---------------------------------------------------------------------------
-# Incremental runs on the read side: /metrics and the page (SPEC section 11)
-# ---------------------------------------------------------------------------
-
-@pytest.fixture
-def reused_store(tmp_path, srv_serve):
-    """A store where flow "again" ran fetch once and then reused it twice."""
-    @task(cache=True)
-    def fetch(ctx):
-        return 1
-
-    @task
-    def show(ctx, fetch):
-        return fetch
-
-    flow = Flow(name="again")
-    flow >> fetch >> show
-    engine = Engine(trace=False, store=tmp_path)
-    runs = [engine.run(flow) for _ in range(3)]
-    return srv_serve(tmp_path).url, runs
-
-
-def test_metrics_count_reused_tasks_by_flow_and_task(reused_store):
-    url, runs = reused_store
-    _, _, body = page_get(url + "/metrics")
-    text = body.decode("utf-8")
-    assert "# TYPE pyoco_tasks_reused_total counter" in text
-    assert 'pyoco_tasks_reused_total{flow="again",task="fetch"} 2' in text
-    assert 'pyoco_tasks_reused_total{flow="again",task="show"}' not in text
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-def test_page_marks_a_reused_task_with_its_origin_run(reused_store):
-    url, runs = reused_store
-    view = page_browser("%s/runs/%s/view" % (url, runs[2].run_id), "--dump-dom")
-    assert view.returncode == 0, view.stderr[-2000:]
-    assert "reused from" in view.stdout
-    assert "/runs/%s/view" % runs[0].run_id in view.stdout
-
-
-# ---------------------------------------------------------------------------
-# Tutorial step 11: incremental runs
-# ---------------------------------------------------------------------------
-
-def test_tut_unchanged_tasks_are_reused_and_plan_says_what_will_run(tmp_path):
-    first = ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=3"))
-    assert "🧺 harvesting 3 rows" in first.stdout and "⚖️ 2.9 kg" in first.stdout
-    origin = run_id_of(first.stderr)
-    again = ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=3"))
-    assert "harvesting" not in again.stdout and "⚖️" not in again.stdout
-    assert "📣 today's harvest: 2.9 kg of carrots" in again.stdout
-    for name in ("harvest", "weigh"):
-        assert "♻️ reuse node=%s (run %s)" % (name, origin) in again.stderr
-    record = tut_record(tmp_path, run_id_of(again.stderr))
-    assert record["tasks"]["weigh"]["reused_from"] == origin
-    assert record["tasks"]["announce"]["reused_from"] is None
-
-    plan = ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=4", "--plan"))
-    rows = [line.split(None, 2) for line in plan.stdout.splitlines()[1:]]
-    assert rows == [
-        ["run", "harvest", "input 'rows' changed since run %s" % run_id_of(again.stderr)],
-        ["depends", "weigh", "upstream 'harvest' runs: decided when it returns"],
-        ["run", "announce", "cache=False"]]
-    assert len(os.listdir(tut_store(tmp_path) / "runs")) == 2   # the plan wrote nothing
-    invalid = ok(tut_run(tmp_path, "s11_incremental.py", "--plan"), code=2)
-    assert "needs parameter 'rows'" in invalid.stderr and "Traceback" not in invalid.stderr
-
-    only = ok(tut_run(tmp_path, "s11_incremental.py", "--only", "harvest", "-p", "rows=5"))
-    assert "🧺 harvesting 5 rows" in only.stdout and "⚖️" not in only.stdout
-    assert "⏭️ skip node=announce (not selected)" in only.stderr
-    as_json = json.loads(ok(tut_run(tmp_path, "s11_incremental.py", "-p", "rows=5",
-                                        "--plan", "--json")).stdout)
-    assert as_json[0] == {"task": "harvest", "action": "reuse", "reused_from": run_id_of(only.stderr),
-                          "reason": "same code and inputs as run %s" % run_id_of(only.stderr)}
-
-    script = ok(run_python(tmp_path, tut_example("s11_incremental.py")))
-    assert "🧪 the flow weighs 100 carrots as 8.0 kg" in script.stdout
-    assert "harvesting" not in script.stdout
-
-
-# ---------------------------------------------------------------------------
-# Code written for the original pyoco (SPEC section 15)
+# Code written for the original pyoco: states, tasks, groups, context (SPEC section 15)
 # ---------------------------------------------------------------------------
 
 def test_original_state_names_are_strings_with_value_and_one_object_each():
@@ -12001,68 +12417,6 @@ def test_pyoco_run_returns_the_run_and_is_silent_without_trace(capfd):
     assert "INFO start flow=main" in capfd.readouterr().err
 
 
-class RecordingBackend(pyoco.TraceBackend):
-    """A trace backend written for the original: it keeps what it is told."""
-
-    def __init__(self):
-        self.calls = []
-
-    def on_flow_start(self, flow_name, run_id=None):
-        self.calls.append(("flow_start", flow_name, run_id))
-
-    def on_flow_end(self, flow_name):
-        self.calls.append(("flow_end", flow_name))
-
-    def on_node_start(self, node_name):
-        self.calls.append(("start", node_name))
-
-    def on_node_end(self, node_name, duration_ms):
-        assert duration_ms >= 0
-        self.calls.append(("end", node_name))
-
-    def on_node_error(self, node_name, error):
-        self.calls.append(("error", node_name, repr(error)))
-
-
-def test_a_trace_backend_is_told_of_the_run_instead_of_the_trace(capfd):
-    from pyoco.core.engine import Engine
-    from pyoco.core.models import Flow, Task
-
-    def boom():
-        raise ValueError("Boom")
-
-    a, b = Task(func=lambda: 1, name="A"), Task(func=boom, name="B")
-    flow = Flow()
-    flow.add_task(a)
-    flow.add_task(b)
-    b.dependencies.add(a)
-    backend = RecordingBackend()
-    run = Engine(trace_backend=backend, store=False).run(flow, raise_on_failure=False)
-    assert backend.calls == [("flow_start", "main", run.run_id), ("start", "A"), ("end", "A"),
-                             ("start", "B"), ("error", "B", "ValueError('Boom')"),
-                             ("flow_end", "main")]
-    assert capfd.readouterr().err == ""         # the backend replaces pyoco's own trace
-    with pytest.raises(TypeError, match="trace_backend must be a pyoco.TraceBackend"):
-        Engine(trace_backend="cute")
-
-
-@pytest.mark.parametrize("style, lines", [
-    ("cute", ["🐇 pyoco > start flow=main run_id=", "🏃 start node=one", "✅ done node=one (",
-              "🥕 done flow=main"]),
-    ("plain", ["INFO pyoco start flow=main run_id=", "INFO pyoco start node=one",
-               "INFO pyoco end node=one dur_ms=", "INFO pyoco end flow=main"]),
-])
-def test_console_trace_backend_prints_the_originals_lines_to_stdout(capfd, style, lines):
-    from pyoco.trace.console import ConsoleTraceBackend
-    from pyoco.core.engine import Engine
-    Engine(trace_backend=ConsoleTraceBackend(style=style), store=False).run(
-        flow_of_one(lambda: "ok"))
-    out = capfd.readouterr().out.splitlines()
-    assert [line.startswith(want) for line, want in zip(out, lines)] == [True] * 4, out
-    with pytest.raises(ValueError, match="did you mean 'plain'"):
-        ConsoleTraceBackend(style="plan")
-
-
 def test_a_failed_run_raises_run_failed_that_is_also_the_tasks_error_class():
     def boom():
         raise ValueError("Boom")
@@ -12078,231 +12432,6 @@ def test_a_failed_run_raises_run_failed_that_is_also_the_tasks_error_class():
     with pytest.raises(RunFailed) as info:
         pyoco.run(flow_of_one(leave), trace=False)
     assert not isinstance(info.value, SystemExit)
-
-
-def test_a_register_hook_written_for_the_original_loads_its_tasks(tmp_path):
-    folder = plug_make_dist(tmp_path / "site", "plug_orig", {"plug_origmod": '''\
-        from pyoco.core.models import Task
-
-        class ImageClassify(Task):
-            """Label an image."""
-
-            def __init__(self):
-                super().__init__(func=self.run, name="image_classify")
-
-            def run(self, ctx, path="bunny.png"):
-                return "label of " + path
-
-        class Resize(Task):
-            def run(self, ctx, size=1):
-                return size * 2
-
-        def register(registry):
-            registry.task_class(ImageClassify)
-            registry.task_class(Resize, name="resize", retries=2)
-
-            @registry.task(name="shout", timeout_sec=5)
-            def shout(ctx, text="hi"):
-                return text.upper()
-
-            registry.register_callable(lambda ctx: 1, name="one")
-            registry.task_info("resize", summary="Resize an image.")
-    '''}, {"orig": "plug_origmod:register"})
-    listing = plug_cli([folder], tmp_path, "plugins", "list", "--json")
-    rows = {row["name"]: (row["kind"], row["summary"]) for row in plug_json(listing)}
-    assert rows == {"image_classify": ("task", "Label an image."),
-                    "resize": ("task", "Resize an image."), "shout": ("function", None),
-                    "one": ("function", None)}, listing.stderr
-    lint = plug_cli([folder], tmp_path, "plugins", "lint", "--json")
-    assert {(f["plugin"], f["level"]) for f in plug_json(lint)} >= {("shout", "warning")}
-    probe = plug_python(["-c", "import pyoco; from pyoco import plugin_task as p;"
-                         " r = p('resize'); s = p('shout'); i = p('image_classify', retries=1);"
-                         " print(r.name, r.retries, s.timeout, i.name, i.retries)"], [folder],
-                        tmp_path)
-    assert probe.stdout.split() == ["resize", "2", "5", "image_classify", "1"], probe.stderr
-
-
-def test_registry_rejects_unknown_options_and_info_keys_naming_the_closest():
-    registry = pyoco.PluginRegistry()
-    with pytest.raises(TypeError, match="'retries'"):
-        registry.task_class(type("T", (Task,), {"run": lambda self, ctx: 1}), retrys=1)
-    registry.register_callable(lambda ctx: 1, name="one")
-    with pytest.raises(TypeError, match="'summary'"):
-        registry.task_info("one", sumary="x")
-    with pytest.raises(KeyError, match="'one'"):
-        registry.task_info("onee", summary="x")
-
-
-def yaml_python():
-    """An interpreter with PyYAML for the YAML flow-file tests: this one, else
-    $YAML_TEST_PYTHON (.ci/run makes one); without either the test is skipped."""
-    import importlib.util
-    if importlib.util.find_spec("yaml") is not None:
-        return sys.executable
-    if os.environ.get("YAML_TEST_PYTHON"):
-        return os.environ["YAML_TEST_PYTHON"]
-    pytest.skip("PyYAML is not installed for this Python and YAML_TEST_PYTHON is not set"
-                " (.ci/run sets it to a throwaway venv with PyYAML)")
-
-
-def yaml_cli(cwd, *args, python=None, env=None):
-    """``python -m pyoco ARGS`` in ``cwd`` with an interpreter that has PyYAML."""
-    return cli(cwd, *args, python=python or yaml_python(), env=env)
-
-
-@pytest.fixture
-def yaml_example(tmp_path):
-    """A copy of examples/original_yaml to run in."""
-    folder = tmp_path / "original_yaml"
-    shutil.copytree(str(HERE / "examples" / "original_yaml"), str(folder))
-    return folder
-
-
-def test_yaml_flow_file_runs_with_config_flow_and_json_params(yaml_example):
-    done = yaml_cli(yaml_example, "run", "--config", "flow.yaml", "--flow", "harvest",
-                    "--param", "rows=4", "--store", "store")
-    assert done.returncode == 0, done.stderr
-    assert "planting 4 rows" in done.stdout
-    assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
-    record = RunStore(yaml_example / "store").list()[0]
-    assert record["params"] == {"rows": 4} and record["flow"] == "harvest"
-    assert list(record["tasks"]) == ["plant", "water", "count", "sell", "pickle_them", "report"]
-
-
-def test_yaml_or_join_runs_after_one_success_and_the_run_still_fails(yaml_example):
-    done = yaml_cli(yaml_example, "run", "flow.yaml", "-p", "rows=12", "--store", "store")
-    assert done.returncode == 1, done.stderr
-    assert "report: pickled 12 carrots" in done.stdout
-    assert "task 'sell' raised ValueError: the stall holds 10 carrots" in done.stderr
-
-
-def test_yaml_check_and_graph_read_the_file_and_run_nothing(yaml_example):
-    check = yaml_cli(yaml_example, "check", "flow.yaml", "--json")
-    assert check.returncode == 0, check.stderr
-    report = json.loads(check.stdout)
-    assert report["ok"] and report["flow"] == "harvest" and report["needs_params"] == []
-    assert report["rules"] == {"report": ["run_if=any_succeeded"]}
-    graph = yaml_cli(yaml_example, "graph", "--config", "flow.yaml")
-    assert graph.returncode == 0 and "count <- plant, water" in graph.stdout
-    assert "report [run_if=any_succeeded] <- sell, pickle_them" in graph.stdout
-    assert "planting" not in check.stdout + graph.stdout
-    assert not (yaml_example / ".pyoco").exists()
-
-
-YAML_TASKS = '''\
-from pathlib import Path
-from pyoco import task
-
-@task
-def A(ctx):
-    Path("ran-A").write_text("")
-
-@task
-def B(ctx):
-    Path("ran-B").write_text("")
-
-@task
-def C(ctx):
-    Path("ran-C").write_text("")
-'''
-
-
-@pytest.mark.parametrize("graph, message", [
-    ("__import__('os').system('touch PWNED')", "expected >> after '__import__', got '('"),
-    ("A >> B; __import__('os').system('touch PWNED')", "expected >> after 'B', got ';'"),
-    ("A >> B & C", "put the group in parentheses: (a & b)"),
-    ("A >> [B, C]", "unexpected '['"),
-    ("(A & B | C)", "a group mixes & and |"),
-    ("A >> D", "no task 'D' (tasks: A, B, C)"),
-    ("A >> B >>", "the chain ends after >>"),
-    ("A >> (B & )", "expected a task name inside ( ), got ')'"),
-    ("C >> C", "task 'C' cannot run after itself"),
-])
-def test_yaml_graph_lines_other_than_chains_are_refused_before_anything_runs(tmp_path, graph,
-                                                                          message):
-    write(tmp_path / "tasks.py", YAML_TASKS)
-    write(tmp_path / "flow.yaml", '''\
-        discovery:
-          glob_modules: ["tasks.py"]
-        flows:
-          main:
-            graph: |
-              # a comment line
-              A >> B
-              %s
-        ''' % graph)
-    for command in ("run", "check"):
-        done = yaml_cli(tmp_path, command, "flow.yaml", "--store", "store") if command == "run" \
-            else yaml_cli(tmp_path, command, "flow.yaml")
-        assert done.returncode == 2, (done.stdout, done.stderr)
-        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-        assert "flow.yaml:8: flow 'main' graph line 3" in done.stderr and message in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["flow.yaml", "tasks.py"]
-
-
-@pytest.mark.parametrize("text, message", [
-    ("flows: {main: {graph: A}}\ntaskz: {}\n", "unknown key 'taskz' in the file; did you mean"
-                                               " 'tasks'?"),
-    ("flows: {main: {graph: A, default: {}}}\n", "unknown key 'default' in flows.main; did you"
-                                                 " mean 'defaults'?"),
-    ("tasks: {A: {callable: 'tasks:A', timout_sec: 1}}\nflow: {graph: A}\n",
-     "unknown key 'timout_sec' in tasks.A; did you mean 'timeout_sec'?"),
-    ("tasks: {A: {callable: 'tasks.A'}}\nflow: {graph: A}\n", "must be \"module:function\""),
-    ("tasks: {A: {callable: 'tasks:Nope'}}\nflow: {graph: A}\n", "module 'tasks' has no 'Nope'"),
-    ("discovery: {glob_modules: [jobs/*.py]}\nflow: {graph: A}\n", "matches no .py file"),
-    ("flows: {one: {graph: A}, two: {graph: B}}\n", "several flows: one, two; pick one with"
-                                                    " --flow NAME"),
-    ("flows: {main: {graph: A}\n", "not valid YAML"),
-])
-def test_yaml_file_mistakes_are_usage_errors_naming_the_key(tmp_path, text, message):
-    write(tmp_path / "tasks.py", YAML_TASKS)
-    (tmp_path / "flow.yaml").write_text(text, encoding="utf-8")
-    done = yaml_cli(tmp_path, "run", "--config", "flow.yaml", "--store", "store")
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr and not list(tmp_path.glob("ran-*"))
-
-
-def test_a_top_level_flow_runs_tasks_by_callable_and_defaults_yield_to_params(tmp_path):
-    write(tmp_path / "tasks.py", YAML_TASKS + '''\
-
-def greet(ctx, who):
-    print("hello " + who)
-''')
-    write(tmp_path / "flow.yaml", '''\
-        tasks:
-          A: {callable: "tasks:A"}
-          greet: {callable: "tasks:greet", inputs: {who: "$ctx.params.who"}}
-        flow:
-          defaults: {who: world}
-          graph: "flow >> A >> greet"
-        ''')
-    done = yaml_cli(tmp_path, "run", "flow.yaml", "--store", "store")
-    assert done.returncode == 0 and "hello world" in done.stdout, done.stderr
-    done = yaml_cli(tmp_path, "run", "flow.yaml", "--param", "who=carrot", "--store", "store")
-    assert "hello carrot" in done.stdout and (tmp_path / "ran-A").exists()
-
-
-def test_a_yaml_flow_without_pyyaml_exits_2_saying_pip_install_pyyaml(tmp_path):
-    hide = tmp_path / "hide" / "yaml"
-    hide.mkdir(parents=True)
-    (hide / "__init__.py").write_text("raise ImportError(\"No module named 'yaml'\")\n")
-    write(tmp_path / "tasks.py", YAML_TASKS)
-    write(tmp_path / "flow.yaml", "discovery: {glob_modules: [tasks.py]}\nflow: {graph: A}\n")
-    env = child_env(tmp_path / "hide")
-    for args in (("run", "--config", "flow.yaml", "--store", "store"), ("check", "flow.yaml")):
-        done = cli(tmp_path, *args, env=env)
-        assert done.returncode == 2 and "pip install pyyaml" in done.stderr, done.stderr
-        assert "Traceback" not in done.stderr
-    assert not (tmp_path / "ran-A").exists()
-    probe = run_python(tmp_path, "-c", "import pyoco, sys; print('yaml' in sys.modules)")
-    assert probe.stdout.strip() == "False"
-
-
-def test_run_and_check_need_one_flow_file_either_way(tmp_path):
-    for args, message in ((("run",), "needs a flow: FLOW.py"),
-                          (("check", "a.py", "--config", "b.yaml"), "give the flow file once")):
-        done = cli(tmp_path, *args)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 @task
@@ -12352,406 +12481,312 @@ def test_a_flow_written_as_one_chain_runs_from_python_and_the_cli(tmp_path):
     assert probe.stdout.splitlines()[-1] == "3", probe.stderr
 
 
-def test_the_yaml_examples_python_twin_runs_the_same_flow(yaml_example):
-    done = cli(yaml_example, "run", "tasks.py", "-p", "rows=4", "--store", "store")
-    assert done.returncode == 0, done.stderr
-    assert "report: sold 4 carrots; pickled 4 carrots" in done.stdout
-    record = RunStore(yaml_example / "store").list()[0]
-    assert set(record["tasks"]) == {"plant", "water", "count", "sell", "pickle_them", "report"}
-
-
-# Choosing where tasks run: --executor, PYOCO_EXECUTOR, Dask, Ray, MODULE:NAME (SPEC section 14)
+# ===========================================================================
+# The browser page
 # ===========================================================================
 
-# One flow proves a whole executor: a map (numbers -> times_ten[0..2] -> total),
-# a retry (flaky fails its first attempt) and a timeout (slow sleeps past 0.5 s,
-# isolated, so the rest goes on). total saves an artifact naming the processes
-# the map ran in. With -p mode=hang, only `hang` runs: it writes its pid to
-# hang.pid and sleeps, for the Ctrl+C tests.
-EXEC_FLOW = """\
-    import json
-    import os
+
+# ---------------------------------------------------------------------------
+# The page, its endpoints and a real headless Chromium
+# ---------------------------------------------------------------------------
+
+PAGE_FLOW = textwrap.dedent('''
     import time
-    from pyoco import Flow, task
+    from pyoco import task, Flow
 
     @task
-    def numbers(ctx):
-        return [1, 2, 3]
+    def extract(ctx):
+        time.sleep(0.05)
+        print("extracted 3 files")
+        return ["a.csv", "b.csv", "c.csv"]
+
+    @task(retries=2, retry_delay=0.05)
+    def clean(ctx, path):
+        time.sleep(0.04)
+        if path == "b.csv" and ctx.attempt == 1:
+            raise ValueError("flaky disk")
+        return path
 
     @task
-    def times_ten(ctx, x):
-        return {"value": x * 10, "pid": os.getpid()}
+    def load(ctx, clean):
+        time.sleep(0.03)
+        ctx.save_artifact("report.txt", "rows: 42\\n")
+        return len(clean)
+
+    @task(fail_policy="isolate")
+    def notify(ctx, extract):
+        time.sleep(0.02)
+        raise ConnectionError("mail server said no")
 
     @task
-    def total(ctx, times_ten):
-        ctx.save_artifact("total.json", json.dumps({
-            "total": sum(p["value"] for p in times_ten),
-            "pids": sorted({p["pid"] for p in times_ten})}))
-
-    @task(retries=2, retry_delay=0.01)
-    def flaky(ctx):
-        if ctx.attempt < 2:
-            raise ValueError("the first attempt fails")
-        return ctx.attempt
-
-    @task(timeout=0.5, fail_policy="isolate")
-    def slow(ctx):
-        time.sleep(1.5)
-
-    @task
-    def hang(ctx):
-        with open(os.path.join(ctx.params["folder"], "hang.pid"), "w") as f:
-            f.write(str(os.getpid()))
-        time.sleep(60)
-
-    flow = Flow("where")
-    flow >> numbers >> times_ten.map("$node.numbers.output") >> total
-    flow >> flaky
-    flow >> slow
-
-    hanging = Flow("hanging")
-    hanging >> hang
-"""
-
-# MODULE:NAME: a function returning an Executor that notes every call it is given.
-EXEC_NAMED = """\
-    from concurrent.futures import ThreadPoolExecutor
-
-    class Noting(ThreadPoolExecutor):
-        def submit(self, fn, *args, **kwargs):
-            with open("submitted.txt", "a") as f:
-                f.write(args[0].name + "\\n")
-            return super().submit(fn, *args, **kwargs)
-
-    def make():
-        with open("made.txt", "a") as f:
-            f.write("made\\n")
-        return Noting(4)
-
-    LIMIT = 4
-"""
-
-EXEC_STATES = {"numbers": "SUCCEEDED", "times_ten": "SUCCEEDED", "times_ten[0]": "SUCCEEDED",
-               "times_ten[1]": "SUCCEEDED", "times_ten[2]": "SUCCEEDED", "total": "SUCCEEDED",
-               "flaky": "SUCCEEDED", "slow": "FAILED"}
-
-
-def exec_python(package):
-    """The Python that has ``package`` (distributed or ray), or skip saying why.
-
-    .ci/run installs each into a venv and names its Python in DASK_TEST_PYTHON
-    or RAY_TEST_PYTHON. pyoco runs under that Python whichever Python runs
-    pytest, so under CI these tests run once, under the matching version."""
-    variable = {"distributed": "DASK_TEST_PYTHON", "ray": "RAY_TEST_PYTHON"}[package]
-    python = os.environ.get(variable) or (_dask_python() if package == "distributed" else None)
-    if python is None:
-        probe = subprocess.run([sys.executable, "-c", "import " + package], capture_output=True)
-        python = sys.executable if probe.returncode == 0 else None
-    if python is None:
-        pytest.skip("%s is not installed (.ci/run installs it in a venv and sets %s)"
-                    % (package, variable))
-    if os.environ.get("CI") and python != sys.executable:
-        probe = "import sys; print('%d.%d' % sys.version_info[:2])"
-        version = subprocess.run([python, "-c", probe], capture_output=True,
-                                 text=True).stdout.strip()
-        if version != "%d.%d" % sys.version_info[:2]:
-            pytest.skip("pyoco runs under %s here, the same under every pytest Python: this"
-                        " test runs once per CI, under Python %s" % (python, version))
-    return python
-
-
-def exec_folder(tmp_path):
-    write(tmp_path / "where.py", EXEC_FLOW)
-    write(tmp_path / "execs.py", EXEC_NAMED)
-    return tmp_path
-
-
-def exec_descendants(pid):
-    """The pids of every process below ``pid`` (Linux /proc)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def exec_run(spawn, folder, *args, python=None, env=None):
-    """``pyoco run where.py ARGS`` to its end: (exit code, its record, its pid)."""
-    proc = spawn(folder, "run", "where.py", "--flow", "where", *args, python=python,
-                 env=env, plain=True)
-    code = proc.wait(120)
-    run_id = run_id_of(proc.text("stderr"))
-    assert "Traceback" not in proc.text("stderr"), proc.text("stderr")
-    return code, RunStore(folder / ".pyoco").get(run_id), proc.proc.pid
-
-
-@pytest.fixture(scope="session")
-def exec_dask_scheduler(tmp_path_factory):
-    """A real ``dask scheduler`` and ``dask worker`` on 127.0.0.1 for the session:
-    the scheduler's address (HOST:PORT). Both are stopped by their pids."""
-    python = exec_python("distributed")
-    folder = tmp_path_factory.mktemp("dask-scheduler")
-    where = folder / "scheduler.json"
-    env = child_env(plain=True)
-    started = []
-
-    def start(*args):
-        started.append(subprocess.Popen([python, "-m"] + list(args), cwd=str(folder), env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    try:
-        start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
-              "--no-dashboard", "--scheduler-file", str(where))
-        wait_until(lambda: where.exists() and "address" in where.read_text(), timeout=60)
-        address = json.loads(where.read_text())["address"]
-        start("distributed.cli.dask_worker", "--scheduler-file", str(where), "--host",
-              "127.0.0.1", "--no-nanny", "--nthreads", "4", "--no-dashboard")
-        yield address.split("://", 1)[1]
-    finally:
-        for proc in reversed(started):
-            proc.kill()
-            proc.wait()
-
-
-# Ray 2.60 turns on token authentication for a cluster that `ray start` makes;
-# a Ray Client then needs the token, or the mode off on both sides, as here.
-EXEC_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def exec_listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), 1).close()
+    def archive(ctx, notify):
         return True
-    except OSError:
-        return False
+
+    flow = Flow("nightly_etl")
+    flow >> extract >> clean.map("$node.extract.output") >> load
+    flow.add(notify, after=[extract])
+    flow.add(archive, after=[notify])
+''')
 
 
-@pytest.fixture(scope="session")
-def exec_ray_cluster(tmp_path_factory):
-    """A real Ray head with a Ray Client server on 127.0.0.1 for the session
-    (``ray start --head --block``, stopped by its pid): the client's HOST:PORT."""
-    python = exec_python("ray")
-    if subprocess.run([python, "-c", "import grpc"], capture_output=True).returncode:
-        pytest.skip("the Ray Client needs ray[client] (.ci/run installs it)")
-    folder = tmp_path_factory.mktemp("ray-cluster")
-    # The head's own port is Ray's pick (--port 0); the Ray Client server has no
-    # such option, so its port stays bound here until just before ray starts.
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        client = held.getsockname()[1]
-    head = subprocess.Popen(
-        [python, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-         "--node-ip-address", "127.0.0.1", "--port", "0", "--ray-client-server-port",
-         str(client), "--include-dashboard", "false", "--num-cpus", "4",
-         "--disable-usage-stats"], cwd=str(folder), env=child_env(plain=True, **EXEC_RAY_ENV),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def page_get(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, dict(response.headers), response.read()
+
+
+@pytest.fixture(scope="module")
+def page_site(tmp_path_factory):
+    """A store with one run that fans out, retries and fails, and a server over it."""
+    folder = tmp_path_factory.mktemp("page")
+    flow_file = write(folder / "etl.py", PAGE_FLOW)
+    store = folder / "store"
+    done = cli(folder, "run", flow_file, "--store", store, PYOCO_CUTE="0")
+    assert done.returncode == 1, done.stderr
+    run_id = pyoco.RunStore(store).ids()[0]
+    server = pyoco.Server(store, port=0).start()
+    yield server.url, run_id, store
+    server.close()
+
+
+def test_page_is_one_self_contained_document(page_site):
+    url, run_id, _ = page_site
+    for path in ("/", "/runs/%s/view" % run_id):
+        status, headers, body = page_get(url + path)
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/html")
+        text = body.decode("utf-8")
+        assert "<script>" in text and "<style>" in text
+        # Nothing is fetched from elsewhere: no CDN, no external script or style.
+        for marker in ('src="http', "src='http", 'href="http', "@import", "//cdn"):
+            assert marker not in text
+
+
+def test_graph_endpoint_gives_the_runs_dag_with_map_instances(page_site):
+    url, run_id, _ = page_site
+    _, _, body = page_get("%s/runs/%s/graph" % (url, run_id))
+    graph = json.loads(body)
+    assert graph["run_id"] == run_id
+    assert set(graph["nodes"]) == {"extract", "clean", "load", "notify", "archive",
+                                   "clean[0]", "clean[1]", "clean[2]"}
+    edges = {tuple(e) for e in graph["edges"]}
+    assert {("extract", "clean"), ("clean", "load"), ("extract", "notify"),
+            ("notify", "archive"), ("clean", "clean[1]")} <= edges
+
+
+def test_graph_of_unknown_run_is_404(page_site):
+    url, _, _ = page_site
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        page_get(url + "/runs/20000101-000000-00000000/graph")
+    assert caught.value.code == 404
+    assert "error" in json.loads(caught.value.read())
+
+
+def test_artifact_is_served_inert_and_paths_cannot_escape(page_site):
+    url, run_id, store = page_site
+    status, headers, body = page_get("%s/runs/%s/artifacts/report.txt" % (url, run_id))
+    assert status == 200 and body == b"rows: 42\n"
+    assert headers["Content-Security-Policy"] == "sandbox"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    secret = Path(store) / "runs" / run_id / "run.json"
+    assert secret.exists()
+    for bad in ("..%2Frun.json", "%2E%2E/run.json", "nope.txt", "..%2F..%2F..%2Fetc%2Fpasswd"):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            page_get("%s/runs/%s/artifacts/%s" % (url, run_id, bad))
+        assert caught.value.code == 404, bad
+
+
+def test_record_tells_the_page_everything_it_draws(page_site):
+    # The page computes nothing the API cannot tell: states, times, attempts,
+    # retries (as events), errors and tracebacks, artifacts.
+    url, run_id, _ = page_site
+    _, _, body = page_get("%s/runs/%s" % (url, run_id))
+    record = json.loads(body)
+    tasks = record["tasks"]
+    assert tasks["clean[1]"]["attempts"] == 2
+    assert any(e["event"] == "task.retrying" and e["task"] == "clean[1]" for e in record["events"])
+    assert tasks["notify"]["state"] == "FAILED"
+    assert "ConnectionError: mail server said no" in tasks["notify"]["traceback"]
+    assert "pyoco.py" not in tasks["notify"]["traceback"].splitlines()[1]
+    assert tasks["archive"]["state"] == "SKIPPED"
+    assert "report.txt" in tasks["load"]["artifacts"]
+    for name in ("extract", "clean[0]", "clean[1]", "clean[2]", "load"):
+        assert tasks[name]["started_at"] and tasks[name]["ended_at"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def page_browser(url, *extra):
+    profile = tempfile.mkdtemp(prefix="pyoco-chromium-")
     try:
-        wait_until(lambda: exec_listening(client) or head.poll() is not None, timeout=90)
-        assert head.poll() is None, "ray start --head exited with %s" % head.returncode
-        # The client port listens before the head can serve a client: one client connects
-        # first, with room to spare, so the tests' own connects meet a cluster that is up.
-        warm = subprocess.run(
-            [python, "-c", "import ray, sys; ray.init(sys.argv[1]); ray.shutdown()",
-             "ray://127.0.0.1:%d" % client], cwd=str(folder),
-            env=child_env(plain=True, **EXEC_RAY_ENV),
-            capture_output=True, text=True, timeout=120)
-        assert warm.returncode == 0, warm.stderr[-2000:]
-        yield "127.0.0.1:%d" % client
+        done = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--user-data-dir=" + profile, "--virtual-time-budget=5000",
+             "--window-size=1280,1300", *extra, url],
+            capture_output=True, text=True, timeout=90)
     finally:
-        head.terminate()            # it stops the processes it started, then exits
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+    return done
 
 
-EXEC_SPECS = ["process", "dask", "dask://", "ray", "ray://", "execs:make"]
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_browser_renders_run_list_and_timeline(page_site, tmp_path):
+    url, run_id, _ = page_site
+    listing = page_browser(url + "/", "--dump-dom")
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert 'id="runs"' in listing.stdout
+    assert 'data-run="%s"' % run_id in listing.stdout
+
+    view = page_browser("%s/runs/%s/view" % (url, run_id), "--dump-dom")
+    dom = view.stdout
+    assert 'id="timeline"' in dom
+    for name in ("extract", "clean[0]", "clean[1]", "clean[2]", "load", "notify", "archive"):
+        assert 'class="tl-row" data-task="%s"' % name in dom
+    assert 'data-task="clean[1]" data-state="SUCCEEDED"' in dom
+    assert 'data-task="notify" data-state="FAILED"' in dom
+    assert 'data-task="archive" data-state="SKIPPED"' in dom
+    assert 'class="tl-tick"' in dom                      # the retry of clean[1]
+    assert 'id="dag"' in dom and "mail server said no" in dom
+    assert "/runs/%s/artifacts/report.txt" % run_id in dom
+
+    shot = tmp_path / "page.png"
+    done = page_browser("%s/runs/%s/view" % (url, run_id), "--screenshot=%s" % shot)
+    assert done.returncode == 0 and shot.stat().st_size > 10000
+    target = os.environ.get("PYOCO_UPDATE_SCREENSHOT")
+    if target:                      # how docs/serve-page.png is made
+        shutil.copyfile(shot, target)
 
 
-@pytest.mark.parametrize("spec", EXEC_SPECS)
-def test_each_executor_runs_a_retry_a_timeout_and_a_map_to_the_right_record(
-        spec, tmp_path, spawn, request):
-    folder = exec_folder(tmp_path)
-    python, env = None, None
-    if spec.startswith("dask"):
-        python = exec_python("distributed")
-    elif spec.startswith("ray"):
-        python = exec_python("ray")
-    if spec == "dask://":
-        spec += request.getfixturevalue("exec_dask_scheduler")
-    elif spec == "ray://":
-        spec += request.getfixturevalue("exec_ray_cluster")
-        env = child_env(plain=True, **EXEC_RAY_ENV)
-    code, record, pid = exec_run(spawn, folder, "--executor", spec, python=python,
-                                 env=env)
-    assert code == 1            # slow timed out: the run FAILED, everything else did its part
-    assert record["executor"] == spec
-    assert {name: t["state"] for name, t in record["tasks"].items()} == EXEC_STATES
-    assert record["tasks"]["flaky"]["attempts"] == 2
-    assert record["tasks"]["slow"]["error"].startswith("TimeoutError")
-    assert record["tasks"]["slow"]["duration_ms"] < 1400    # failed at its deadline
-    saved = json.loads(Path(record["tasks"]["total"]["artifacts"]["total.json"]).read_text())
-    assert saved["total"] == 60
-    if spec != "execs:make":
-        assert pid not in saved["pids"]     # the map ran in other processes
-    else:                                   # the named executor ran every call
-        noted = (folder / "submitted.txt").read_text().split()
-        assert sorted(noted) == sorted(["numbers", "times_ten", "times_ten", "times_ten",
-                                        "total", "flaky", "flaky", "slow"])
+# ---------------------------------------------------------------------------
+# The flows view: each flow's runs, rate, trend and buttons
+# ---------------------------------------------------------------------------
+
+def sch_site_flows(hold):
+    """Three flows for the flows view: nightly (fails now and then), sync (can be
+    held running by a parameter) and an unscheduled report."""
+    @task
+    def extract(ctx, n=0):
+        time.sleep(0.01 + 0.004 * (n % 5))      # work of varying length
+        if n in (3, 8):
+            raise ValueError("upstream was down")
+
+    @task
+    def sync(ctx, n=0, held=False):
+        time.sleep(0.005 + 0.002 * n)           # work
+        if held:
+            hold.wait(60)
+
+    @task
+    def report(ctx):
+        return "ok"
+
+    nightly = Flow("nightly_etl", schedule="0 3 * * *", schedule_tz="Europe/Paris")
+    nightly >> extract
+    hourly = Flow("hourly_sync", schedule="every 15m")
+    hourly >> sync
+    adhoc = Flow("adhoc_report")
+    adhoc >> report
+    return [nightly, hourly, adhoc]
 
 
-@pytest.mark.parametrize("package", ["distributed", "ray"])
-def test_ctrl_c_on_a_cluster_run_exits_130_saves_the_record_and_leaves_no_process(
-        package, tmp_path, spawn):
-    python = exec_python(package)
-    folder = exec_folder(tmp_path)
-    spec = "dask" if package == "distributed" else "ray"
-    proc = spawn(folder, "run", "where.py", "--flow", "hanging", "--executor", spec,
-                 "-p", "folder=%s" % folder, python=python, plain=True)
-    run_id = run_id_of(proc.wait_for(r" start flow=hanging ", stream="stderr").string)
-    wait_until(lambda: (folder / "hang.pid").exists() and (folder / "hang.pid").read_text(),
-               timeout=120)
-    worker = int((folder / "hang.pid").read_text())
-    cluster = exec_descendants(proc.proc.pid)
-    assert worker in cluster and worker != proc.proc.pid
-    proc.proc.send_signal(signal.SIGINT)            # the first: a graceful cancel
-    proc.wait_for(r" cancel flow=hanging ", stream="stderr")
-    wait_until(lambda: RunStore(folder / ".pyoco").get(run_id)["status"] == "CANCELLING")
-    proc.proc.send_signal(signal.SIGINT)            # the second: stop at once
-    assert proc.wait(60) == 130
-    record = RunStore(folder / ".pyoco").get(run_id)
-    assert record["status"] == "CANCELLED" and record["executor"] == spec
-    assert record["tasks"]["hang"]["state"] == "CANCELLED"
-    wait_until(lambda: not any(pyoco._pid_alive(p) for p in cluster), timeout=30)
+@pytest.fixture
+def sch_flows_site(tmp_path, srv_serve):
+    """A server with a history of runs of three flows and one run still running;
+    its clock stands still just after the last scheduled times, so no scheduled
+    run starts (or is caught up) while the page is read."""
+    store = tmp_path / "store"
+    hold = threading.Event()
+    flows = sch_site_flows(hold)
+    engine = quiet(store=str(store))
+    for n in range(12):
+        engine.run(flows[0], {"n": n}, raise_on_failure=False,
+                   scheduled_for=sch_ts("2026-11-20T02:00Z") + n * 86400)
+    for n in range(7):
+        engine.run(flows[1], {"n": n}, scheduled_for=sch_ts("2026-12-01T07:30Z") + n * 900)
+    engine.run(flows[2])
+    clock = SchClock(sch_ts("2026-12-01T09:10Z"))
+    server = srv_serve(store, flows={f.name: f for f in flows}, clock=clock, engine=engine,
+                       files={f.name: "flows/%s.py" % f.name for f in flows})
+    clock.settled()
+    _, body = srv_json(server.url, "POST", "/runs",
+                       {"flow": "hourly_sync", "params": {"n": 7, "held": True}})
+    srv_wait_status(server, body["run_id"], "RUNNING")
+    server.running_id = body["run_id"]
+    yield server
+    hold.set()
 
 
-@pytest.mark.parametrize("spec, package", [("dask", "distributed"), ("ray", "ray")])
-def test_a_missing_executor_package_is_exit_2_saying_what_to_install(
-        spec, package, tmp_path):
-    folder = exec_folder(tmp_path)
-    stubs = tmp_path / "stubs"              # shadows an installed package: as if missing
-    stubs.mkdir()
-    (stubs / (package + ".py")).write_text(
-        "raise ModuleNotFoundError(%r, name=%r)\n" % ("No module named %r" % package, package))
-    done = cli(folder, "run", "where.py", "--flow", "where", "--executor", spec,
-               env=child_env(stubs, plain=True))
-    assert done.returncode == 2
-    assert "pip install %s" % package in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    no_traceback(done)
-    assert not (folder / ".pyoco").exists() or not RunStore(folder / ".pyoco").list()
+SCH_SCREENSHOT = os.environ.get("PYOCO_UPDATE_FLOWS_SCREENSHOT")   # read before fixtures clear it
 
 
-@pytest.mark.parametrize("scheme, answering", [("dask", False), ("ray", False),
-                                               ("dask", True)],
-                         ids=["dask-refused", "ray-refused", "dask-silent"])
-def test_an_unreachable_scheduler_is_exit_2_within_15_s_naming_the_address(
-        scheme, answering, tmp_path):
-    """Refused: nothing listens. Silent: it accepts the connection, never answers."""
-    python = exec_python("distributed") if answering else sys.executable
-    folder = exec_folder(tmp_path)
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        if answering:
-            listener.listen(8)
-        address = "127.0.0.1:%d" % listener.getsockname()[1]   # bound, not listening: refused
-        began = time.monotonic()
-        done = cli(folder, "run", "where.py", "--flow", "where", "--executor",
-                   "%s://%s" % (scheme, address), python=python, plain=True)
-    assert time.monotonic() - began < 15
-    assert done.returncode == 2
-    assert address in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    no_traceback(done)
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_browser_flows_view_shows_each_flow_with_runs_rate_trend_and_buttons(sch_flows_site,
+                                                                             tmp_path):
+    server = sch_flows_site
+    done = page_browser(server.url + "/", "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    assert 'id="flows"' in dom
+    rows = {name: re.search(r'<tr data-flow="%s">(.*?)</tr>' % name, dom, re.S).group(1)
+            for name in ("nightly_etl", "hourly_sync", "adhoc_report")}
+    nightly = rows["nightly_etl"]
+    assert "0 3 * * *" in nightly and "2026-12-02 02:00:00.000" in nightly   # 03:00 in Paris
+    assert nightly.count('class="cell s-COMPLETED"') == 10
+    assert nightly.count('class="cell s-FAILED"') == 2
+    assert '<td class="rate" title="10 of 12 finished runs completed">83%</td>' in nightly
+    assert nightly.count("<polyline") == 1 and 'data-flow="nightly_etl"' in nightly
+    for record in RunStore(server.store.root).list(flow="nightly_etl"):
+        assert 'href="/runs/%s/view"' % record["run_id"] in nightly      # each cell is a link
+    sync = rows["hourly_sync"]
+    assert "every 15m" in sync and "2026-12-01 09:15:00.000" in sync
+    assert 'class="cell s-RUNNING" href="/runs/%s/view"' % server.running_id in sync
+    assert '<button type="button" class="cancel" data-run="%s"' % server.running_id in sync
+    assert ">100%<" in sync
+    adhoc = rows["adhoc_report"]
+    assert "class=\"mono next\">–<" in adhoc and adhoc.count('class="cell s-') == 1
+    assert "Run now" in adhoc and "cancel" not in adhoc
+
+    shot = tmp_path / "flows.png"
+    done = page_browser(server.url + "/", "--screenshot=%s" % shot)
+    assert done.returncode == 0 and shot.stat().st_size > 10000
+    if SCH_SCREENSHOT:              # how docs/flows-view.png is made
+        shutil.copyfile(shot, SCH_SCREENSHOT)
 
 
-@pytest.mark.parametrize("args, env, closest", [
-    (["--executor", "dsak"], {}, "'dask'"),
-    (["--executor", "thraed"], {}, "'thread'"),
-    (["--executor", "dask://nowhere"], {}, "dask://HOST:PORT"),
-    ([], {"PYOCO_EXECUTOR": "procss"}, "'process'"),
-])
-def test_an_unknown_executor_spec_is_exit_2_naming_the_closest(args, env, closest, tmp_path):
-    folder = exec_folder(tmp_path)
-    done = cli(folder, "run", "where.py", "--flow", "where", *args, plain=True, **env)
-    assert done.returncode == 2
-    assert closest in done.stderr and ("PYOCO_EXECUTOR" if env else "--executor") in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    no_traceback(done)
-    with pytest.raises(ValueError, match="did you mean 'dask'"):
-        Engine(executor="dsak")
+def test_page_buttons_are_refused_without_the_token_when_one_is_set(tmp_path, srv_serve):
+    # The buttons send what this sends: a POST from the page's own origin.
+    store = tmp_path / "store"
+    hold = threading.Event()
+    flows = {f.name: f for f in sch_site_flows(hold)}
+    server = srv_serve(store, flows=flows, token="s3cret", clock=SchClock(time.time()))
+    page = {"Origin": server.url}
+    body = {"flow": "hourly_sync", "params": {"held": True}}
+    assert srv_json(server.url, "POST", "/runs", body, page)[0] == 401
+    assert srv_json(server.url, "POST", "/runs", body, {
+        "Origin": "http://evil.example", "Authorization": "Bearer s3cret"})[0] == 403
+    status, started = srv_json(server.url, "POST", "/runs", body,
+                               dict(page, Authorization="Bearer s3cret"))
+    assert status == 202
+    cancel = "/runs/%s/cancel" % started["run_id"]
+    assert srv_json(server.url, "POST", cancel, None, page)[0] == 401
+    assert srv_json(server.url, "POST", cancel, None,
+                    dict(page, Authorization="Bearer s3cret"))[0] == 202
+    hold.set()
+    srv_wait_status(server, started["run_id"], "CANCELLED")
+    text = page_get(server.url + "/")[2].decode("utf-8")
+    assert 'sessionStorage.setItem("pyoco-token"' in text and 'localStorage.setItem("pyoco-token"' not in text
+    assert '"Authorization"] = "Bearer " + token' in text
 
 
-@pytest.mark.parametrize("args, env, ran_on", [
-    ([], {}, "thread"),
-    ([], {"PYOCO_EXECUTOR": "process"}, "process"),
-    (["--executor", "thread"], {"PYOCO_EXECUTOR": "procss"}, "thread"),    # never read
-    (["--executor", "execs:make"], {"PYOCO_EXECUTOR": "process"}, "execs:make"),
-], ids=["default", "env", "flag-over-bad-env", "flag-over-env"])
-def test_pyoco_executor_applies_to_the_cli_and_the_flag_wins(args, env, ran_on, tmp_path,
-                                                              spawn):
-    folder = exec_folder(tmp_path)
-    code, record, pid = exec_run(spawn, folder, *args, env=child_env(plain=True, **env))
-    assert code == 1 and record["executor"] == ran_on
-    saved = json.loads(Path(record["tasks"]["total"]["artifacts"]["total.json"]).read_text())
-    assert (saved["pids"] == [pid]) == (ran_on in ("thread", "execs:make"))
-    assert (folder / "submitted.txt").exists() == (ran_on == "execs:make")
+# ---------------------------------------------------------------------------
+# A reused task on the run view
+# ---------------------------------------------------------------------------
 
-
-def test_engine_ignores_pyoco_executor_and_records_an_executor_by_class(monkeypatch, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-    monkeypatch.setenv("PYOCO_EXECUTOR", "process")
-    flow = Flow("quiet")
-    flow >> _process_steady
-    assert Engine().executor == "thread"
-    run = Engine(trace=False, store=tmp_path).run(flow)
-    assert run.results["_process_steady"] == os.getpid()       # it ran here, on a thread
-    assert RunStore(tmp_path).get(run.run_id)["executor"] == "thread"
-    with ThreadPoolExecutor(2) as pool:
-        run = Engine(trace=False, store=tmp_path, executor=pool).run(flow)
-    assert RunStore(tmp_path).get(run.run_id)["executor"] == "ThreadPoolExecutor"
-
-
-def test_pyoco_serve_opens_its_executor_once_for_the_runs_it_starts(tmp_path, srv_cli_serve):
-    folder = exec_folder(tmp_path)
-    server = srv_cli_serve(folder / ".pyoco", folder / "where.py",
-                           options=["--executor", "execs:make"])
-    for _ in range(2):
-        status, answer = srv_json(server.url, "POST", "/runs", {"flow": "where"})
-        assert status == 202
-        record = wait_until(lambda: (RunStore(folder / ".pyoco").get(answer["run_id"]) or {}).get(
-            "ended_at") and RunStore(folder / ".pyoco").get(answer["run_id"]), timeout=30,
-            what="the run's end")
-        assert record["executor"] == "execs:make" and record["status"] == "FAILED"
-    assert (folder / "made.txt").read_text().split() == ["made"]
-    assert (folder / "submitted.txt").read_text().split().count("total") == 2
-    assert server.stop() == 0
-
-
-def test_pyoco_serve_refuses_an_unknown_executor_with_exit_2(tmp_path):
-    folder = exec_folder(tmp_path)
-    done = cli(folder, "serve", "--port", "0", "--executor", "raay", "where.py", plain=True)
-    assert done.returncode == 2 and "did you mean 'ray'" in done.stderr, done.stderr
-    no_traceback(done)
-
-
-@pytest.mark.parametrize("spec, says", [
-    ("nosuchmodule:make", "cannot import 'nosuchmodule'"),
-    ("execs:mkae", "did you mean 'make'?"),
-    ("execs:LIMIT", "is neither a concurrent.futures.Executor nor a function returning one"),
-])
-def test_a_module_name_executor_that_is_not_one_is_exit_2_saying_why(spec, says, tmp_path):
-    folder = exec_folder(tmp_path)
-    done = cli(folder, "run", "where.py", "--flow", "where", "--executor", spec, plain=True)
-    assert done.returncode == 2 and says in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    no_traceback(done)
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_page_marks_a_reused_task_with_its_origin_run(reused_store):
+    url, runs = reused_store
+    view = page_browser("%s/runs/%s/view" % (url, runs[2].run_id), "--dump-dom")
+    assert view.returncode == 0, view.stderr[-2000:]
+    assert "reused from" in view.stdout
+    assert "/runs/%s/view" % runs[0].run_id in view.stdout
