@@ -1780,9 +1780,6 @@ def test_engine_rejects_a_bad_worker_count():
             Engine(workers=workers)
 
 
-# -- changes after a task is in a flow reach the next run (the plan cache)
-
-
 @pytest.mark.parametrize("options, error", [
     ({"cache": "yes"}, "cache must be True, False or 'resume'"),
     ({"cache": "resum"}, "did you mean 'resume'"),
@@ -1793,6 +1790,9 @@ def test_engine_rejects_a_bad_worker_count():
 def test_bad_cache_options_are_clear_errors(options, error):
     with pytest.raises(ValueError, match=re.escape(error)):
         task(**options)(lambda ctx: None)
+
+
+# -- changes after a task is in a flow reach the next run (the plan cache)
 
 
 # ===========================================================================
@@ -5076,8 +5076,8 @@ def test_an_unreachable_scheduler_is_exit_2_within_15_s_naming_the_address(
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         if answering:
-            listener.listen(8)
-        address = "127.0.0.1:%d" % listener.getsockname()[1]   # bound, not listening: refused
+            listener.listen(8)      # else only bound: a connect to it is refused
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
         began = time.monotonic()
         done = cli(folder, "run", "where.py", "--flow", "where", "--executor",
                    "%s://%s" % (scheme, address), python=python, plain=True)
@@ -10945,10 +10945,6 @@ def test_cli_timeout_does_not_hold_the_process(tmp_path):
     assert elapsed < 10.0               # the task's 30 s sleep did not hold the process
 
 
-TUT_EXAMPLES = HERE / "examples" / "tutorial"
-TUT_DOCS = HERE / "docs" / "tutorial"
-
-
 # ---------------------------------------------------------------------------
 # check: a flow's schedule and its next times; a bad schedule does not load
 # ---------------------------------------------------------------------------
@@ -11247,6 +11243,10 @@ def test_the_yaml_examples_python_twin_runs_the_same_flow(yaml_example):
 # ---------------------------------------------------------------------------
 # The tutorial: helpers
 # ---------------------------------------------------------------------------
+
+TUT_EXAMPLES = HERE / "examples" / "tutorial"
+TUT_DOCS = HERE / "docs" / "tutorial"
+
 
 def tut_example(name):
     path = TUT_EXAMPLES / name
