@@ -3832,7 +3832,7 @@ _EXECUTOR_FORMS = ("thread", "process", "dask", "dask://HOST:PORT", "ray", "ray:
                    "MODULE:NAME")
 # A scheduler that cannot be reached is a usage error within 15 s (SPEC section 14):
 _REACH_TIMEOUT = 4.0        # seconds for something to accept a connection at the address,
-_CONNECT_TIMEOUT = 10.0     # then for the client to connect (a Ray client may take seconds)
+_CONNECT_TIMEOUT = 10.0     # then for the client to connect; PYOCO_CONNECT_TIMEOUT changes it
 
 
 class ExecutorError(PyocoError):
@@ -3944,6 +3944,22 @@ def _reach(spec, address, what):
                             % (spec, what, address, exc.strerror or exc)) from None
 
 
+def _connect_timeout(spec):
+    """Seconds a client may take to connect once the address accepted:
+    PYOCO_CONNECT_TIMEOUT (for a slow cluster), else _CONNECT_TIMEOUT."""
+    text = os.environ.get("PYOCO_CONNECT_TIMEOUT", "").strip()
+    if not text:
+        return _CONNECT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ExecutorError("executor %r: PYOCO_CONNECT_TIMEOUT must be seconds > 0, not %r"
+                            % (spec, text))
+    return seconds
+
+
 def _connect(spec, what, connect):
     """``connect()`` on a daemon thread, given up after _CONNECT_TIMEOUT: a
     scheduler that accepts the connection but never answers must not hang the
@@ -3958,11 +3974,12 @@ def _connect(spec, what, connect):
             box.append((False, exc))
     thread = threading.Thread(target=target, name="pyoco-connect", daemon=True)
     thread.start()
-    thread.join(_CONNECT_TIMEOUT)
+    timeout = _connect_timeout(spec)
+    thread.join(timeout)
     address = spec.partition("://")[2]
     if not box:
         raise ExecutorError("executor %r: the %s at %s did not answer within %gs"
-                            % (spec, what, address, _CONNECT_TIMEOUT))
+                            % (spec, what, address, timeout))
     ok, value = box[0]
     if not ok:
         raise ExecutorError("executor %r: cannot connect to the %s at %s: %s"
@@ -4012,7 +4029,7 @@ def _open_dask(spec, workers, distributed):
             client = distributed.Client(cluster, timeout=_CONNECT_TIMEOUT)
         else:
             client = _connect(spec, "Dask scheduler", lambda: distributed.Client(
-                "tcp://" + spec.partition("://")[2], timeout=_CONNECT_TIMEOUT))
+                "tcp://" + spec.partition("://")[2], timeout=_connect_timeout(spec)))
     except ExecutorError:
         raise
     except Exception as exc:

@@ -4868,6 +4868,16 @@ def exec_python(package):
     return python
 
 
+def test_pyoco_connect_timeout_gives_a_slow_cluster_longer_and_refuses_nonsense(monkeypatch):
+    assert pyoco._connect_timeout("ray://h:1") == 10.0
+    monkeypatch.setenv("PYOCO_CONNECT_TIMEOUT", "60")
+    assert pyoco._connect_timeout("ray://h:1") == 60.0
+    for bad in ("soon", "0", "-3", "inf", "nan"):
+        monkeypatch.setenv("PYOCO_CONNECT_TIMEOUT", bad)
+        with pytest.raises(pyoco.ExecutorError, match="PYOCO_CONNECT_TIMEOUT must be seconds > 0"):
+            pyoco._connect_timeout("ray://h:1")
+
+
 def exec_folder(tmp_path):
     write(tmp_path / "where.py", EXEC_FLOW)
     write(tmp_path / "execs.py", EXEC_NAMED)
@@ -5004,7 +5014,9 @@ def test_each_executor_runs_a_retry_a_timeout_and_a_map_to_the_right_record(
         spec += request.getfixturevalue("exec_dask_scheduler")
     elif spec == "ray://":
         spec += request.getfixturevalue("exec_ray_cluster")
-        env = child_env(plain=True, **EXEC_RAY_ENV)
+        # A Ray Client starts a server process per client: on a busy machine that
+        # takes longer than the default 10 s, which is not what this test is about.
+        env = child_env(plain=True, PYOCO_CONNECT_TIMEOUT="60", **EXEC_RAY_ENV)
     code, record, pid = exec_run(spawn, folder, "--executor", spec, python=python,
                                  env=env)
     assert code == 1            # slow timed out: the run FAILED, everything else did its part
