@@ -6377,87 +6377,11 @@ class Engine:
             order = [plan.index[name] for name in _topological(plan)]
         entries = []
         for i in order:
-            action, reason, origin = self._plan_task(plan, binds, run, i, fixed, forced,
+            action, reason, origin = _plan_task(plan, binds, run, i, fixed, forced,
                                                      reused, cache)
             entries.append({"task": plan.names[i], "action": action, "reason": reason,
                             "reused_from": origin})
         return entries
-
-    def _plan_task(self, plan, binds, run, i, fixed, forced, reused, cache):
-        """One task's (action, reason, reused_from) for plan(); a task it reuses
-        leaves its output in ``run`` for the tasks below it."""
-        name = plan.names[i]
-        if i in fixed:
-            return "skip", fixed[i][1], None
-        if not plan.cache_level[i]:
-            return "run", "cache=False", None
-        if name in reused:
-            out, _, origin = reused[name]
-            run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
-            return "reuse", "output reused from run %s" % origin, origin
-        if i in forced:
-            return "run", "selected by --from", None
-        if plan.cache_level[i] == 1:
-            return "run", "not cached (cache='resume')", None
-        node = plan.nodes[i]
-        source = getattr(node, "base", node)
-        code = _task_code(source, plan.funcs[i])
-        if i in plan.maps:          # each instance has its fingerprint; the first to run says why
-            over, item_name, kwonly = plan.maps[i]
-            if over[0] == _B_NODE and run._state[over[1]] != TaskState.SUCCEEDED:
-                return "depends", "upstream %r runs: decided when it returns" % (
-                    plan.names[over[1]]), None
-            try:
-                items = list(_arguments(run, (over,))[0][0])
-            except Exception as exc:
-                return "run", "its items cannot be read yet: %s" % _describe(exc), None
-            verdicts = [self._plan_cached(run, i, source, code, "%s[%d]" % (name, k), cache,
-                                          ((_B_CONST, item, (), None, item_name, kwonly),)
-                                          + binds[i]) for k, item in enumerate(items)]
-            verdict = next((v for v in verdicts if v[0] != "reuse"), None)
-            if verdict is not None or not verdicts:
-                return (verdict or ("run", "no earlier run", None, None))[:3]
-            run._state[i] = TaskState.SUCCEEDED
-            run._outputs[i] = [v[3] for v in verdicts]
-            return verdicts[0][:3]
-        action, reason, origin, out = self._plan_cached(run, i, source, code, name, cache,
-                                                        binds[i])
-        if action == "reuse":
-            run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
-        return action, reason, origin
-
-    @staticmethod
-    def _plan_cached(run, i, source, code, name, cache, binds):
-        """A cache=True task's (action, reason, reused_from, output) for plan():
-        the values known now are fingerprinted, the others wait for their task."""
-        named = {}
-        for b in binds:
-            if b[0] == _B_NODE and run._state[b[1]] != TaskState.SUCCEEDED:
-                named[b[4]] = _Later(run._plan.names[b[1]])
-            elif b[0] == _B_SCRATCH:
-                named[b[4]] = _Later("ctx.scratch")
-            else:
-                try:
-                    args, kwargs = _arguments(run, (b,))
-                except Exception as exc:
-                    return "run", "input %r cannot be read: %s" % (b[4], _describe(exc)), \
-                        None, None
-                named[b[4]] = args[0] if args else kwargs[b[4]]
-        unknown = [v for v in named.values() if isinstance(v, _Later)]
-        if unknown and source.cache_key is not None:
-            hashes = {"cache_key": unknown[0]}
-        elif unknown:
-            hashes = {p: v if isinstance(v, _Later) else _value_hash(v)
-                      for p, v in named.items()}
-        else:
-            try:
-                hashes = _input_hashes(run, i, source, named)
-            except Exception as exc:
-                return "run", "cache_key failed: %s" % _describe(exc), None, None
-        if cache is None:
-            return "run", "no earlier run", None, None
-        action, reason, entry, out = cache.decide(name, code, hashes, source.cache_ttl)
-        return action, reason, entry and entry["origin"], out
 
     def _prepare(self, flow, params, store, resume, only, rerun_from, overrides):
         """What run() and plan() share: the compiled plan, its bindings and the
@@ -6556,6 +6480,83 @@ class Engine:
         """
         core = self._active.get(run_id)
         return core is not None and core.cancel(reason)
+
+
+def _plan_task(plan, binds, run, i, fixed, forced, reused, cache):
+    """One task's (action, reason, reused_from) for plan(); a task it reuses
+    leaves its output in ``run`` for the tasks below it."""
+    name = plan.names[i]
+    if i in fixed:
+        return "skip", fixed[i][1], None
+    if not plan.cache_level[i]:
+        return "run", "cache=False", None
+    if name in reused:
+        out, _, origin = reused[name]
+        run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
+        return "reuse", "output reused from run %s" % origin, origin
+    if i in forced:
+        return "run", "selected by --from", None
+    if plan.cache_level[i] == 1:
+        return "run", "not cached (cache='resume')", None
+    node = plan.nodes[i]
+    source = getattr(node, "base", node)
+    code = _task_code(source, plan.funcs[i])
+    if i in plan.maps:          # each instance has its fingerprint; the first to run says why
+        over, item_name, kwonly = plan.maps[i]
+        if over[0] == _B_NODE and run._state[over[1]] != TaskState.SUCCEEDED:
+            return "depends", "upstream %r runs: decided when it returns" % (
+                plan.names[over[1]]), None
+        try:
+            items = list(_arguments(run, (over,))[0][0])
+        except Exception as exc:
+            return "run", "its items cannot be read yet: %s" % _describe(exc), None
+        verdicts = [_plan_cached(run, i, source, code, "%s[%d]" % (name, k), cache,
+                                      ((_B_CONST, item, (), None, item_name, kwonly),)
+                                      + binds[i]) for k, item in enumerate(items)]
+        verdict = next((v for v in verdicts if v[0] != "reuse"), None)
+        if verdict is not None or not verdicts:
+            return (verdict or ("run", "no earlier run", None, None))[:3]
+        run._state[i] = TaskState.SUCCEEDED
+        run._outputs[i] = [v[3] for v in verdicts]
+        return verdicts[0][:3]
+    action, reason, origin, out = _plan_cached(run, i, source, code, name, cache,
+                                                    binds[i])
+    if action == "reuse":
+        run._state[i], run._outputs[i] = TaskState.SUCCEEDED, out
+    return action, reason, origin
+
+
+def _plan_cached(run, i, source, code, name, cache, binds):
+    """A cache=True task's (action, reason, reused_from, output) for plan():
+    the values known now are fingerprinted, the others wait for their task."""
+    named = {}
+    for b in binds:
+        if b[0] == _B_NODE and run._state[b[1]] != TaskState.SUCCEEDED:
+            named[b[4]] = _Later(run._plan.names[b[1]])
+        elif b[0] == _B_SCRATCH:
+            named[b[4]] = _Later("ctx.scratch")
+        else:
+            try:
+                args, kwargs = _arguments(run, (b,))
+            except Exception as exc:
+                return "run", "input %r cannot be read: %s" % (b[4], _describe(exc)), \
+                    None, None
+            named[b[4]] = args[0] if args else kwargs[b[4]]
+    unknown = [v for v in named.values() if isinstance(v, _Later)]
+    if unknown and source.cache_key is not None:
+        hashes = {"cache_key": unknown[0]}
+    elif unknown:
+        hashes = {p: v if isinstance(v, _Later) else _value_hash(v)
+                  for p, v in named.items()}
+    else:
+        try:
+            hashes = _input_hashes(run, i, source, named)
+        except Exception as exc:
+            return "run", "cache_key failed: %s" % _describe(exc), None, None
+    if cache is None:
+        return "run", "no earlier run", None, None
+    action, reason, entry, out = cache.decide(name, code, hashes, source.cache_ttl)
+    return action, reason, entry and entry["origin"], out
 
 
 def run(flow, params=None, trace=True, cute=True):
@@ -8001,8 +8002,9 @@ _YAML_TASK_KEYS = ("callable",) + tuple(k for k in _OPTIONS if k != "name") + tu
 
 def _yaml_documents(path):
     """The YAML file's data and its node tree (for line numbers); UsageError when bad."""
+    import importlib
     try:
-        import yaml
+        yaml = importlib.import_module("yaml")     # optional: only YAML flow files need it
     except ImportError:
         raise UsageError("%s: YAML flow files need PyYAML, which is not installed:"
                          " pip install pyyaml (or write the flow in Python)" % path) from None
